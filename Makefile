@@ -1,0 +1,43 @@
+# The two set-up commands of the README: `make demo` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+# Caches live inside the checkout so tests control them and nothing touches $HOME.
+export HF_HOME := $(CURDIR)/.cache/hf
+export TORCH_HOME := $(CURDIR)/.cache/torch
+export MPLCONFIGDIR := $(CURDIR)/.cache/mpl
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export RAY_USAGE_STATS_ENABLED := 0
+export PYTHONUNBUFFERED := 1
+
+.PHONY: install demo test test-slow bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q --upgrade pip
+	# Registry torch wheels (CUDA-enabled, run on CPU too); never the local +cpu wheel.
+	$(BIN)/pip install -q "torch>=2.14" torchvision
+	$(BIN)/pip install -q -e ".[test]"
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/imprint run jobs/demo.toml
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow tests
+
+bench: $(STAMP)
+	$(BIN)/imprint bench
+
+clean:
+	rm -rf .cache out

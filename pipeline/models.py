@@ -1,0 +1,275 @@
+"""Loading the diffusion components and the thin adapters around them.
+
+`load_models("tiny")` builds a small randomly initialised SD-shaped pipeline
+offline and deterministically (for tests and the offline demo); any other id
+is a diffusers-format Stable Diffusion 1.x/2.x repository id or local folder.
+The inversion math never sees these objects beyond the UNet callable and the
+scheduler; encoding text and images lives here.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import torch
+
+TINY = "tiny"
+TINY_SEED = 0
+TINY_RESOLUTION = 128  # pixels; 16x16 latents with the SD-like factor-8 VAE
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """fp32 on CPU (half precision is slow or unsupported there); bf16 on
+    GPUs that support it (no fp16 overflow in the VAE), else fp16."""
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def parse_dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if name is None or name == "auto":
+        return default_dtype(device)
+    if isinstance(name, torch.dtype):
+        return name
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}: expected one of auto, {', '.join(DTYPES)}") from None
+
+
+@dataclass
+class Models:
+    """The components of one loaded pipeline, with the encoders the batch
+    engine needs. Holds weights only; no per-request state."""
+
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    scheduler: Any
+    device: torch.device
+    dtype: torch.dtype
+    model_id: str
+    random_weights: bool
+    resolution: int  # native image size in pixels
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+    @property
+    def prediction_type(self) -> str:
+        return str(self.scheduler.config.prediction_type)
+
+    @torch.no_grad()
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        """CLIP text embeddings [len(prompts), 77, D] (padding to max length, as SD)."""
+        tok = self.tokenizer(
+            list(prompts),
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        out = self.text_encoder(tok.input_ids.to(self.device))
+        return out[0].to(self.dtype)
+
+    def count_tokens(self, prompt: str) -> int:
+        """Tokens including start/end markers (to detect over-long prompts)."""
+        return len(self.tokenizer(prompt, truncation=False).input_ids)
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images [B, 3, H, W] in [-1, 1] -> latents: the VAE posterior MEAN
+        times the scaling factor, in float32."""
+        x = images.to(self.device, self.dtype).contiguous()
+        dist = self.vae.encode(x).latent_dist
+        return (dist.mean.float() * self.scaling_factor).contiguous()
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> images [B, 3, H, W] in [-1, 1], float32, clamped."""
+        x = (latents.float() / self.scaling_factor).to(self.device, self.dtype)
+        img = self.vae.decode(x).sample
+        return img.float().clamp(-1, 1)
+
+
+def _clip_bpe_path() -> str:
+    import open_clip
+
+    path = os.path.join(os.path.dirname(open_clip.__file__), "bpe_simple_vocab_16e6.txt.gz")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"CLIP BPE vocabulary not found at {path} (open_clip_torch installation incomplete)")
+    return path
+
+
+@lru_cache(maxsize=1)
+def clip_tokenizer():
+    """The CLIP BPE tokenizer built offline from the vocabulary shipped in
+    open_clip_torch. Written as vocab.json/merges.txt and loaded with
+    `from_pretrained` (the direct constructor silently mis-tokenises under
+    transformers 5)."""
+    from transformers import CLIPTokenizer
+
+    with gzip.open(_clip_bpe_path(), "rt", encoding="utf-8") as fh:
+        lines = fh.read().split("\n")
+    merges = [tuple(m.split()) for m in lines[1 : 49152 - 256 - 2 + 1]]
+    byte_chars = _bytes_to_unicode()
+    vocab = list(byte_chars) + [c + "</w>" for c in byte_chars]
+    vocab += ["".join(m) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    with tempfile.TemporaryDirectory(prefix="imprint-tok-") as d:
+        with open(os.path.join(d, "vocab.json"), "w", encoding="utf-8") as fh:
+            json.dump({tok: i for i, tok in enumerate(vocab)}, fh)
+        with open(os.path.join(d, "merges.txt"), "w", encoding="utf-8") as fh:
+            fh.write("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+        return CLIPTokenizer.from_pretrained(
+            d,
+            model_max_length=77,
+            bos_token="<|startoftext|>",
+            eos_token="<|endoftext|>",
+            unk_token="<|endoftext|>",
+            pad_token="<|endoftext|>",
+        )
+
+
+def _bytes_to_unicode() -> list[str]:
+    # The GPT-2/CLIP byte-to-printable-character table, in CLIP's vocab order.
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def sd_scheduler_config() -> dict:
+    """Stable Diffusion 1.x's DDIM configuration."""
+    return dict(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="epsilon",
+        timestep_spacing="leading",
+    )
+
+
+def build_tiny(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, seed: int = TINY_SEED) -> Models:
+    """A small SD-shaped pipeline with random weights, identical on every
+    machine for a given seed. The VAE downsamples by 8 like SD's, so the
+    image geometry rules are the same as for real checkpoints."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=TINY_RESOLUTION // 8,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=8,
+            norm_num_groups=16,
+        )
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(16, 16, 32, 32),
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=8,
+            sample_size=TINY_RESOLUTION,
+            scaling_factor=0.18215,
+        )
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=49408,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                max_position_embeddings=77,
+                bos_token_id=49406,
+                eos_token_id=49407,
+                pad_token_id=49407,
+            )
+        )
+    scheduler = DDIMScheduler(**sd_scheduler_config())
+    return _finish(unet, vae, text_encoder, clip_tokenizer(), scheduler, device, dtype, TINY, True, TINY_RESOLUTION)
+
+
+def _finish(unet, vae, text_encoder, tokenizer, scheduler, device, dtype, model_id, random_weights, resolution) -> Models:
+    for m in (unet, vae, text_encoder):
+        m.eval().requires_grad_(False)
+        m.to(device=device, dtype=dtype)
+    return Models(unet, vae, text_encoder, tokenizer, scheduler, torch.device(device), dtype, model_id, random_weights, resolution)
+
+
+def load_models(
+    model_id: str = TINY,
+    *,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    revision: str | None = None,
+) -> Models:
+    """Load a pipeline's components.
+
+    model_id: "tiny", a Hugging Face hub id (e.g. "CompVis/stable-diffusion-v1-4",
+    "stabilityai/stable-diffusion-2-1") or a local diffusers-format folder.
+    device/dtype default to CUDA with bf16/fp16 when available, else CPU fp32.
+    The scheduler is always a DDIMScheduler made from the checkpoint's own
+    scheduler configuration (betas, offset, prediction type)."""
+    dev = torch.device(device) if device is not None else default_device()
+    dt = parse_dtype(dtype, dev)
+    if model_id == TINY:
+        return build_tiny(dev, dt)
+
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    kw = {"revision": revision} if revision else {}
+    try:
+        scheduler = DDIMScheduler.from_pretrained(model_id, subfolder="scheduler", **kw)
+        tokenizer = CLIPTokenizer.from_pretrained(model_id, subfolder="tokenizer", **kw)
+        text_encoder = CLIPTextModel.from_pretrained(model_id, subfolder="text_encoder", torch_dtype=dt, **kw)
+        vae = AutoencoderKL.from_pretrained(model_id, subfolder="vae", torch_dtype=dt, **kw)
+        unet = UNet2DConditionModel.from_pretrained(model_id, subfolder="unet", torch_dtype=dt, **kw)
+    except (OSError, ValueError) as exc:
+        raise ValueError(
+            f"could not load model {model_id!r}: expected a diffusers-format Stable Diffusion folder or hub id "
+            f"(with unet/, vae/, text_encoder/, tokenizer/, scheduler/): {exc}"
+        ) from exc
+    resolution = int(unet.config.sample_size) * 2 ** (len(vae.config.block_out_channels) - 1)
+    return _finish(unet, vae, text_encoder, tokenizer, scheduler, dev, dt, model_id, False, resolution)

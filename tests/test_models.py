@@ -1,0 +1,47 @@
+import pytest
+import torch
+
+from pipeline.models import build_tiny, clip_tokenizer, load_models, parse_dtype
+
+
+def test_tokenizer_matches_open_clip():
+    import open_clip
+
+    ref = open_clip.get_tokenizer("ViT-B-32")
+    tok = clip_tokenizer()
+    for text in ["a photo of a cat", "A Big, RED house!! on a hill", "oil painting of dogs, 4k"]:
+        ours = tok(text).input_ids  # unpadded: open_clip pads with 0, SD's tokenizer with <|endoftext|>
+        theirs = [i for i in ref([text])[0].tolist() if i != 0]
+        assert ours == theirs, text
+        assert len(ours) > 4
+    assert tok.model_max_length == 77
+
+
+def test_tiny_is_deterministic_and_flagged():
+    a, b = build_tiny(), build_tiny()
+    for (na, pa), (nb, pb) in zip(a.unet.state_dict().items(), b.unet.state_dict().items()):
+        assert na == nb and torch.equal(pa, pb)
+    assert a.random_weights and a.model_id == "tiny"
+    assert a.vae_scale_factor == 8 and a.resolution == 128
+
+
+def test_tiny_encode_decode_shapes(tiny):
+    img = torch.rand(2, 3, 64, 128) * 2 - 1
+    lat = tiny.encode_images(img)
+    assert lat.shape == (2, 4, 8, 16) and lat.dtype == torch.float32
+    assert tiny.decode_latents(lat).shape == (2, 3, 64, 128)
+    emb = tiny.encode_text(["a", "b c"])
+    assert emb.shape == (2, 77, 32)
+    assert tiny.count_tokens("a b c") == 5
+
+
+def test_dtype_parsing():
+    assert parse_dtype("auto", torch.device("cpu")) == torch.float32
+    assert parse_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+    with pytest.raises(ValueError, match="unknown dtype"):
+        parse_dtype("int8", torch.device("cpu"))
+
+
+def test_missing_model_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="could not load model"):
+        load_models(str(tmp_path / "nope"), device="cpu")
