@@ -1,0 +1,608 @@
+"""Per-edit quality scores and the filters built on them.
+
+Every edit row gets the scores users of edited corpora filter by, computed in
+the worker that made the edit, on the same device, right after decoding.
+
+Scores (one value per edit row)
+-------------------------------
+``clip_text``       cos(E_img(edit), E_txt(target prompt)), in [-1, 1]. The
+                    CLIP score of PIE-Bench and the paper's Table 1 (PIE-Bench
+                    reports ``100 * max(cos, 0)``; here the raw cosine).
+``clip_direction``  cos(E_img(edit) - E_img(source), E_txt(target) - E_txt(source prompt)),
+                    in [-1, 1]: whether the image changed the way the text
+                    changed (InstructPix2Pix). As there, the four embeddings
+                    are L2-normalised before the differences are taken. It is 0
+                    when the target prompt equals the source prompt or the edit
+                    equals the source (a zero difference has no direction); for
+                    an edit that is nearly its source it is dominated by
+                    rounding, so pair a direction threshold with clip_image or
+                    lpips.
+``clip_image``      cos(E_img(edit), E_img(source)), in [-1, 1]; 1 for an
+                    unchanged image.
+``lpips``           LPIPS distance (Zhang et al. 2018, ``lpips`` package, v0.1,
+                    ``alex`` trunk by default, ``vgg``/``squeeze`` selectable)
+                    between edit and source, >= 0, 0 for identical images
+                    (paper's Table 1: 0.29 for edit-friendly edits, 0.62 for
+                    DDIM inversion).
+``diversity``       for the N edits of one (image, target prompt) group, the
+                    mean LPIPS over its N*(N-1)/2 pairs (paper's Table 1: 0.18
+                    over the 28 pairs of 8 edits), repeated on every row of the
+                    group; NaN when N = 1 (no pairs). A group is what the caller
+                    says it is (``groups``): edits of one image with one target
+                    prompt, possibly from different inversions of the image;
+                    all rows of a group must be scored in one call.
+
+Resolution and preprocessing
+----------------------------
+CLIP sees what its own preprocessing would give it, done on the device in
+torch: images in [-1, 1] are mapped to [0, 1], resized (bicubic, antialiased)
+so the shorter side is the model's input size (224 for ViT-L-14), center
+cropped, clamped to [0, 1] (as the 8-bit round trip of the PIL pipeline does)
+and normalised with the model's mean/std (``model.visual.preprocess_cfg``).
+LPIPS runs at the NATIVE size of the images (512x512 for SD 1.x, as PIE-Bench
+measures it; no resizing), so sources and edits must have the same size.
+LPIPS always runs in float32, whatever the worker's dtype: it costs a few
+GFLOP per image, and in float16 ``lpips.normalize_tensor``'s eps (1e-10)
+underflows, so an all-zero feature vector gives NaN. CLIP runs in the worker's
+dtype (open_clip's mixed precision: half-precision weights, float32 layer
+norms); cosines are taken in float32. LPIPS holds the features of up to
+``batch_size`` edits (or one whole larger group) and their sources at once:
+about 6 MB per 512-pixel image for ``alex``, 130 MB for ``vgg``.
+
+Models and weights
+------------------
+Default CLIP is ``ViT-L-14`` with OpenAI weights (``pretrained="openai"``), the
+model of PIE-Bench and of InstructPix2Pix's filter; any open_clip model name and
+pretrained tag (or checkpoint file) can be chosen (QuickGELU is switched on
+when the tag was trained with it, as OpenAI's were). Weights load through
+open_clip's and lpips'/torchvision's own mechanisms, so their caches follow
+HF_HOME (open_clip via the Hugging Face hub) and TORCH_HOME (torchvision
+trunks; open_clip tags without a hub entry go to $TORCH_HOME/hub/open_clip).
+When requested weights cannot be had (offline, not cached), loading raises
+``WeightsUnavailableError`` naming the model; it never falls back to random
+weights; with HF_HUB_OFFLINE=1 an uncached LPIPS trunk is reported at once
+(torchvision itself ignores that switch and would try the network). Random
+weights are asked for explicitly: ``clip_pretrained = "none"``
+(or "") builds the architecture with ``pretrained=None``, and
+``lpips_pretrained = false`` uses lpips' randomly initialised trunk
+(``pnet_rand=True``; its calibrated linear heads ship inside the package, so
+nothing is downloaded). Then ``Scorers.random_weights`` is True and the scores
+are not meaningful (tests, demo, CI). Random initialisation is seeded, so every
+worker builds the same random scorers. ``imprint-tiny-clip`` (a 64-pixel ViT
+with 2 layers of width 64, shipped in ``pipeline/clip_configs``) keeps such runs
+fast.
+
+Filtering (``select``)
+----------------------
+A row passes when every configured threshold holds (``clip_text >= clip_text_min``,
+``clip_direction >= clip_direction_min``, ``clip_image >= clip_image_min``,
+``lpips <= lpips_max``; a NaN score fails its threshold). With ``keep_top_k > 0``,
+the k best passing rows of each group are kept, ranked by ``top_k_by``
+(descending for the CLIP scores, ascending for ``lpips``; ties and NaN resolved
+by row order, NaN last). The InstructPix2Pix recipe (their generated corpus:
+100 samples per prompt pair) is ``clip_text_min = 0.2``,
+``clip_direction_min = 0.2``, ``clip_image_min = 0.7``, ``keep_top_k = 4`` by
+``clip_direction`` (``FilterConfig.instructpix2pix()``); its thresholds assume
+ViT-L/14 with OpenAI weights.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+SCORE_COLUMNS = ("clip_text", "clip_direction", "clip_image", "lpips", "diversity")
+LPIPS_NETS = ("alex", "vgg", "squeeze")
+# Columns top_k_by may name, and whether larger is better. Diversity is constant
+# within a group, so it cannot rank a group's rows.
+RANKABLE = {"clip_text": True, "clip_direction": True, "clip_image": True, "lpips": False}
+TINY_CLIP = "imprint-tiny-clip"
+CLIP_CONFIG_DIR = Path(__file__).resolve().parent / "clip_configs"
+RANDOM_INIT_SEED = 0
+NO_WEIGHTS = ("none", "")
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Requested pretrained scorer weights could not be loaded (e.g. offline and not cached)."""
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+@dataclass
+class ScoreConfig:
+    """The job spec's [score] section."""
+
+    enabled: bool = True  # the worker's switch; Scorers ignores it
+    clip_model: str = "ViT-L-14"
+    clip_pretrained: str = "openai"  # tag or checkpoint file; "none" or "" = random init
+    lpips_net: str = "alex"
+    lpips_pretrained: bool = True  # False = randomly initialised trunk (pnet_rand)
+    batch_size: int = 16  # images (or image pairs) per forward pass
+    recon_psnr: bool = False  # the worker's reconstruction check (uses psnr())
+
+    @property
+    def clip_random(self) -> bool:
+        return self.clip_pretrained is None or self.clip_pretrained.strip().lower() in NO_WEIGHTS
+
+    def validate(self) -> None:
+        if self.lpips_net not in LPIPS_NETS:
+            raise ValueError(f"score.lpips_net must be one of {', '.join(LPIPS_NETS)}, got {self.lpips_net!r}")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"score.batch_size must be a positive integer, got {self.batch_size!r}")
+        if not isinstance(self.clip_model, str) or not self.clip_model:
+            raise ValueError(f"score.clip_model must be an open_clip model name, got {self.clip_model!r}")
+        if self.clip_pretrained is not None and not isinstance(self.clip_pretrained, str):
+            raise ValueError(f"score.clip_pretrained must be a string, got {self.clip_pretrained!r}")
+        _check_clip_choice(self.clip_model, None if self.clip_random else self.clip_pretrained)
+
+
+@dataclass
+class FilterConfig:
+    """The job spec's [filter] section."""
+
+    clip_text_min: float | None = None
+    clip_direction_min: float | None = None
+    clip_image_min: float | None = None
+    lpips_max: float | None = None
+    keep_top_k: int = 0  # 0 = keep all passing rows
+    top_k_by: str = "clip_direction"
+    write_rejected: bool = False  # for the writer; select() only decides
+
+    @classmethod
+    def instructpix2pix(cls, keep_top_k: int = 4) -> FilterConfig:
+        """InstructPix2Pix's recipe (for ViT-L/14 OpenAI CLIP)."""
+        return cls(clip_text_min=0.2, clip_direction_min=0.2, clip_image_min=0.7, keep_top_k=keep_top_k)
+
+    def thresholds(self) -> list[tuple[str, str, float]]:
+        """The active thresholds as (column, ">=" or "<=", value)."""
+        pairs = [("clip_text", ">=", self.clip_text_min), ("clip_direction", ">=", self.clip_direction_min),
+                 ("clip_image", ">=", self.clip_image_min), ("lpips", "<=", self.lpips_max)]
+        return [(col, op, float(v)) for col, op, v in pairs if v is not None]
+
+    @property
+    def active(self) -> bool:
+        return bool(self.thresholds()) or self.keep_top_k > 0
+
+    def validate(self) -> None:
+        for name in ("clip_text_min", "clip_direction_min", "clip_image_min", "lpips_max"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+                raise ValueError(f"filter.{name} must be a finite number or unset, got {v!r}")
+        if isinstance(self.keep_top_k, bool) or not isinstance(self.keep_top_k, int) or self.keep_top_k < 0:
+            raise ValueError("filter.keep_top_k must be an integer >= 0 (0 keeps all passing rows), "
+                             f"got {self.keep_top_k!r}")
+        if self.top_k_by not in RANKABLE:
+            raise ValueError(f"filter.top_k_by must be one of {', '.join(RANKABLE)}, got {self.top_k_by!r}")
+
+
+def validate_configs(score: ScoreConfig, filt: FilterConfig) -> None:
+    """Both sections, and that filtering has scores to work on."""
+    filt.validate()
+    if score.enabled:
+        score.validate()
+    elif filt.active:
+        raise ValueError("filter thresholds or filter.keep_top_k need score.enabled = true")
+
+
+def _register_clip_configs() -> None:
+    import open_clip
+
+    if TINY_CLIP not in open_clip.list_models():
+        open_clip.add_model_config(CLIP_CONFIG_DIR)
+
+
+def _check_clip_choice(model: str, pretrained: str | None) -> None:
+    import open_clip
+
+    _register_clip_configs()
+    if model.startswith("hf-hub:"):
+        # Such ids always load their hub weights, which "none" could not honour.
+        raise ValueError(f"score.clip_model {model!r}: hf-hub ids are not supported; name an open_clip "
+                         "architecture (open_clip.list_models()) and its pretrained tag")
+    if model not in open_clip.list_models():
+        raise ValueError(f"score.clip_model {model!r} is not an open_clip model (see open_clip.list_models())")
+    known = pretrained is None or open_clip.get_pretrained_cfg(model, pretrained) or os.path.isfile(pretrained)
+    if not known:
+        tags = ", ".join(open_clip.list_pretrained_tags_by_model(model)) or "none"
+        raise ValueError(f"score.clip_pretrained {pretrained!r} is neither a pretrained tag of {model} "
+                         f"(tags: {tags}) nor a checkpoint file; use \"none\" for random weights")
+
+
+# ----------------------------------------------------------------------------- math
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise cosine similarity in float32; 0 where a row is zero."""
+    return F.cosine_similarity(a.float(), b.float(), dim=-1, eps=1e-8)
+
+
+def directional_similarity(img_src: torch.Tensor, img_edit: torch.Tensor,
+                           txt_src: torch.Tensor, txt_edit: torch.Tensor) -> torch.Tensor:
+    """InstructPix2Pix's CLIP directional similarity of L2-normalised embeddings [B, D]."""
+    return cosine(img_edit - img_src, txt_edit - txt_src)
+
+
+def pairwise_mean(dist: torch.Tensor) -> float:
+    """Mean of d(i, j) over the N*(N-1)/2 pairs i < j of a square [N, N]
+    distance matrix (upper triangle); NaN when N < 2."""
+    if dist.ndim != 2 or dist.shape[0] != dist.shape[1]:
+        raise ValueError(f"dist must be a square matrix, got shape {tuple(dist.shape)}")
+    n = dist.shape[0]
+    if n < 2:
+        return float("nan")
+    i, j = torch.triu_indices(n, n, offset=1)
+    return float(dist[i, j].double().mean())
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """PSNR in dB per image of [B, C, H, W] images in [-1, 1] (data range 2):
+    10 log10(4 / MSE), float32; inf for identical images."""
+    if a.shape != b.shape or a.ndim != 4:
+        raise ValueError(f"psnr needs two [B, C, H, W] tensors of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    mse = (a.float() - b.float()).square().mean(dim=(1, 2, 3))
+    return 10.0 * torch.log10(4.0 / mse)
+
+
+def clip_pixels(images: torch.Tensor, size: int | Sequence[int], mean: Sequence[float], std: Sequence[float],
+                resize_mode: str = "shortest", interpolation: str = "bicubic", fill: float = 0.0) -> torch.Tensor:
+    """open_clip's eval preprocessing on a [B, 3, H, W] batch in [-1, 1], in
+    torch on the batch's device: resize (antialiased), crop or pad to `size`,
+    clamp to [0, 1], normalise. Returns float32."""
+    th, tw = (size, size) if isinstance(size, int) else tuple(size)
+    x = (images.float() + 1) / 2
+    h, w = x.shape[-2:]
+    if resize_mode == "squash":
+        nh, nw = th, tw
+    elif resize_mode == "shortest" and th == tw:
+        # torchvision Resize(int): shorter side to size, longer side truncated.
+        nh, nw = (th, int(th * w / h)) if h <= w else (int(th * h / w), th)
+    elif resize_mode in ("shortest", "longest"):
+        # open_clip ResizeKeepRatio: one scale for both sides, rounded.
+        ratio = max(h / th, w / tw) if resize_mode == "longest" else min(h / th, w / tw)
+        nh, nw = round(h / ratio), round(w / ratio)
+    else:
+        raise ValueError(f"unsupported open_clip resize_mode {resize_mode!r}")
+    if (nh, nw) != (h, w):
+        x = F.interpolate(x, size=(nh, nw), mode=interpolation, align_corners=False, antialias=True)
+    if (nh, nw) != (th, tw):
+        # torchvision center_crop / open_clip CenterCropOrPad: pad with fill, then crop
+        ph, pw = max(th - nh, 0), max(tw - nw, 0)
+        if ph or pw:
+            x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2), value=fill)
+            nh, nw = x.shape[-2:]
+        top, left = int(round((nh - th) / 2.0)), int(round((nw - tw) / 2.0))
+        x = x[..., top:top + th, left:left + tw]
+    x = x.clamp(0, 1)
+    m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    return (x - m) / s
+
+
+def lpips_features(net: Any, images: torch.Tensor) -> list[torch.Tensor]:
+    """The unit-normalised trunk activations LPIPS compares, for images in
+    [-1, 1] (float32). Computed once per image, so a source shared by many
+    edits and the edits of a group compared pairwise are each run once."""
+    import lpips as lpips_pkg
+
+    outs = net.net.forward(net.scaling_layer(images.float()))
+    return [lpips_pkg.normalize_tensor(o) for o in outs]
+
+
+def lpips_distance(net: Any, fa: Sequence[torch.Tensor], fb: Sequence[torch.Tensor]) -> torch.Tensor:
+    """LPIPS between aligned rows of two feature lists: the sum over layers of
+    the spatial mean of the calibrated linear head on squared differences
+    (what ``lpips.LPIPS.forward`` computes). Returns [B] float32."""
+    total = 0.0
+    for lin, a, b in zip(net.lins, fa, fb):
+        total = total + lin((a - b).square()).mean(dim=(1, 2, 3))
+    return total
+
+
+# ----------------------------------------------------------------------------- scorers
+
+
+def _batches(n: int, size: int):
+    for start in range(0, n, size):
+        yield slice(start, min(start + size, n))
+
+
+def group_members(groups: Sequence[int], rows: Sequence[int] | None = None) -> dict[int, list[int]]:
+    """{group id: its positions in `rows` (default: all rows)}, ids in order of first appearance."""
+    members: dict[int, list[int]] = {}
+    for pos, r in enumerate(range(len(groups)) if rows is None else rows):
+        members.setdefault(groups[r], []).append(pos)
+    return members
+
+
+def _group_chunks(groups: Sequence[int], size: int) -> list[list[int]]:
+    """Row indices packed into chunks of whole groups (first-appearance order),
+    at most `size` rows per chunk unless a single group is larger."""
+    chunks: list[list[int]] = []
+    current: list[int] = []
+    for rows in group_members(groups).values():
+        if current and len(current) + len(rows) > size:
+            chunks.append(current)
+            current = []
+        current = current + rows
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+def _load_clip(cfg: ScoreConfig, device: torch.device, dtype: torch.dtype):
+    import open_clip
+
+    precision = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype)
+    if precision is None:
+        raise ValueError(f"scoring dtype must be float32, float16 or bfloat16, got {dtype}")
+    kwargs: dict[str, Any] = {"precision": precision, "device": device}
+    if cfg.clip_random:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_INIT_SEED)
+            model = open_clip.create_model(cfg.clip_model, pretrained=None, **kwargs)
+    else:
+        tag_cfg = open_clip.get_pretrained_cfg(cfg.clip_model, cfg.clip_pretrained)  # {} for a checkpoint file
+        # OpenAI weights were trained with QuickGELU; the plain config uses GELU.
+        kwargs["force_quick_gelu"] = bool(tag_cfg.get("quick_gelu", False))
+        if tag_cfg and not tag_cfg.get("hf_hub"):
+            # URL-only tags would go to ~/.cache/clip; keep them under TORCH_HOME.
+            kwargs["cache_dir"] = os.path.join(torch.hub.get_dir(), "open_clip")
+        try:
+            model = open_clip.create_model(cfg.clip_model, pretrained=cfg.clip_pretrained, require_pretrained=True,
+                                           **kwargs)
+        except Exception as exc:
+            raise WeightsUnavailableError(
+                f"CLIP weights for model {cfg.clip_model!r} (pretrained={cfg.clip_pretrained!r}) could not be loaded "
+                f"(HF_HOME={os.environ.get('HF_HOME', '~/.cache/huggingface')}, torch hub dir {torch.hub.get_dir()}): "
+                f"{exc}; put the weights in the cache, or set score.clip_pretrained = \"none\" for random weights "
+                f"(scores then not meaningful)") from exc
+    model.eval().requires_grad_(False)
+    tokenizer = open_clip.get_tokenizer(cfg.clip_model)
+    return model, tokenizer
+
+
+def _lpips_trunk_checkpoint(net: str) -> str:
+    """Where torchvision keeps the ImageNet trunk lpips asks for (its `pretrained=True` weights)."""
+    from torchvision import models
+
+    weights = {"alex": models.AlexNet_Weights, "vgg": models.VGG16_Weights,
+               "squeeze": models.SqueezeNet1_1_Weights}[net].IMAGENET1K_V1
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+
+
+def _load_lpips(cfg: ScoreConfig, device: torch.device):
+    import lpips as lpips_pkg
+
+    with warnings.catch_warnings():
+        # lpips builds its trunk with torchvision's deprecated `pretrained=` flag.
+        warnings.filterwarnings("ignore", message="The parameter 'pretrained' is deprecated", category=UserWarning)
+        warnings.filterwarnings("ignore", message="Arguments other than a weight enum", category=UserWarning)
+        if cfg.lpips_pretrained:
+            cached = _lpips_trunk_checkpoint(cfg.lpips_net)
+            hint = (f"LPIPS trunk weights for net {cfg.lpips_net!r} (torchvision ImageNet weights, expected at "
+                    f"{cached}) could not be loaded")
+            fix = ("put them there (TORCH_HOME decides the folder), or set score.lpips_pretrained = false for a "
+                   "random trunk (scores then not meaningful)")
+            if not os.path.exists(cached) and os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+                # torchvision ignores the offline switch and would try the network.
+                raise WeightsUnavailableError(f"{hint}: not cached and HF_HUB_OFFLINE is set; {fix}")
+            try:
+                net = lpips_pkg.LPIPS(net=cfg.lpips_net, pnet_rand=False, verbose=False)
+            except Exception as exc:
+                raise WeightsUnavailableError(f"{hint}: {exc}; {fix}") from exc
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(RANDOM_INIT_SEED)
+                net = lpips_pkg.LPIPS(net=cfg.lpips_net, pnet_rand=True, verbose=False)
+    return net.to(device=device, dtype=torch.float32).eval().requires_grad_(False)
+
+
+class Scorers:
+    """CLIP and LPIPS, loaded once per worker. Holds weights only; `score` is
+    a pure function of its arguments."""
+
+    def __init__(self, cfg: ScoreConfig, clip: Any, tokenizer: Any, lpips_net: Any,
+                 device: torch.device, dtype: torch.dtype):
+        self.cfg = cfg
+        self.clip = clip
+        self.tokenizer = tokenizer
+        self.lpips_net = lpips_net
+        self.device = device
+        self.dtype = dtype
+        pp = clip.visual.preprocess_cfg
+        self.clip_size = pp["size"]
+        self.random_weights = cfg.clip_random or not cfg.lpips_pretrained
+        import lpips as lpips_pkg
+        import open_clip
+
+        self.description = {
+            "clip_model": cfg.clip_model,
+            "clip_pretrained": "none" if cfg.clip_random else cfg.clip_pretrained,
+            "clip_image_size": list(self.clip_size) if isinstance(self.clip_size, (tuple, list)) else self.clip_size,
+            "clip_dtype": str(dtype).removeprefix("torch."),
+            "lpips_net": cfg.lpips_net,
+            "lpips_trunk": "imagenet" if cfg.lpips_pretrained else "random",
+            "lpips_version": "0.1",
+            "lpips_resolution": "native",
+            "random_weights": self.random_weights,
+            "open_clip_version": open_clip.__version__,
+            "lpips_package_version": getattr(lpips_pkg, "__version__", "unknown"),
+        }
+
+    @classmethod
+    def load(cls, cfg: ScoreConfig, device: torch.device | str, dtype: torch.dtype | str) -> Scorers:
+        from .models import parse_dtype
+
+        cfg.validate()
+        device = torch.device(device)
+        dtype = parse_dtype(dtype, device)
+        clip, tokenizer = _load_clip(cfg, device, dtype)
+        return cls(cfg, clip, tokenizer, _load_lpips(cfg, device), device, dtype)
+
+    # -- embeddings
+
+    def embed_images(self, images: torch.Tensor) -> torch.Tensor:
+        """L2-normalised CLIP image embeddings [B, D] float32 of images in [-1, 1]."""
+        pp = self.clip.visual.preprocess_cfg
+        out = []
+        for sl in _batches(images.shape[0], self.cfg.batch_size):
+            x = clip_pixels(images[sl].to(self.device), pp["size"], pp["mean"], pp["std"],
+                            pp.get("resize_mode", "shortest"), pp.get("interpolation", "bicubic"),
+                            pp.get("fill_color", 0) / 255.0)
+            out.append(F.normalize(self.clip.encode_image(x.to(self.dtype)).float(), dim=-1))
+        return torch.cat(out) if out else torch.empty(0, 0, device=self.device)
+
+    def embed_texts(self, prompts: Sequence[str]) -> torch.Tensor:
+        """L2-normalised CLIP text embeddings [len(prompts), D] float32."""
+        out = []
+        for sl in _batches(len(prompts), self.cfg.batch_size):
+            tokens = self.tokenizer(list(prompts[sl])).to(self.device)
+            out.append(F.normalize(self.clip.encode_text(tokens).float(), dim=-1))
+        return torch.cat(out) if out else torch.empty(0, 0, device=self.device)
+
+    def _features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        parts = [lpips_features(self.lpips_net, images[sl].to(self.device))
+                 for sl in _batches(images.shape[0], self.cfg.batch_size)]
+        return [torch.cat(layer) for layer in zip(*parts)]
+
+    def _distances(self, fa: list[torch.Tensor], ia: torch.Tensor,
+                   fb: list[torch.Tensor], ib: torch.Tensor) -> torch.Tensor:
+        """LPIPS between rows fa[ia[k]] and fb[ib[k]], batched."""
+        out = [lpips_distance(self.lpips_net, [f[ia[sl]] for f in fa], [f[ib[sl]] for f in fb])
+               for sl in _batches(len(ia), self.cfg.batch_size)]
+        return torch.cat(out) if out else torch.empty(0, device=self.device)
+
+    # -- scores
+
+    @torch.inference_mode()
+    def score(self, sources: torch.Tensor, source_prompts: Sequence[str], edits: torch.Tensor,
+              edit_source: Sequence[int], target_prompts: Sequence[str],
+              groups: Sequence[int]) -> dict[str, list[float]]:
+        """Scores of M edits against their sources.
+
+        sources [S, 3, H, W] and edits [M, 3, H, W] in [-1, 1], same H, W;
+        source_prompts (S); edit_source (M) indexes sources; target_prompts (M);
+        groups (M): equal ids mark edits of one image with one target prompt
+        (the diversity groups). Returns the SCORE_COLUMNS as lists of M floats.
+        Results do not depend on how rows are split into calls or batches,
+        except that a group must be scored within one call for its diversity.
+        """
+        m = _check_score_inputs(sources, source_prompts, edits, edit_source, target_prompts, groups)
+        if m == 0:
+            return {c: [] for c in SCORE_COLUMNS}
+        src_idx = torch.as_tensor(list(edit_source), dtype=torch.long, device=self.device)
+
+        # CLIP: each source image and each distinct prompt is embedded once.
+        prompts = list(dict.fromkeys([*source_prompts, *target_prompts]))
+        row = {p: i for i, p in enumerate(prompts)}
+        txt = self.embed_texts(prompts)
+        txt_src = txt[torch.as_tensor([row[source_prompts[k]] for k in edit_source], device=self.device)]
+        txt_tgt = txt[torch.as_tensor([row[p] for p in target_prompts], device=self.device)]
+        img_src = self.embed_images(sources)[src_idx]
+        img_edit = self.embed_images(edits)
+        clip_text = cosine(img_edit, txt_tgt)
+        clip_image = cosine(img_edit, img_src)
+        clip_direction = directional_similarity(img_src, img_edit, txt_src, txt_tgt)
+
+        # LPIPS: whole groups at a time, so the features of a group's edits
+        # (and of the sources they need) are computed once and memory stays
+        # bounded by batch_size rows (or the largest group).
+        lp = torch.empty(m, dtype=torch.float64)
+        div = torch.full((m,), float("nan"), dtype=torch.float64)
+        for chunk in _group_chunks(groups, self.cfg.batch_size):
+            needed = sorted({edit_source[r] for r in chunk})
+            local_src = torch.as_tensor([needed.index(edit_source[r]) for r in chunk], device=self.device)
+            f_edit = self._features(edits[chunk])
+            f_src = self._features(sources[needed])
+            own = torch.arange(len(chunk), device=self.device)
+            lp[chunk] = self._distances(f_edit, own, f_src, local_src).cpu().double()
+            # all pairs i < j within each group of the chunk, in one batched pass
+            members = group_members(groups, chunk)
+            tri = {g: torch.triu_indices(len(loc), len(loc), offset=1) for g, loc in members.items()}
+            ia = torch.cat([torch.as_tensor(loc)[tri[g][0]] for g, loc in members.items()]).to(self.device)
+            ib = torch.cat([torch.as_tensor(loc)[tri[g][1]] for g, loc in members.items()]).to(self.device)
+            d = self._distances(f_edit, ia, f_edit, ib).cpu().double().split([tri[g].shape[1] for g in members])
+            for (g, loc), dg in zip(members.items(), d):
+                dist = torch.zeros(len(loc), len(loc), dtype=torch.float64)
+                dist[tri[g][0], tri[g][1]] = dg
+                div[[chunk[a] for a in loc]] = pairwise_mean(dist + dist.T)
+        return {
+            "clip_text": clip_text.cpu().tolist(),
+            "clip_direction": clip_direction.cpu().tolist(),
+            "clip_image": clip_image.cpu().tolist(),
+            "lpips": lp.tolist(),
+            "diversity": div.tolist(),
+        }
+
+
+def _check_score_inputs(sources, source_prompts, edits, edit_source, target_prompts, groups) -> int:
+    if sources.ndim != 4 or sources.shape[1] != 3:
+        raise ValueError(f"sources must be [S, 3, H, W], got {tuple(sources.shape)}")
+    if edits.ndim != 4 or edits.shape[1] != 3:
+        raise ValueError(f"edits must be [M, 3, H, W], got {tuple(edits.shape)}")
+    s, m = sources.shape[0], edits.shape[0]
+    if m and sources.shape[-2:] != edits.shape[-2:]:
+        raise ValueError(f"edits {tuple(edits.shape[-2:])} and sources {tuple(sources.shape[-2:])} must have one size "
+                         "(LPIPS compares them at native size)")
+    if len(source_prompts) != s:
+        raise ValueError(f"source_prompts has {len(source_prompts)} entries for {s} sources")
+    for name, seq in (("edit_source", edit_source), ("target_prompts", target_prompts), ("groups", groups)):
+        if len(seq) != m:
+            raise ValueError(f"{name} has {len(seq)} entries for {m} edits")
+    bad = [k for k in edit_source if not 0 <= k < s]
+    if bad:
+        raise ValueError(f"edit_source entries {bad[:5]} are out of range for {s} sources")
+    prompt_of: dict[int, str] = {}
+    for g, p in zip(groups, target_prompts):
+        if prompt_of.setdefault(g, p) != p:
+            raise ValueError(f"group {g} mixes target prompts {prompt_of[g]!r} and {p!r}; a group is one image "
+                             "with one target prompt")
+    return m
+
+
+# ----------------------------------------------------------------------------- filtering
+
+
+def select(scores: dict[str, Sequence[float]], groups: Sequence[int], cfg: FilterConfig) -> list[bool]:
+    """Keep flags per row: a row failing a threshold is rejected; among the
+    passing rows of each group the `keep_top_k` best by `top_k_by` are kept
+    (all of them when keep_top_k = 0). Ties go to the earlier row; NaN ranks last."""
+    cfg.validate()
+    n = len(groups)
+    needed = [col for col, _, _ in cfg.thresholds()] + ([cfg.top_k_by] if cfg.keep_top_k > 0 else [])
+    for col in needed:
+        if col not in scores:
+            raise ValueError(f"filtering needs the {col!r} score, which was not computed")
+        if len(scores[col]) != n:
+            raise ValueError(f"score {col!r} has {len(scores[col])} values for {n} rows")
+    def value(col: str, r: int) -> float:
+        v = scores[col][r]
+        return float("nan") if v is None else float(v)
+
+    keep = [True] * n
+    for col, op, limit in cfg.thresholds():
+        for r in range(n):
+            v = value(col, r)
+            if not (v >= limit if op == ">=" else v <= limit):  # NaN fails either way
+                keep[r] = False
+    if cfg.keep_top_k > 0:
+        sign = 1.0 if RANKABLE[cfg.top_k_by] else -1.0
+
+        def rank(r: int) -> tuple[bool, float, int]:
+            v = value(cfg.top_k_by, r)
+            return (math.isnan(v), 0.0 if math.isnan(v) else -sign * v, r)
+
+        passing = [r for r in range(n) if keep[r]]
+        for positions in group_members(groups, passing).values():
+            for r in sorted((passing[p] for p in positions), key=rank)[cfg.keep_top_k:]:
+                keep[r] = False
+    return keep
