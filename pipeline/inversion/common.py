@@ -197,15 +197,24 @@ def guided_eps(
     t: int,
     cond: torch.Tensor,
     uncond: torch.Tensor | None,
-    scale: float,
+    scale: float | torch.Tensor,
 ) -> torch.Tensor:
     """Classifier-free guidance as one net call on [uncond; cond].
 
-    With scale == 1 (or no uncond) only the conditional half is evaluated."""
+    `scale` is a number or a tensor [B] of per-row scales (so rows guided
+    differently, e.g. edits and a reconstruction check, share one call).
+    With a scalar scale of 1 (or no uncond) only the conditional half is
+    evaluated."""
     b = x.shape[0]
     cond = expand_rows(cond, b, "cond")
-    if scale == 1.0 or uncond is None:
+    if torch.is_tensor(scale):
+        if scale.numel() != b:
+            raise ValueError(f"cfg_scale has {scale.numel()} entries for a batch of {b}")
+        scale = scale.to(x.device, torch.float32).view(b, *([1] * (x.dim() - 1)))
+    elif scale == 1.0 or uncond is None:
         return model(x, t, cond)
+    if uncond is None:
+        raise ValueError("per-row cfg_scale needs an unconditional embedding")
     uncond = expand_rows(uncond, b, "uncond")
     both = model(torch.cat([x, x]), t, torch.cat([uncond, cond.to(uncond.dtype)]))
     eps_u, eps_c = both[:b], both[b:]
@@ -341,3 +350,16 @@ def check_latents(x0: torch.Tensor) -> None:
 def check_skip(skip: int, num_steps: int) -> None:
     if not isinstance(skip, int) or not 0 <= skip < num_steps:
         raise ValueError(f"skip must be an integer in [0, num_steps), got skip={skip!r} with num_steps={num_steps}")
+
+
+def check_code_method(code: NoiseCode, *methods: str) -> None:
+    """Raise if `code` was made by a method whose codes this edit cannot read
+    (an EDICT code fed to a DDIM edit would silently drop its second sequence)."""
+    if code.method not in methods:
+        raise ValueError(f"code was made by method {code.method!r}; this edit reads codes of {', '.join(map(repr, methods))}")
+
+
+def empty_zs(x: torch.Tensor) -> torch.Tensor:
+    """The `zs` of a deterministic method: no noise maps, shape [0, B, C, H, W],
+    so that batch indexing and concatenation along dim 1 still work."""
+    return x.new_empty((0, *x.shape))

@@ -1,0 +1,118 @@
+"""The `imprint` command."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Batch edit-friendly DDPM inversion and editing.")
+
+
+def _die(msg: str, code: int = 2) -> None:
+    typer.echo(f"imprint: error: {msg}", err=True)
+    raise typer.Exit(code)
+
+
+@app.command()
+def run(
+    job: Path = typer.Argument(..., help="Job spec (TOML)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a field, e.g. --set edit.seeds=8 (repeatable)."),
+    executor: Optional[str] = typer.Option(None, help="ray | inline (default: run.executor of the job)."),
+    ray_address: Optional[str] = typer.Option(None, help="Join this Ray cluster instead of starting a local one."),
+    force: bool = typer.Option(False, help="Redo every shard, even those done under this or another spec."),
+    progress: bool = typer.Option(True, help="Show the live progress line."),
+) -> None:
+    """Invert every image of the input shards and write N edits per target prompt."""
+    from .executor import JobError, run_job
+    from .spec import SpecError, load_spec
+
+    overrides = list(set_)
+    if executor:
+        overrides.append(f"run.executor={executor}")
+    if ray_address:
+        overrides.append(f'run.ray_address="{ray_address}"')
+    try:
+        spec = load_spec(job, overrides)
+        report = run_job(spec, force=force, progress=progress)
+    except (SpecError, JobError) as exc:
+        _die(str(exc))
+    out = os.path.abspath(spec.output.path) if "://" not in spec.output.path else spec.output.path
+    typer.echo(
+        f"imprint: {report.done} shard(s) processed, {report.skipped} already done, {len(report.failed)} failed; "
+        f"{report.images} images, {report.errors} bad samples, {report.edits} edits in {report.seconds:.1f} s"
+    )
+    for url, reason in report.failed.items():
+        typer.echo(f"imprint: shard failed: {url}: {reason}", err=True)
+    typer.echo(f"imprint: results in {out}/results, sources in {out}/sources" + (f", noise in {out}/noise" if spec.output.noise else ""))
+    if report.failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def validate(
+    job: Path = typer.Argument(..., help="Job spec (TOML)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a field (repeatable)."),
+) -> None:
+    """Check a job spec and print it resolved, without running anything."""
+    from .spec import SpecError, load_spec, to_toml
+
+    try:
+        spec = load_spec(job, list(set_))
+    except SpecError as exc:
+        _die(str(exc))
+    typer.echo(to_toml(spec))
+    typer.echo(f"# spec hash {spec.hash()}")
+
+
+@app.command()
+def status(
+    out: str = typer.Argument(..., help="Output path of a job."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """What is done, failed (with reasons) and left for a job's output."""
+    from .status import job_status
+
+    try:
+        st = job_status(out)
+    except (FileNotFoundError, ValueError) as exc:
+        _die(str(exc))
+    if as_json:
+        typer.echo(json.dumps(st, indent=1))
+        return
+    typer.echo(f"output: {st['output']}  (spec hash {st['spec_hash']})")
+    typer.echo(f"shards: {st['total']} total, {len(st['done'])} done, {len(st['failed'])} failed, {len(st['left'])} left")
+    typer.echo(f"images: {st['images']}  bad samples: {st['errors']}  edits: {st['edits']} (kept {st['kept']})")
+    for name, info in st["failed"].items():
+        typer.echo(f"  failed {name}: {info.get('error')} (after {info.get('attempts')} attempts)")
+    for url in st["left"][:20]:
+        typer.echo(f"  left   {url}")
+    if len(st["left"]) > 20:
+        typer.echo(f"  ... and {len(st['left']) - 20} more")
+
+
+@app.command()
+def schemas(
+    write: Optional[Path] = typer.Option(None, help="Write the table schemas as JSON into this folder."),
+) -> None:
+    """Print (or write) the output table schemas."""
+    from .tables import TABLES, dump_schema_json
+
+    for name in TABLES:
+        text = dump_schema_json(name)
+        if write:
+            (write / f"{name}.schema.json").write_text(text)
+        else:
+            typer.echo(text)
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,358 @@
+"""The job spec: a TOML file (schema in schemas/job.schema.json), validated
+before any work with one message naming the bad field, overridable from the
+command line (`--set edit.seeds=8`), and hashed so that resume only skips
+shards finished under the same output-relevant settings."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SPEC_VERSION = 1
+IMAGE_FORMATS = ("webp", "png", "jpeg")
+RESIZE_RULES = ("shorter", "square")
+EXECUTORS = ("ray", "inline")
+
+
+class SpecError(ValueError):
+    """A bad job spec. The message names the field."""
+
+
+@dataclass
+class InputSpec:
+    shards: list[str] = field(default_factory=list)  # paths/URLs, brace expansion allowed; "demo" = built-in sample
+    allow_pipe: bool = False  # allow `pipe:` shell-command URLs
+    templates: list[str] = field(default_factory=list)  # job-level targets, "{source}" is the source prompt
+    max_prompt_tokens: int = 77  # CLIP's context incl. start/end markers; longer prompts are errors, not truncated
+
+
+@dataclass
+class ImageSpec:
+    resolution: int = 0  # shorter side in pixels; 0 = the model's native resolution
+    resize: str = "shorter"  # "shorter": shorter side to resolution, center crop to multiples of `multiple`;
+    #                           "square": center square crop, resized to resolution x resolution
+    multiple: int = 64
+    max_aspect: float = 2.0  # longer side is cropped to at most max_aspect * resolution
+    max_pixels: int = 64_000_000  # decoded pixels above this are refused (decompression bombs)
+    min_side: int = 16  # images smaller than this on either side are refused
+
+
+@dataclass
+class ModelSpec:
+    id: str = "tiny"
+    dtype: str = "auto"  # auto | float32 | float16 | bfloat16
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    revision: str = ""
+
+
+@dataclass
+class InversionSpec:
+    method: str = "edit-friendly"
+    steps: int = 100
+    skip: int = 36
+    cfg_source: float = 3.5
+    params: dict = field(default_factory=dict)  # method-specific (edit-friendly: eta)
+
+
+@dataclass
+class EditSpec:
+    cfg_target: float = 15.0
+    seeds: int = 1  # N diverse codes (and edits) per target prompt
+    params: dict = field(default_factory=dict)  # method-specific edit parameters
+
+
+@dataclass
+class BatchSpec:
+    images: int = 4  # images inverted together
+    max_unet_batch: int = 32  # rows per UNet call (CFG doubles rows)
+    prefetch: int = 8  # decoded samples buffered ahead of the model
+
+
+@dataclass
+class OutputSpec:
+    path: str = "out/job"
+    noise: bool = False  # write noise codes to noise/
+    noise_dtype: str = "float16"
+    image_format: str = "webp"
+    quality: int = 90
+    reconstruction_check: bool = True  # reconstruct one code per image alongside the edits (sources.recon_*)
+
+
+@dataclass
+class ScoreSpec:
+    enabled: bool = True
+    clip_model: str = "ViT-L-14"
+    clip_pretrained: str = "openai"  # "none" = random weights (offline)
+    lpips_net: str = "alex"
+    lpips_pretrained: bool = True
+    batch_size: int = 16
+    recon_psnr: bool = False
+
+
+@dataclass
+class FilterSpec:
+    clip_text_min: float | None = None
+    clip_direction_min: float | None = None
+    clip_image_min: float | None = None
+    lpips_max: float | None = None
+    keep_top_k: int = 0
+    top_k_by: str = "clip_direction"
+    write_rejected: bool = False
+
+
+@dataclass
+class RunSpec:
+    seed: int = 0
+    workers: int = 0  # 0 = one per GPU, or 1 without GPUs
+    executor: str = "ray"
+    ray_address: str = ""  # "" = start a local cluster; "auto" or ray://... to join one
+    max_attempts: int = 3
+    threads: int = 0  # torch threads per worker; 0 = leave torch's default
+
+
+@dataclass
+class JobSpec:
+    input: InputSpec = field(default_factory=InputSpec)
+    image: ImageSpec = field(default_factory=ImageSpec)
+    model: ModelSpec = field(default_factory=ModelSpec)
+    inversion: InversionSpec = field(default_factory=InversionSpec)
+    edit: EditSpec = field(default_factory=EditSpec)
+    batch: BatchSpec = field(default_factory=BatchSpec)
+    output: OutputSpec = field(default_factory=OutputSpec)
+    score: ScoreSpec = field(default_factory=ScoreSpec)
+    filter: FilterSpec = field(default_factory=FilterSpec)
+    run: RunSpec = field(default_factory=RunSpec)
+    version: int = SPEC_VERSION
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def hash(self) -> str:
+        """Hash of everything that changes what a shard's output contains.
+        Execution settings (executor, workers, threads, address, attempts,
+        prefetch) and the output path do not change results and are left out."""
+        d = self.to_dict()
+        for k in ("executor", "workers", "threads", "ray_address", "max_attempts"):
+            d["run"].pop(k)
+        d["batch"].pop("prefetch")
+        d["output"].pop("path")
+        blob = json.dumps(d, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(JobSpec) if f.name != "version"}
+
+
+def _section_cls(name: str):
+    return {f.name: f.default_factory for f in dataclasses.fields(JobSpec) if f.name != "version"}[name]
+
+
+def _coerce(path: str, value: Any, default: Any, annotation: str) -> Any:
+    """Check a value against its field's type; ints are accepted for floats."""
+    ann = str(annotation)
+    if "dict" in ann:
+        if not isinstance(value, dict):
+            raise SpecError(f"{path}: expected a table, got {value!r}")
+        return value
+    if "list" in ann:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise SpecError(f"{path}: expected a list of strings, got {value!r}")
+        return value
+    if ann.startswith("float") or ann == "float":
+        if value is None and "None" in ann:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise SpecError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if ann == "bool":
+        if not isinstance(value, bool):
+            raise SpecError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if ann == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise SpecError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if ann == "str":
+        if not isinstance(value, str):
+            raise SpecError(f"{path}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _build(raw: dict) -> JobSpec:
+    spec = JobSpec()
+    unknown = set(raw) - set(SECTIONS) - {"version"}
+    if unknown:
+        raise SpecError(f"{sorted(unknown)[0]}: unknown section (expected one of {', '.join(SECTIONS)})")
+    if "version" in raw and raw["version"] != SPEC_VERSION:
+        raise SpecError(f"version: this imprint reads job spec version {SPEC_VERSION}, got {raw['version']!r}")
+    for sec_name, values in raw.items():
+        if sec_name == "version":
+            continue
+        if not isinstance(values, dict):
+            raise SpecError(f"{sec_name}: expected a table ([{sec_name}])")
+        section = getattr(spec, sec_name)
+        fields = {f.name: f for f in dataclasses.fields(section)}
+        for key, value in values.items():
+            if key not in fields:
+                raise SpecError(f"{sec_name}.{key}: unknown field (expected one of {', '.join(fields)})")
+            f = fields[key]
+            setattr(section, key, _coerce(f"{sec_name}.{key}", value, None, f.type))
+    return spec
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise SpecError(f"--set {item!r}: expected KEY=VALUE, e.g. edit.seeds=8")
+    key, text = item.split("=", 1)
+    parts = key.strip().split(".")
+    if len(parts) < 2 or not all(parts):
+        raise SpecError(f"--set {item!r}: KEY must be section.field, e.g. edit.seeds")
+    try:
+        value = tomllib.loads(f"v = {text.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text.strip()  # bare words are strings: --set model.id=tiny
+    return parts, value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    raw = copy.deepcopy(raw)
+    for item in overrides or []:
+        parts, value = _parse_override(item)
+        node = raw
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise SpecError(f"--set {item!r}: {p} is not a table")
+        node[parts[-1]] = value
+    return raw
+
+
+def validate(spec: JobSpec) -> JobSpec:
+    """Range and consistency checks; raises SpecError naming the field."""
+    from .inversion import method_names
+
+    def need(cond: bool, path: str, msg: str) -> None:
+        if not cond:
+            raise SpecError(f"{path}: {msg}")
+
+    need(len(spec.input.shards) > 0, "input.shards", "at least one shard path or URL is required")
+    for s in spec.input.shards:
+        need(bool(s.strip()), "input.shards", "empty shard name")
+        need(not s.startswith("pipe:") or spec.input.allow_pipe, "input.shards",
+             f"{s!r} is a pipe: command; set input.allow_pipe = true to allow shell commands")
+    for t in spec.input.templates:
+        need(bool(t.strip()), "input.templates", "empty template")
+        try:
+            t.format(source="x")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise SpecError(f"input.templates: {t!r} is not a valid template (only {{source}} may be used): {exc}") from None
+    need(spec.input.max_prompt_tokens >= 3, "input.max_prompt_tokens", "must be >= 3")
+    im = spec.image
+    need(im.resolution == 0 or im.resolution >= im.multiple, "image.resolution", f"must be 0 (model default) or >= image.multiple ({im.multiple})")
+    need(im.resolution % im.multiple == 0, "image.resolution", f"must be a multiple of image.multiple ({im.multiple})")
+    need(im.resize in RESIZE_RULES, "image.resize", f"must be one of {', '.join(RESIZE_RULES)}")
+    need(im.multiple >= 8 and im.multiple % 8 == 0, "image.multiple", "must be a positive multiple of 8 (the VAE factor)")
+    need(im.max_aspect >= 1.0, "image.max_aspect", "must be >= 1")
+    need(im.max_pixels > 0, "image.max_pixels", "must be positive")
+    need(im.min_side >= 1, "image.min_side", "must be >= 1")
+    need(bool(spec.model.id), "model.id", "a model id or path is required")
+    need(spec.model.dtype in ("auto", "float32", "fp32", "float16", "fp16", "bfloat16", "bf16"), "model.dtype",
+         "must be auto, float32, float16 or bfloat16")
+    inv = spec.inversion
+    need(inv.method in method_names(), "inversion.method", f"unknown method {inv.method!r}; expected one of {', '.join(method_names())}")
+    need(inv.steps >= 1, "inversion.steps", "must be >= 1")
+    need(0 <= inv.skip < inv.steps, "inversion.skip", f"must be in [0, inversion.steps) = [0, {inv.steps})")
+    need(inv.cfg_source >= 0, "inversion.cfg_source", "must be >= 0")
+    _check_method_params(inv.method, inv.params, "inversion.params")
+    need(spec.edit.cfg_target >= 0, "edit.cfg_target", "must be >= 0")
+    need(1 <= spec.edit.seeds <= 1024, "edit.seeds", "must be in [1, 1024]")
+    need(spec.batch.images >= 1, "batch.images", "must be >= 1")
+    need(spec.batch.max_unet_batch >= 1, "batch.max_unet_batch", "must be >= 1")
+    need(spec.batch.prefetch >= 1, "batch.prefetch", "must be >= 1")
+    out = spec.output
+    need(bool(out.path), "output.path", "an output path is required")
+    need(out.image_format in IMAGE_FORMATS, "output.image_format", f"must be one of {', '.join(IMAGE_FORMATS)}")
+    need(1 <= out.quality <= 100, "output.quality", "must be in [1, 100]")
+    need(out.noise_dtype in ("float16", "float32"), "output.noise_dtype", "must be float16 or float32")
+    need(spec.run.executor in EXECUTORS, "run.executor", f"must be one of {', '.join(EXECUTORS)}")
+    need(spec.run.workers >= 0, "run.workers", "must be >= 0")
+    need(spec.run.max_attempts >= 1, "run.max_attempts", "must be >= 1")
+    need(spec.run.threads >= 0, "run.threads", "must be >= 0")
+    need(0 <= spec.run.seed < 2**63, "run.seed", "must be in [0, 2^63)")
+    _validate_scoring(spec)
+    return spec
+
+
+def _check_method_params(method: str, params: dict, path: str) -> None:
+    from .inversion import get_method
+
+    defaults = getattr(get_method(method), "DEFAULTS", {})
+    for k, v in params.items():
+        if k not in defaults:
+            allowed = ", ".join(defaults) or "none"
+            raise SpecError(f"{path}.{k}: not a parameter of method {method!r} (its parameters: {allowed})")
+        if isinstance(defaults[k], (int, float)) and not isinstance(defaults[k], bool):
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise SpecError(f"{path}.{k}: expected a number, got {v!r}")
+        elif isinstance(defaults[k], bool) and not isinstance(v, bool):
+            raise SpecError(f"{path}.{k}: expected true or false, got {v!r}")
+
+
+def _validate_scoring(spec: JobSpec) -> None:
+    try:
+        from . import scoring
+    except ImportError:  # scoring not installed in this build
+        return
+    check = getattr(scoring, "validate_configs", None)
+    if check is not None:
+        try:
+            check(score_config(spec), filter_config(spec))
+        except ValueError as exc:
+            raise SpecError(str(exc)) from None
+
+
+def score_config(spec: JobSpec):
+    from .scoring import ScoreConfig
+
+    return ScoreConfig(**dataclasses.asdict(spec.score))
+
+
+def filter_config(spec: JobSpec):
+    from .scoring import FilterConfig
+
+    return FilterConfig(**dataclasses.asdict(spec.filter))
+
+
+def load_raw(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise SpecError(f"job spec {str(p)!r}: file not found")
+    try:
+        return tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise SpecError(f"job spec {str(p)!r}: invalid TOML: {exc}") from None
+
+
+def load_spec(path: str | Path | None = None, overrides: list[str] | None = None, raw: dict | None = None) -> JobSpec:
+    """Load, override, build and validate a job spec."""
+    data = load_raw(path) if path is not None else (raw or {})
+    data = apply_overrides(data, overrides or [])
+    return validate(_build(data))
+
+
+def to_toml(spec: JobSpec) -> str:
+    import tomli_w
+
+    def strip_none(d):
+        return {k: strip_none(v) if isinstance(v, dict) else v for k, v in d.items() if v is not None}
+
+    return tomli_w.dumps(strip_none(spec.to_dict()))

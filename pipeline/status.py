@@ -1,0 +1,37 @@
+"""`imprint status OUT`: done, failed and left shards of a job's output."""
+
+from __future__ import annotations
+
+import tomllib
+
+from .data import expand_shards, shard_name
+from .store import DONE, FAILED, META_FILE, SPEC_FILE, OutputStore
+
+
+def job_status(out: str) -> dict:
+    store = OutputStore.open(out)
+    meta = store.read_json(META_FILE)
+    if meta is None:
+        raise FileNotFoundError(f"{out!r} is not an imprint output (no {META_FILE})")
+    spec_hash = meta["spec_hash"]
+    try:
+        with store.fs.open_input_stream(store._p(SPEC_FILE)) as fh:
+            spec = tomllib.loads(fh.read().decode())
+        shards = expand_shards(spec["input"]["shards"], allow_pipe=spec["input"].get("allow_pipe", False))
+    except (OSError, KeyError, ValueError):
+        shards = []
+    done = {k: v for k, v in store.markers(DONE).items() if v.get("spec_hash") == spec_hash}
+    failed = {k: v for k, v in store.markers(FAILED).items() if k not in done}
+    left = [s for s in shards if shard_name(s) not in done and shard_name(s) not in failed]
+    return {
+        "output": out,
+        "spec_hash": spec_hash,
+        "total": len(shards),
+        "done": sorted(done),
+        "failed": failed,
+        "left": left,
+        "images": sum(v.get("images", 0) for v in done.values()),
+        "errors": sum(v.get("errors", 0) for v in done.values()),
+        "edits": sum(v.get("edits", 0) for v in done.values()),
+        "kept": sum(v.get("kept", 0) for v in done.values()),
+    }

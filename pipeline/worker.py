@@ -1,0 +1,258 @@
+"""The shard worker: reader thread -> batcher -> engine -> scorers -> rows ->
+atomic per-shard commit. The same class runs inline and inside a Ray actor
+(the executor is a thin layer around it). It loads the model and the
+scorers once and keeps them for every shard it is given."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .data import Sample, decode_sample, encode_image, read_raw_samples, shard_name
+from .engine import Engine, SampleOut
+from .models import load_models
+from .spec import JobSpec, filter_config, score_config
+from .store import OutputStore
+from .tables import STAGES, table_from_rows
+
+_END = object()
+
+
+@dataclass
+class ShardSummary:
+    shard: str
+    name: str
+    images: int = 0
+    errors: int = 0
+    edits: int = 0
+    kept: int = 0
+    unet_calls: int = 0
+    seconds: float = 0.0
+    timings: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return self.__dict__.copy()
+
+
+class ShardWorker:
+    def __init__(self, spec: JobSpec):
+        self.spec = spec
+        if spec.run.threads:
+            torch.set_num_threads(spec.run.threads)
+        device = None if spec.model.device == "auto" else spec.model.device
+        self.models = load_models(spec.model.id, device=device, dtype=spec.model.dtype, revision=spec.model.revision or None)
+        self.engine = Engine(self.models, spec)
+        self.scorers = None
+        if spec.score.enabled:
+            from .scoring import Scorers
+
+            self.scorers = Scorers.load(score_config(spec), self.models.device, self.models.dtype)
+        self.store = OutputStore.open(spec.output.path)
+        self.resolution = spec.image.resolution or self.models.resolution
+        self._samples_seen = 0
+
+    # -- metadata written into every Parquet file --------------------------
+
+    def metadata(self) -> dict:
+        scorers = self.scorers
+        return {
+            "spec_hash": self.spec.hash(),
+            "model_id": self.models.model_id,
+            "model_random_weights": str(self.models.random_weights).lower(),
+            "scores_random_weights": str(bool(scorers and scorers.random_weights)).lower(),
+            "scorers": json.dumps(getattr(scorers, "description", {}) if scorers else {}),
+            "method": self.spec.inversion.method,
+            "params": json.dumps(self.engine.params(), sort_keys=True),
+            "note": ("made with randomly initialised weights: images and scores are not meaningful"
+                     if self.models.random_weights or (scorers and scorers.random_weights) else ""),
+        }
+
+    # -- reading -------------------------------------------------------------
+
+    def _reader(self, url: str, q: queue.Queue, stop: threading.Event) -> None:
+        """Read and decode in a thread so decoding overlaps model work."""
+        try:
+            for raw in read_raw_samples(url):
+                if stop.is_set():
+                    return
+                t0 = time.perf_counter()
+                s = decode_sample(raw, url, self.spec.input, self.spec.image, self.resolution, self.models.count_tokens)
+                q.put((s, time.perf_counter() - t0))
+            q.put(_END)
+        except BaseException as exc:  # the shard itself could not be opened
+            q.put(exc)
+
+    # -- the shard -----------------------------------------------------------
+
+    def process(self, url: str) -> dict:
+        spec = self.spec
+        name = shard_name(url)
+        summary = ShardSummary(shard=url, name=name)
+        t_start = time.perf_counter()
+        calls0 = self.engine.unet_calls
+        timings0 = dict(self.engine.timings)
+        q: queue.Queue = queue.Queue(maxsize=spec.batch.prefetch)
+        stop = threading.Event()
+        reader = threading.Thread(target=self._reader, args=(url, q, stop), daemon=True)
+        reader.start()
+        results, sources, noise = [], [], []
+        batch: list[tuple[Sample, float]] = []
+        seen_keys: set[str] = set()
+        try:
+            while True:
+                item = q.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item is not _END:
+                    sample, t_read = item
+                    self._fault_point()
+                    if sample.key in seen_keys and not sample.error:
+                        sample.error = f"duplicate key {sample.key!r} in shard"
+                    seen_keys.add(sample.key)
+                    if sample.error:
+                        sources.append(self._error_row(sample, t_read))
+                        summary.errors += 1
+                    else:
+                        batch.append((sample, t_read))
+                if batch and (len(batch) >= spec.batch.images or item is _END):
+                    self._run_batch(batch, results, sources, noise, summary)
+                    batch = []
+                if item is _END:
+                    break
+        finally:
+            stop.set()
+        t0 = time.perf_counter()
+        meta = self.metadata()
+        tables = {"results": table_from_rows("results", results, meta), "sources": table_from_rows("sources", sources, meta)}
+        if spec.output.noise:
+            tables["noise"] = table_from_rows("noise", noise, meta)
+        summary.unet_calls = self.engine.unet_calls - calls0
+        summary.seconds = time.perf_counter() - t_start
+        summary.timings = {k: v - timings0.get(k, 0.0) for k, v in self.engine.timings.items()}
+        marker = {**summary.to_dict(), "spec_hash": spec.hash(), "finished": time.time(), "pid": os.getpid()}
+        self.store.commit_shard(name, tables, marker)
+        summary.timings["write"] = time.perf_counter() - t0
+        return summary.to_dict()
+
+    def _run_batch(self, batch, results, sources, noise, summary) -> None:
+        spec = self.spec
+        samples = [s for s, _ in batch]
+        read_time = {id(s): t for s, t in batch}
+        before = dict(self.engine.timings)
+        outs = self.engine.run(samples, decode_recon=bool(spec.score.recon_psnr and self.scorers))
+        scores, keep, t_score = self._score(outs)
+        stage = {k: self.engine.timings[k] - before.get(k, 0.0) for k in self.engine.timings}
+        stage["score"] = t_score
+        n_rows = max(1, sum(len(o.edits) for o in outs))
+        t0 = time.perf_counter()
+        params = self.engine.params()
+        params_json = json.dumps(params, sort_keys=True)
+        row_i = 0
+        for o in outs:
+            s = o.sample
+            kept_here = 0
+            for e in o.edits:
+                sc = {k: v[row_i] for k, v in scores.items()}
+                kept = keep[row_i]
+                row_i += 1
+                write_image = kept or spec.filter.write_rejected
+                kept_here += kept
+                results.append({
+                    "key": s.key, "shard": s.shard, "source_prompt": s.source_prompt,
+                    "target_prompt": e.target_prompt, "target_index": e.target_index,
+                    "seed_index": e.seed_index, "seed": e.seed, "method": params["method"],
+                    "num_steps": params["num_steps"], "skip": params["skip"],
+                    "cfg_source": params["cfg_source"], "cfg_target": params["cfg_target"],
+                    "params": params_json, "model_id": self.models.model_id,
+                    "image": encode_image(e.image, spec.output.image_format, spec.output.quality) if write_image else None,
+                    "image_format": spec.output.image_format,
+                    "width": int(e.image.shape[2]), "height": int(e.image.shape[1]),
+                    **sc, "kept": bool(kept), "status": "ok" if kept else "rejected",
+                    **{f"time_{k}_s": stage.get(k, 0.0) / n_rows for k in STAGES if k not in ("read", "encode", "write")},
+                    "time_read_s": read_time[id(s)],
+                })
+            summary.images += 1
+            summary.edits += len(o.edits)
+            summary.kept += kept_here
+            sources.append(self._source_row(o, kept_here, read_time[id(s)], stage, n_rows))
+            if o.code is not None:
+                noise.extend(self._noise_rows(o))
+        t_enc = time.perf_counter() - t0
+        for r in results[-row_i:] if row_i else []:
+            r["time_encode_s"] = t_enc / n_rows
+
+    def _score(self, outs: list[SampleOut]):
+        n = sum(len(o.edits) for o in outs)
+        if not self.scorers or n == 0:
+            return {}, [True] * n, 0.0
+        from .scoring import select
+
+        t0 = time.perf_counter()
+        sources = torch.stack([o.sample.image for o in outs])
+        edits = torch.stack([e.image for o in outs for e in o.edits])
+        edit_source = [g for g, o in enumerate(outs) for _ in o.edits]
+        targets = [e.target_prompt for o in outs for e in o.edits]
+        groups = [g * 10_000 + e.target_index for g, o in enumerate(outs) for e in o.edits]
+        scores = self.scorers.score(sources.to(self.models.device), [o.sample.source_prompt for o in outs],
+                                    edits.to(self.models.device), edit_source, targets, groups)
+        keep = select(scores, groups, filter_config(self.spec))
+        if self.spec.score.recon_psnr:
+            from .scoring import psnr
+
+            for o in outs:
+                if o.recon_image is not None:
+                    o.recon_psnr = float(psnr(o.recon_image[None], o.sample.image[None])[0])
+        return scores, keep, time.perf_counter() - t0
+
+    def _source_row(self, o: SampleOut, kept: int, t_read: float, stage: dict, n_rows: int) -> dict:
+        s = o.sample
+        per_img = max(1, len(o.edits))
+        return {
+            "key": s.key, "shard": s.shard, "source_prompt": s.source_prompt, "target_prompts": s.target_prompts,
+            "orig_width": s.orig_size[0], "orig_height": s.orig_size[1],
+            "width": int(s.image.shape[2]), "height": int(s.image.shape[1]),
+            "num_edits": len(o.edits), "num_kept": kept,
+            "recon_error_max": o.recon_error_max, "recon_error_mean": o.recon_error_mean,
+            "recon_psnr": o.recon_psnr,
+            "status": "ok", "error": None,
+            "time_read_s": t_read,
+            **{f"time_{k}_s": v * per_img / n_rows for k, v in stage.items()},
+        }
+
+    def _error_row(self, s: Sample, t_read: float) -> dict:
+        return {
+            "key": s.key, "shard": s.shard, "source_prompt": s.source_prompt or None,
+            "target_prompts": s.target_prompts or None,
+            "orig_width": s.orig_size[0] or None, "orig_height": s.orig_size[1] or None,
+            "num_edits": 0, "num_kept": 0, "status": "error", "error": s.error, "time_read_s": t_read,
+        }
+
+    def _noise_rows(self, o: SampleOut) -> list[dict]:
+        from .codes import code_to_rows
+
+        return code_to_rows(o.code, o.sample, o.seeds, self.models, self.spec.output.noise_dtype)
+
+    # -- test hook -------------------------------------------------------------
+
+    def _fault_point(self) -> None:
+        """Crash this process once, mid-shard, when the tests ask for it
+        (IMPRINT_FAULT_AFTER=N samples, IMPRINT_FAULT_FLAG=path fired once)."""
+        after = os.environ.get("IMPRINT_FAULT_AFTER")
+        if not after:
+            return
+        self._samples_seen += 1
+        flag = os.environ.get("IMPRINT_FAULT_FLAG", "")
+        if self._samples_seen >= int(after) and flag and not os.path.exists(flag):
+            with open(flag, "w") as fh:
+                fh.write(str(os.getpid()))
+            os._exit(17)
+
+
+def process_shard_inline(spec: JobSpec, url: str) -> dict:
+    return ShardWorker(spec).process(url)
