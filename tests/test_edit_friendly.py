@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 from diffusers import DDIMScheduler
+from helpers import GaussianDenoiser
 
 from pipeline.inversion import edit_friendly as ef
 from pipeline.inversion.common import NoiseCode
@@ -167,16 +168,6 @@ def test_errors(tiny):
 # The paper's 2-D illustration (Sec. 5, Fig. 5): data N((10, 10), I), 40 steps,
 # exact closed-form denoiser eps(x_t) = sqrt(1 - ab) (x_t - sqrt(ab) m).
 # ---------------------------------------------------------------------------
-
-
-class GaussianDenoiser:
-    def __init__(self, alphas_cumprod, mean):
-        self.ac = alphas_cumprod.double()
-        self.mean = mean
-
-    def __call__(self, x, t, emb):
-        ab = float(self.ac[int(t)])
-        return math.sqrt(1 - ab) * (x - math.sqrt(ab) * self.mean)
 
 
 def _consecutive_angles(zs):

@@ -14,6 +14,10 @@ from .common import EpsModel, NoiseCode, Schedule
 # method name (as in job specs) -> module
 _MODULES = {
     "edit-friendly": "edit_friendly",
+    "ddim": "ddim",
+    "edict": "edict",
+    "ddim-forward": "ddim_forward",
+    "cycle": "cycle",
 }
 
 
