@@ -197,15 +197,24 @@ def guided_eps(
     t: int,
     cond: torch.Tensor,
     uncond: torch.Tensor | None,
-    scale: float,
+    scale: float | torch.Tensor,
 ) -> torch.Tensor:
     """Classifier-free guidance as one net call on [uncond; cond].
 
-    With scale == 1 (or no uncond) only the conditional half is evaluated."""
+    `scale` is a number or a tensor [B] of per-row scales (so rows guided
+    differently, e.g. edits and a reconstruction check, share one call).
+    With a scalar scale of 1 (or no uncond) only the conditional half is
+    evaluated."""
     b = x.shape[0]
     cond = expand_rows(cond, b, "cond")
-    if scale == 1.0 or uncond is None:
+    if torch.is_tensor(scale):
+        if scale.numel() != b:
+            raise ValueError(f"cfg_scale has {scale.numel()} entries for a batch of {b}")
+        scale = scale.to(x.device, torch.float32).view(b, *([1] * (x.dim() - 1)))
+    elif scale == 1.0 or uncond is None:
         return model(x, t, cond)
+    if uncond is None:
+        raise ValueError("per-row cfg_scale needs an unconditional embedding")
     uncond = expand_rows(uncond, b, "uncond")
     both = model(torch.cat([x, x]), t, torch.cat([uncond, cond.to(uncond.dtype)]))
     eps_u, eps_c = both[:b], both[b:]

@@ -39,6 +39,9 @@ from .common import (
 METHOD = "edit-friendly"
 DEFAULTS: dict = {"eta": 1.0}
 
+# on_step(schedule_index, x_t, eps, z) -> replacement z or None (see `edit`)
+StepHook = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], "torch.Tensor | None"]
+
 
 @torch.no_grad()
 def invert(
@@ -123,13 +126,25 @@ def edit(
     cond: torch.Tensor,
     uncond: torch.Tensor | None,
     *,
-    cfg_scale: float = 15.0,
-    eta: float = 1.0,
+    cfg_scale: float | torch.Tensor = 15.0,
+    eta: float | None = None,
     max_batch: int | None = None,
+    on_step: StepHook | None = None,
 ) -> torch.Tensor:
     """Run the DDPM sampler from `code.x_start` with the code's noise maps
     and the target prompt embedding `cond` (1 row, or one per code latent).
-    Returns the edited latents [B, C, H, W] in float32."""
+    Returns the edited latents [B, C, H, W] in float32.
+
+    on_step(i, x_t, eps, z): called at every step, before the step is taken,
+    with the schedule index i (timestep `Schedule.timesteps[i]`), the current
+    latent, the guided epsilon at it and the code's noise map for the step;
+    it may return a replacement z (a new tensor: z may be the code's own
+    storage) or None to keep it. Manipulations that depend on the sampler's
+    state (noise-space color strokes) hook in here.
+
+    eta defaults to the one the code was inverted with."""
+    if eta is None:
+        eta = float(code.params.get("eta", 1.0))
     schedule = Schedule.from_scheduler(scheduler, code.num_steps)
     code.check_schedule(schedule)
     model = as_eps_model(unet, schedule, max_batch)
@@ -139,7 +154,11 @@ def edit(
         ab, ab_prev = float(schedule.ab[i]), float(schedule.ab_prev[i])
         sigma = schedule.sigma(i, eta)
         eps = guided_eps(model, x, ts[i], cond, uncond, cfg_scale)
-        x = ddim_mean(x, eps, ab, ab_prev, sigma) + sigma * code.zs[j].to(x.device, torch.float32)
+        z = code.zs[j].to(x.device, torch.float32)
+        if on_step is not None:
+            hooked = on_step(i, x, eps, z)
+            z = z if hooked is None else hooked
+        x = ddim_mean(x, eps, ab, ab_prev, sigma) + sigma * z
     return x
 
 
