@@ -86,10 +86,9 @@ def read_raw_samples(url: str) -> Iterator[dict]:
     """Yield raw WebDataset samples (dicts of extension -> bytes, plus
     __key__) from one shard. A tar truncated mid-way yields what came before
     and then one sample dict with `__error__` describing the damage."""
-    from webdataset import gopen
     from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-    stream = gopen(url if not url.startswith("file://") else local_path(url), "rb")
+    stream = open_shard(url)
     n = 0
     try:
         files = ({**f, "__url__": url} for f in tar_file_iterator(stream, handler=_reraise))
@@ -103,6 +102,20 @@ def read_raw_samples(url: str) -> Iterator[dict]:
         yield {"__key__": f"__damaged_after_{n}_samples__", "__error__": f"unreadable tar data: {type(exc).__name__}: {exc}"}
     finally:
         stream.close()
+
+
+def open_shard(url: str):
+    """A binary stream for a shard: object stores through pyarrow's
+    filesystems (s3://, gs://, hdfs://), local files, http(s) and (when the
+    job allows them) pipe: commands through webdataset's gopen."""
+    if url.split("://", 1)[0] in ("s3", "gs", "gcs", "hdfs"):
+        import pyarrow.fs as pafs
+
+        fs, path = pafs.FileSystem.from_uri(url)
+        return fs.open_input_stream(path)
+    from webdataset import gopen
+
+    return gopen(local_path(url) if url.startswith("file://") else url, "rb")
 
 
 def _reraise(exc: Exception) -> bool:
