@@ -110,6 +110,11 @@ def schemas(
             typer.echo(text)
 
 
+from .report import report as report_command  # noqa: E402
+
+app.command("report")(report_command)
+
+
 def main() -> None:  # pragma: no cover
     app()
 
