@@ -76,3 +76,32 @@ def check_compatible(row: dict, models) -> None:
     diff = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
     if diff:
         raise ValueError(f"code of {row['key']!r} was made with another scheduler configuration (differs in {', '.join(diff)})")
+
+
+def code_shards(path: str) -> list[str]:
+    """The noise/ files of a job output (or of a noise/ folder itself), sorted."""
+    from .store import OutputStore
+
+    store = OutputStore.open(path)
+    files = store.table_files("noise")
+    if not files:  # maybe the noise/ folder itself was given
+        parent, _, name = store.root.rpartition("/")
+        if name == "noise":
+            files = OutputStore(store.fs, parent).table_files("noise")
+    if not files:
+        raise ValueError(f"input.codes: no noise/*.parquet files under {path!r} (was the job run with output.noise = true?)")
+    prefix = "" if "://" not in path else path.split("://", 1)[0] + "://"
+    return [prefix + f if prefix and not f.startswith(prefix) else f for f in files]
+
+
+def read_code_rows(url: str):
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+
+    if "://" in url:
+        fs, path = pafs.FileSystem.from_uri(url)
+    else:
+        fs, path = pafs.LocalFileSystem(), url
+    table = pq.read_table(path, filesystem=fs)
+    for batch in table.to_batches(max_chunksize=16):
+        yield from batch.to_pylist()

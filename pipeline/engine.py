@@ -1,10 +1,12 @@
-"""The engine: one batch of decoded samples in, edits and codes out.
+"""The engine: one batch of decoded samples (or of stored codes) in, edits
+and codes out.
 
-Per group of same-sized images: VAE-encode together, invert all images x N
-seeds in one batched call chain, then run every (image, target prompt, seed)
-edit, plus one reconstruction row per image, in one batched edit chain
-(chunked by the max UNet batch), decode, and hand back tensors. Scoring and
-writing happen downstream in the worker. Nothing here touches files.
+Per group of same-sized images: VAE-encode together, then for each method
+variant of the job invert all images x N seeds in one batched call chain,
+apply the job's noise-space manipulations, and run every (image, target
+prompt, seed) edit plus one reconstruction row per image in one batched edit
+chain (chunked by the max UNet batch), then decode. Scoring and writing
+happen downstream in the worker. Nothing here touches files.
 """
 
 from __future__ import annotations
@@ -16,11 +18,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .data import Sample
+from .data import Sample, load_image, to_model_tensor
 from .inversion import get_method
 from .inversion.common import NoiseCode
 from .models import Models
-from .spec import JobSpec
+from .spec import JobSpec, Variant
+
+STROKE_KEYS = ("mask", "stroke")
 
 
 def derive_seed(job_seed: int, key: str, seed_index: int) -> int:
@@ -47,6 +51,7 @@ class CallCounter:
 
 @dataclass
 class EditOut:
+    variant: int
     target_index: int
     target_prompt: str
     seed_index: int
@@ -58,44 +63,55 @@ class EditOut:
 class SampleOut:
     sample: Sample
     edits: list[EditOut] = field(default_factory=list)
-    code: NoiseCode | None = None  # the sample's N codes (when noise output is on)
+    codes: dict[int, NoiseCode] = field(default_factory=dict)  # variant -> the sample's N codes (noise output)
     seeds: list[int] = field(default_factory=list)
-    recon_error_max: float | None = None
-    recon_error_mean: float | None = None
-    recon_image: torch.Tensor | None = None  # decoded reconstruction (only when asked)
+    recon_errors: dict[int, tuple[float, float]] = field(default_factory=dict)  # variant -> (max, mean)
+    recon_image: torch.Tensor | None = None  # decoded reconstruction of the first variant (when asked)
     recon_psnr: float | None = None
+    variant_params: dict | None = None  # stored codes: the parameters read from the code
+
+    @property
+    def recon_error_max(self) -> float | None:
+        return next(iter(self.recon_errors.values()), (None, None))[0]
+
+    @property
+    def recon_error_mean(self) -> float | None:
+        return next(iter(self.recon_errors.values()), (None, None))[1]
+
+
+@dataclass
+class CodeItem:
+    """A stored code to edit again: the sample it came from (no image) and
+    its N codes, all of one method and schedule."""
+
+    sample: Sample
+    code: NoiseCode
+    seeds: list[int]
+    latent_hw: tuple[int, int]
 
 
 class Engine:
     def __init__(self, models: Models, spec: JobSpec):
         self.models = models
         self.spec = spec
-        self.method = get_method(spec.inversion.method)
+        self.variants: list[Variant] = spec.variants()
         self.unet = CallCounter(models.unet)
         self.timings: dict[str, float] = defaultdict(float)
+        self._job_strokes = None
 
     @property
     def unet_calls(self) -> int:
         return self.unet.calls
+
+    def params(self, variant: int = 0) -> dict:
+        return self.variants[variant].row_params(self.spec.edit.params)
 
     def _timed(self, stage: str, t0: float) -> float:
         now = time.perf_counter()
         self.timings[stage] += now - t0
         return now
 
-    def params(self) -> dict:
-        """Every parameter that defines an edit, for the output rows."""
-        inv, ed = self.spec.inversion, self.spec.edit
-        defaults = dict(getattr(self.method, "DEFAULTS", {}))
-        return {
-            "method": inv.method,
-            "num_steps": inv.steps,
-            "skip": inv.skip,
-            "cfg_source": inv.cfg_source,
-            "cfg_target": ed.cfg_target,
-            **{**defaults, **inv.params},
-            **({"edit": ed.params} if ed.params else {}),
-        }
+    # -- from images ---------------------------------------------------------
 
     @torch.inference_mode()
     def run(self, samples: list[Sample], *, decode_recon: bool = False) -> list[SampleOut]:
@@ -112,67 +128,182 @@ class Engine:
         spec, m = self.spec, self.models
         n_seeds, mb = spec.edit.seeds, spec.batch.max_unet_batch
         t0 = time.perf_counter()
-
         images = torch.stack([s.image for s in group])
         x0 = torch.cat([m.encode_images(images[i : i + mb]) for i in range(0, len(group), mb)])
+        strokes = self._strokes(group, x0.shape[-2:]) if spec.manipulate.strokes else None
         t0 = self._timed("vae_encode", t0)
 
-        prompts = list(dict.fromkeys([""] + [s.source_prompt for s in group] + [p for s in group for p in s.target_prompts]))
-        emb_all = m.encode_text(prompts)
-        row = {p: i for i, p in enumerate(prompts)}
-        uncond = emb_all[0:1]
-
+        texts = self._texts(group)
         seeds = [[derive_seed(spec.run.seed, s.key, n) for n in range(n_seeds)] for s in group]
-        gens = [torch.Generator("cpu").manual_seed(sd) for per in seeds for sd in per]
+        outs = [SampleOut(sample=s, seeds=seeds[g]) for g, s in enumerate(group)]
         x0_rep = x0.repeat_interleave(n_seeds, dim=0)
-        src_rows = torch.tensor([row[s.source_prompt] for s in group]).repeat_interleave(n_seeds)
-        code = self.method.invert(
-            self.unet, m.scheduler, x0_rep, emb_all[src_rows], uncond,
-            num_steps=spec.inversion.steps, skip=spec.inversion.skip, cfg_scale=spec.inversion.cfg_source,
-            generator=gens, max_batch=mb, **spec.inversion.params,
-        )
-        t0 = self._timed("invert", t0)
+        src_rows = [texts.row[s.source_prompt] for s in group for _ in range(n_seeds)]
+        for vi, v in enumerate(self.variants):
+            t0 = time.perf_counter()
+            gens = [torch.Generator("cpu").manual_seed(sd) for per in seeds for sd in per]
+            code = get_method(v.method).invert(
+                self.unet, m.scheduler, x0_rep, texts.emb[src_rows], texts.uncond,
+                num_steps=v.steps, skip=v.skip, cfg_scale=v.cfg_source,
+                generator=gens, max_batch=mb, **v.params,
+            )
+            code = self._manipulate(code)
+            self._timed("invert", t0)
+            self._edit_and_decode(outs, code, vi, v, texts, x0, strokes, decode_recon and vi == 0)
+        return outs
 
-        # One edit chain for all (image, target, seed) rows plus, per image,
-        # one reconstruction row (code 0, source prompt, cfg_source).
+    # -- from stored codes ---------------------------------------------------
+
+    @torch.inference_mode()
+    def run_codes(self, items: list[CodeItem]) -> list[SampleOut]:
+        """Edit stored codes with the job's target prompts, without inverting.
+        The reconstruction row is always run and decoded: it stands in for
+        the source image in the scores (the code reproduces the VAE's view
+        of the source exactly)."""
+        by_kind: dict[tuple, list[CodeItem]] = defaultdict(list)
+        for it in items:
+            c = it.code
+            by_kind[(it.latent_hw, c.method, c.num_steps, c.skip, tuple(c.timesteps.tolist()), repr(sorted(c.params.items())))].append(it)
+        out: dict[int, SampleOut] = {}
+        for group in by_kind.values():
+            first = group[0].code
+            params = {k: v for k, v in first.params.items() if k not in ("cfg_source", "manipulations")}
+            over = self.spec.inversion.per_method.get(first.method, {})
+            variant = Variant(first.method, first.num_steps, first.skip, float(first.params.get("cfg_source", 1.0)),
+                              float(over.get("cfg_target", self.spec.edit.cfg_target)), params)
+            outs = [SampleOut(sample=it.sample, seeds=it.seeds) for it in group]
+            code = self._manipulate(NoiseCode.cat([it.code for it in group]))
+            texts = self._texts([it.sample for it in group])
+            self._edit_and_decode(outs, code, 0, variant, texts, None, None, True, n_per=[len(it.code) for it in group])
+            for o in outs:
+                o.sample.image = o.recon_image
+                o.variant_params = {**variant.row_params(self.spec.edit.params), "from_codes": True}
+            for it, o in zip(group, outs):
+                out[id(it)] = o
+        return [out[id(it)] for it in items]
+
+    # -- shared ---------------------------------------------------------------
+
+    def _texts(self, samples: list[Sample]) -> "_Texts":
+        prompts = list(dict.fromkeys([""] + [s.source_prompt for s in samples] + [p for s in samples for p in s.target_prompts]))
+        emb = self.models.encode_text(prompts)
+        return _Texts(emb, {p: i for i, p in enumerate(prompts)})
+
+    def _manipulate(self, code: NoiseCode) -> NoiseCode:
+        from . import noise_space
+
+        mp = self.spec.manipulate
+        if mp.shift_x or mp.shift_y:
+            code = noise_space.shift(code, dx=mp.shift_x, dy=mp.shift_y)
+        if mp.flip:
+            code = noise_space.flip(code, horizontal=mp.flip == "horizontal")
+        return code
+
+    def _edit_and_decode(self, outs, code, vi, v: Variant, texts, x0, strokes, decode_recon, n_per=None) -> None:
+        """One edit chain for all (image, target, seed) rows plus, per image,
+        one reconstruction row (its first code, source prompt, cfg_source);
+        then decode the edits (and the reconstructions when asked)."""
+        spec, m, mb = self.spec, self.models, self.spec.batch.max_unet_batch
+        n_per = n_per or [spec.edit.seeds] * len(outs)
+        starts = [sum(n_per[:g]) for g in range(len(outs))]
+        t0 = time.perf_counter()
         code_idx, cond_idx, cfgs, plan = [], [], [], []
-        for g, s in enumerate(group):
-            for k, tp in enumerate(s.target_prompts):
-                for n in range(n_seeds):
-                    code_idx.append(g * n_seeds + n)
-                    cond_idx.append(row[tp])
-                    cfgs.append(spec.edit.cfg_target)
+        for g, o in enumerate(outs):
+            for k, tp in enumerate(o.sample.target_prompts):
+                for n in range(n_per[g]):
+                    code_idx.append(starts[g] + n)
+                    cond_idx.append(texts.row[tp])
+                    cfgs.append(v.cfg_target)
                     plan.append(("edit", g, k, n))
-            if spec.output.reconstruction_check:
-                code_idx.append(g * n_seeds)
-                cond_idx.append(row[s.source_prompt])
-                cfgs.append(spec.inversion.cfg_source)
+            if spec.output.reconstruction_check or decode_recon:
+                code_idx.append(starts[g])
+                cond_idx.append(texts.row[o.sample.source_prompt])
+                cfgs.append(v.cfg_source)
                 plan.append(("recon", g, 0, 0))
-        scale = spec.edit.cfg_target if len(set(cfgs)) == 1 else torch.tensor(cfgs)
-        latents = self.method.edit(
-            self.unet, m.scheduler, code[code_idx], emb_all[torch.tensor(cond_idx)], uncond,
-            cfg_scale=scale, max_batch=mb, **spec.edit.params,
-        )
+        scale = cfgs[0] if len(set(cfgs)) == 1 else torch.tensor(cfgs)
+        rows = code[code_idx]
+        cond = texts.emb[torch.tensor(cond_idx)]
+        if strokes is not None:
+            from .noise_space import edit_with_strokes
+
+            mask, stroke = strokes
+            rmask = torch.stack([mask[g] if kind == "edit" else torch.zeros_like(mask[g]) for kind, g, _, _ in plan])
+            rstroke = torch.stack([stroke[g] for _, g, _, _ in plan])
+            mp = spec.manipulate
+            latents = edit_with_strokes(self.unet, m.scheduler, rows, cond, texts.uncond, mask=rmask, stroke_latent=rstroke,
+                                        strength=mp.strokes_strength, t_range=(mp.strokes_t1, mp.strokes_t2),
+                                        cfg_scale=scale, max_batch=mb)
+        else:
+            latents = get_method(v.method).edit(self.unet, m.scheduler, rows, cond, texts.uncond,
+                                                cfg_scale=scale, max_batch=mb, **spec.edit.params)
         t0 = self._timed("edit", t0)
 
-        outs = [SampleOut(sample=s, seeds=seeds[g]) for g, s in enumerate(group)]
-        decode_rows = [i for i, p in enumerate(plan) if p[0] == "edit" or decode_recon]
+        # Edits and reconstructions are decoded in separate calls so an edit's
+        # decode batch (and so its bytes) does not depend on whether
+        # reconstructions are decoded too.
         decoded = {}
-        for c in range(0, len(decode_rows), mb):
-            idx = decode_rows[c : c + mb]
-            imgs = m.decode_latents(latents[idx]).cpu()
-            decoded.update(zip(idx, imgs))
-        t0 = self._timed("vae_decode", t0)
+        for kind in ("edit", "recon"):
+            rows_k = [i for i, p in enumerate(plan) if p[0] == kind and (kind == "edit" or decode_recon)]
+            for c in range(0, len(rows_k), mb):
+                idx = rows_k[c : c + mb]
+                decoded.update(zip(idx, m.decode_latents(latents[idx].float()).cpu()))
+        self._timed("vae_decode", t0)
 
         for i, (kind, g, k, n) in enumerate(plan):
             o = outs[g]
             if kind == "edit":
-                o.edits.append(EditOut(k, group[g].target_prompts[k], n, seeds[g][n], decoded[i]))
-            else:
-                err = (latents[i] - x0[g]).abs()
-                o.recon_error_max, o.recon_error_mean = float(err.max()), float(err.mean())
-                o.recon_image = decoded.get(i)
+                o.edits.append(EditOut(vi, k, o.sample.target_prompts[k], n, o.seeds[n], decoded[i]))
+                continue
+            if x0 is not None:
+                err = (latents[i].float() - x0[g]).abs()
+                o.recon_errors[vi] = (float(err.max()), float(err.mean()))
+            if decode_recon:
+                o.recon_image = decoded[i]
         if spec.output.noise:
             for g, o in enumerate(outs):
-                o.code = code[list(range(g * n_seeds, (g + 1) * n_seeds))].to("cpu")
-        return outs
+                o.codes[vi] = code[list(range(starts[g], starts[g] + n_per[g]))].to("cpu")
+
+    def _strokes(self, group: list[Sample], latent_hw) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample (mask [1, h, w] on the latent grid, stroke latent [C, h, w])
+        from the sample's mask/stroke entries or the job's files, put through
+        the same geometry rule as the image."""
+        from .noise_space import mask_to_latent
+
+        spec, m = self.spec, self.models
+        res = spec.image.resolution or m.resolution
+        masks, strokes = [], []
+        for s in group:
+            raw = stroke_inputs(s, spec)
+            h, w = s.image.shape[1:]
+            imgs = []
+            for data in raw:
+                t = to_model_tensor(load_image(data, spec.image), spec.image, res)
+                if tuple(t.shape[1:]) != (h, w):
+                    raise ValueError(f"stroke mask/image of {s.key!r} must have the source image's size")
+                imgs.append(t)
+            mask_img, stroke_img = imgs
+            masks.append(mask_to_latent((mask_img.mean(0) > 0).float(), tuple(latent_hw))[0])
+            strokes.append(m.encode_images(stroke_img[None])[0])
+        return torch.stack(masks), torch.stack(strokes)
+
+
+def stroke_inputs(sample: Sample, spec: JobSpec) -> tuple[bytes, bytes]:
+    """(mask bytes, colored image bytes) for a sample: its own `mask.*` and
+    `stroke.*` entries, else the job's files. Raises ValueError when neither."""
+    mp = spec.manipulate
+    own = [next((v for k, v in sample.extras.items() if k.split(".")[0] == name), None) for name in STROKE_KEYS]
+    if all(own):
+        return own[0], own[1]
+    if mp.strokes_mask and mp.strokes_image:
+        with open(mp.strokes_mask, "rb") as a, open(mp.strokes_image, "rb") as b:
+            return a.read(), b.read()
+    raise ValueError("manipulate.strokes is on but the sample has no mask.png/stroke.png entries and the job names no files")
+
+
+@dataclass
+class _Texts:
+    emb: torch.Tensor
+    row: dict[str, int]
+
+    @property
+    def uncond(self) -> torch.Tensor:
+        return self.emb[0:1]

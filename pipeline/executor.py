@@ -80,7 +80,12 @@ def plan(spec: JobSpec, force: bool = False) -> tuple[OutputStore, list[str], li
     """Everything checked before any model is loaded: shards exist, output is
     writable and not another job's. Returns (store, all shards, pending)."""
     try:
-        shards = expand_shards(spec.input.shards, allow_pipe=spec.input.allow_pipe)
+        if spec.input.codes:
+            from .codes import code_shards
+
+            shards = code_shards(spec.input.codes)
+        else:
+            shards = expand_shards(spec.input.shards, allow_pipe=spec.input.allow_pipe)
     except ValueError as exc:
         raise JobError(str(exc)) from None
     if not shards:

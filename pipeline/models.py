@@ -238,6 +238,13 @@ def _finish(unet, vae, text_encoder, tokenizer, scheduler, device, dtype, model_
     return Models(unet, vae, text_encoder, tokenizer, scheduler, torch.device(device), dtype, model_id, random_weights, resolution)
 
 
+@lru_cache(maxsize=4)
+def _tiny_cached(device: str, dtype: torch.dtype) -> Models:
+    # Weights are read-only (eval, no grad) and nothing per-request is stored
+    # on them, so one build per process serves every worker and test.
+    return build_tiny(device, dtype)
+
+
 def load_models(
     model_id: str = TINY,
     *,
@@ -255,7 +262,7 @@ def load_models(
     dev = torch.device(device) if device is not None else default_device()
     dt = parse_dtype(dtype, dev)
     if model_id == TINY:
-        return build_tiny(dev, dt)
+        return _tiny_cached(str(dev), dt)
 
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer

@@ -183,3 +183,45 @@ def plot_statistics(stats: dict, native: dict, path: str | os.PathLike) -> str |
     ax_ang.legend()
     fig.savefig(os.fspath(path), format="png", dpi=100)
     return path
+
+
+def inspect_codes(path: str, out_dir, *, limit: int = 256, bins: int = 36) -> dict:
+    """Statistics of the stored codes under a job output (grouped by method
+    and map shape), next to native draws of the same shape; writes
+    noise_stats.png (first group) and noise_stats.json."""
+    import json
+    from pathlib import Path
+
+    from .codes import code_shards, read_code_rows, row_to_code
+    from .inversion.common import NoiseCode
+
+    groups: dict[tuple, list] = {}
+    seen = 0
+    for url in code_shards(path):
+        for row in read_code_rows(url):
+            if seen >= limit:
+                break
+            code = row_to_code(row)
+            groups.setdefault((code.method, tuple(code.zs.shape[2:]), code.num_steps, code.skip), []).append(code)
+            seen += 1
+    if not groups:
+        raise ValueError(f"no codes found under {path!r}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    summary, plotted = {}, False
+    for (method, shape, steps, skip), codes in groups.items():
+        if codes[0].zs.shape[0] < 2:  # deterministic methods store no noise maps
+            continue
+        code = NoiseCode.cat(codes)
+        stats = noise_statistics(code, bins=bins)
+        native = native_statistics(tuple(code.zs.shape), seed=0, bins=bins)
+        label = f"{method} {'x'.join(map(str, shape))}"
+        summary[label] = stats
+        summary[f"native {'x'.join(map(str, shape))}"] = native
+        if not plotted:
+            plot_statistics(stats, native, out / "noise_stats.png")
+            plotted = True
+    if not summary:
+        raise ValueError("the stored codes have no noise maps to analyse (deterministic method)")
+    (out / "noise_stats.json").write_text(json.dumps(summary, indent=1))
+    return summary

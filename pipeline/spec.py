@@ -27,6 +27,7 @@ class SpecError(ValueError):
 @dataclass
 class InputSpec:
     shards: list[str] = field(default_factory=list)  # paths/URLs, brace expansion allowed; "demo" = built-in sample
+    codes: str = ""  # edit from stored codes: a job output folder or its noise/ folder (instead of shards)
     allow_pipe: bool = False  # allow `pipe:` shell-command URLs
     templates: list[str] = field(default_factory=list)  # job-level targets, "{source}" is the source prompt
     max_prompt_tokens: int = 77  # CLIP's context incl. start/end markers; longer prompts are errors, not truncated
@@ -53,11 +54,17 @@ class ModelSpec:
 
 @dataclass
 class InversionSpec:
-    method: str = "edit-friendly"
+    method: str | list[str] = "edit-friendly"  # one method, or several to compare on the same inputs
     steps: int = 100
     skip: int = 36
     cfg_source: float = 3.5
     params: dict = field(default_factory=dict)  # method-specific (edit-friendly: eta)
+    # per-method overrides when several methods run: {name = {skip, cfg_source, cfg_target, params}}
+    per_method: dict = field(default_factory=dict)
+
+    @property
+    def methods(self) -> list[str]:
+        return [self.method] if isinstance(self.method, str) else list(self.method)
 
 
 @dataclass
@@ -65,6 +72,21 @@ class EditSpec:
     cfg_target: float = 15.0
     seeds: int = 1  # N diverse codes (and edits) per target prompt
     params: dict = field(default_factory=dict)  # method-specific edit parameters
+
+
+@dataclass
+class ManipulateSpec:
+    """Edits in the noise space, applied to every code before editing."""
+
+    shift_x: int = 0  # latent pixels, + = right
+    shift_y: int = 0  # latent pixels, + = down
+    flip: str = ""  # "" | "horizontal" | "vertical"
+    strokes: bool = False  # color strokes (Eq. 7): per sample from `mask.png` + `stroke.png`, or the job's files
+    strokes_mask: str = ""  # job-level binary mask image (white = stroke region)
+    strokes_image: str = ""  # job-level colored image
+    strokes_strength: float = 0.05
+    strokes_t1: int = 20  # of 100 steps (scaled to inversion.steps)
+    strokes_t2: int = 70
 
 
 @dataclass
@@ -123,6 +145,7 @@ class JobSpec:
     model: ModelSpec = field(default_factory=ModelSpec)
     inversion: InversionSpec = field(default_factory=InversionSpec)
     edit: EditSpec = field(default_factory=EditSpec)
+    manipulate: ManipulateSpec = field(default_factory=ManipulateSpec)
     batch: BatchSpec = field(default_factory=BatchSpec)
     output: OutputSpec = field(default_factory=OutputSpec)
     score: ScoreSpec = field(default_factory=ScoreSpec)
@@ -145,6 +168,40 @@ class JobSpec:
         blob = json.dumps(d, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
+    def variants(self) -> list["Variant"]:
+        """The (method, settings) combinations this job runs on every image."""
+        inv, out = self.inversion, []
+        for name in inv.methods:
+            over = inv.per_method.get(name, {})
+            out.append(Variant(
+                method=name, steps=inv.steps, skip=int(over.get("skip", inv.skip)),
+                cfg_source=float(over.get("cfg_source", inv.cfg_source)),
+                cfg_target=float(over.get("cfg_target", self.edit.cfg_target)),
+                params=dict(over.get("params", inv.params if len(inv.methods) == 1 else {})),
+            ))
+        return out
+
+
+@dataclass(frozen=True)
+class Variant:
+    method: str
+    steps: int
+    skip: int
+    cfg_source: float
+    cfg_target: float
+    params: dict
+
+    def row_params(self, edit_params: dict | None = None) -> dict:
+        """Every parameter that defines an edit, for the output rows."""
+        from .inversion import get_method
+
+        defaults = dict(getattr(get_method(self.method), "DEFAULTS", {}))
+        return {
+            "method": self.method, "num_steps": self.steps, "skip": self.skip,
+            "cfg_source": self.cfg_source, "cfg_target": self.cfg_target,
+            **{**defaults, **self.params}, **({"edit": edit_params} if edit_params else {}),
+        }
+
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(JobSpec) if f.name != "version"}
 
@@ -156,6 +213,10 @@ def _section_cls(name: str):
 def _coerce(path: str, value: Any, default: Any, annotation: str) -> Any:
     """Check a value against its field's type; ints are accepted for floats."""
     ann = str(annotation)
+    if ann == "str | list[str]":
+        if isinstance(value, str) or (isinstance(value, list) and value and all(isinstance(v, str) for v in value)):
+            return value
+        raise SpecError(f"{path}: expected a string or a non-empty list of strings, got {value!r}")
     if "dict" in ann:
         if not isinstance(value, dict):
             raise SpecError(f"{path}: expected a table, got {value!r}")
@@ -244,7 +305,8 @@ def validate(spec: JobSpec) -> JobSpec:
         if not cond:
             raise SpecError(f"{path}: {msg}")
 
-    need(len(spec.input.shards) > 0, "input.shards", "at least one shard path or URL is required")
+    need(len(spec.input.shards) > 0 or bool(spec.input.codes), "input.shards", "at least one shard path or URL is required (or input.codes)")
+    need(not (spec.input.shards and spec.input.codes), "input.codes", "give input.shards or input.codes, not both")
     for s in spec.input.shards:
         need(bool(s.strip()), "input.shards", "empty shard name")
         need(not s.startswith("pipe:") or spec.input.allow_pipe, "input.shards",
@@ -268,11 +330,40 @@ def validate(spec: JobSpec) -> JobSpec:
     need(spec.model.dtype in ("auto", "float32", "fp32", "float16", "fp16", "bfloat16", "bf16"), "model.dtype",
          "must be auto, float32, float16 or bfloat16")
     inv = spec.inversion
-    need(inv.method in method_names(), "inversion.method", f"unknown method {inv.method!r}; expected one of {', '.join(method_names())}")
+    for name in inv.methods:
+        need(name in method_names(), "inversion.method", f"unknown method {name!r}; expected one of {', '.join(method_names())}")
+    need(len(set(inv.methods)) == len(inv.methods), "inversion.method", "a method is listed twice")
     need(inv.steps >= 1, "inversion.steps", "must be >= 1")
     need(0 <= inv.skip < inv.steps, "inversion.skip", f"must be in [0, inversion.steps) = [0, {inv.steps})")
     need(inv.cfg_source >= 0, "inversion.cfg_source", "must be >= 0")
-    _check_method_params(inv.method, inv.params, "inversion.params")
+    need(not inv.params or len(inv.methods) == 1, "inversion.params",
+         "with several methods, give parameters per method in [inversion.per_method.<name>] params")
+    for name, over in inv.per_method.items():
+        path = f"inversion.per_method.{name}"
+        need(name in inv.methods, path, f"{name!r} is not one of the job's methods ({', '.join(inv.methods)})")
+        need(isinstance(over, dict), path, "expected a table")
+        for k in over:
+            need(k in ("skip", "cfg_source", "cfg_target", "params"), f"{path}.{k}", "unknown field (expected skip, cfg_source, cfg_target, params)")
+    for v in spec.variants():
+        path = f"inversion.per_method.{v.method}" if v.method in inv.per_method else "inversion"
+        need(isinstance(v.skip, int) and 0 <= v.skip < v.steps, f"{path}.skip" if path != "inversion" else "inversion.skip",
+             f"must be in [0, inversion.steps) = [0, {v.steps})")
+        need(v.cfg_source >= 0, f"{path}.cfg_source", "must be >= 0")
+        need(v.cfg_target >= 0, f"{path}.cfg_target" if path != "inversion" else "edit.cfg_target", "must be >= 0")
+        _check_method_params(v.method, v.params, f"{path}.params")
+    mp = spec.manipulate
+    need(mp.flip in ("", "horizontal", "vertical"), "manipulate.flip", "must be \"\", \"horizontal\" or \"vertical\"")
+    need(0 <= mp.strokes_t1 <= mp.strokes_t2 <= 100, "manipulate.strokes_t1", "need 0 <= strokes_t1 <= strokes_t2 <= 100")
+    need(mp.strokes_strength >= 0, "manipulate.strokes_strength", "must be >= 0")
+    need(bool(mp.strokes_mask) == bool(mp.strokes_image), "manipulate.strokes_mask",
+         "strokes_mask and strokes_image are given together (or neither, for per-sample mask.png/stroke.png)")
+    if mp.strokes:
+        for name in inv.methods:
+            need(name in ("edit-friendly", "cycle"), "manipulate.strokes",
+                 f"color strokes act on DDPM noise maps; method {name!r} has none (use edit-friendly or cycle)")
+        for f in (mp.strokes_mask, mp.strokes_image):
+            need(not f or Path(f).is_file(), "manipulate.strokes_mask" if f == mp.strokes_mask else "manipulate.strokes_image",
+                 f"file not found: {f}")
     need(spec.edit.cfg_target >= 0, "edit.cfg_target", "must be >= 0")
     need(1 <= spec.edit.seeds <= 1024, "edit.seeds", "must be in [1, 1024]")
     need(spec.batch.images >= 1, "batch.images", "must be >= 1")
@@ -300,7 +391,7 @@ def _check_method_params(method: str, params: dict, path: str) -> None:
         if k not in defaults:
             allowed = ", ".join(defaults) or "none"
             raise SpecError(f"{path}.{k}: not a parameter of method {method!r} (its parameters: {allowed})")
-        if isinstance(defaults[k], (int, float)) and not isinstance(defaults[k], bool):
+        if defaults[k] is None or (isinstance(defaults[k], (int, float)) and not isinstance(defaults[k], bool)):
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise SpecError(f"{path}.{k}: expected a number, got {v!r}")
         elif isinstance(defaults[k], bool) and not isinstance(v, bool):

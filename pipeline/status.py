@@ -17,7 +17,12 @@ def job_status(out: str) -> dict:
     try:
         with store.fs.open_input_stream(store._p(SPEC_FILE)) as fh:
             spec = tomllib.loads(fh.read().decode())
-        shards = expand_shards(spec["input"]["shards"], allow_pipe=spec["input"].get("allow_pipe", False))
+        if spec["input"].get("codes"):
+            from .codes import code_shards
+
+            shards = code_shards(spec["input"]["codes"])
+        else:
+            shards = expand_shards(spec["input"]["shards"], allow_pipe=spec["input"].get("allow_pipe", False))
     except (OSError, KeyError, ValueError):
         shards = []
     done = {k: v for k, v in store.markers(DONE).items() if v.get("spec_hash") == spec_hash}

@@ -54,6 +54,7 @@ SOURCES = pa.schema(
         pa.field("num_kept", pa.int32()),
         pa.field("recon_error_max", pa.float32()),  # latent max |edit(code, source) - x0|
         pa.field("recon_error_mean", pa.float32()),
+        pa.field("recon_errors", pa.string()),  # JSON {method: max error} when several methods ran
         pa.field("recon_psnr", pa.float32()),  # decoded reconstruction vs input (optional)
         pa.field("status", pa.string()),  # ok | error
         pa.field("error", pa.string()),

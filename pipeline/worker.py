@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .data import Sample, decode_sample, encode_image, read_raw_samples, shard_name
-from .engine import Engine, SampleOut
+from .engine import CodeItem, Engine, SampleOut, stroke_inputs
+from .inversion.common import NoiseCode
 from .models import load_models
 from .spec import JobSpec, filter_config, score_config
 from .store import OutputStore
@@ -67,8 +68,8 @@ class ShardWorker:
             "model_random_weights": str(self.models.random_weights).lower(),
             "scores_random_weights": str(bool(scorers and scorers.random_weights)).lower(),
             "scorers": json.dumps(getattr(scorers, "description", {}) if scorers else {}),
-            "method": self.spec.inversion.method,
-            "params": json.dumps(self.engine.params(), sort_keys=True),
+            "method": ",".join(v.method for v in self.engine.variants),
+            "params": json.dumps([self.engine.params(i) for i in range(len(self.engine.variants))], sort_keys=True),
             "note": ("made with randomly initialised weights: images and scores are not meaningful"
                      if self.models.random_weights or (scorers and scorers.random_weights) else ""),
         }
@@ -78,15 +79,52 @@ class ShardWorker:
     def _reader(self, url: str, q: queue.Queue, stop: threading.Event) -> None:
         """Read and decode in a thread so decoding overlaps model work."""
         try:
-            for raw in read_raw_samples(url):
+            items = self._code_items(url) if self.spec.input.codes else self._samples(url)
+            for item in items:
                 if stop.is_set():
                     return
-                t0 = time.perf_counter()
-                s = decode_sample(raw, url, self.spec.input, self.spec.image, self.resolution, self.models.count_tokens)
-                q.put((s, time.perf_counter() - t0))
+                q.put(item)
             q.put(_END)
         except BaseException as exc:  # the shard itself could not be opened
             q.put(exc)
+
+    def _samples(self, url: str):
+        for raw in read_raw_samples(url):
+            t0 = time.perf_counter()
+            s = decode_sample(raw, url, self.spec.input, self.spec.image, self.resolution, self.models.count_tokens)
+            if not s.error and self.spec.manipulate.strokes:
+                try:
+                    stroke_inputs(s, self.spec)
+                except ValueError as exc:
+                    s.error = str(exc)
+            yield s, time.perf_counter() - t0
+
+    def _code_items(self, url: str):
+        """Stored codes of one noise/ file, one item per sample (its N seeds)."""
+        from .codes import check_compatible, read_code_rows, row_to_code
+
+        by_key: dict[str, list[dict]] = {}
+        for row in read_code_rows(url):
+            by_key.setdefault(row["key"], []).append(row)
+        for key, rows in by_key.items():
+            t0 = time.perf_counter()
+            rows.sort(key=lambda r: r["seed_index"])
+            first = rows[0]
+            sample = Sample(key=key, shard=first["shard"], source_prompt=first["source_prompt"],
+                            orig_size=(first["width"], first["height"]))
+            try:
+                check_compatible(first, self.models)
+                sample.target_prompts = list(dict.fromkeys(t.format(source=sample.source_prompt) for t in self.spec.input.templates))
+                if not sample.target_prompts:
+                    raise ValueError("editing stored codes needs target prompts: set input.templates")
+                code = NoiseCode.cat([row_to_code(r) for r in rows])
+            except (ValueError, KeyError) as exc:
+                sample.error = str(exc)
+                yield sample, time.perf_counter() - t0
+                continue
+            f = self.models.vae_scale_factor
+            item = CodeItem(sample, code, [int(r["seed"]) for r in rows], (first["height"] // f, first["width"] // f))
+            yield item, time.perf_counter() - t0
 
     # -- the shard -----------------------------------------------------------
 
@@ -102,7 +140,7 @@ class ShardWorker:
         reader = threading.Thread(target=self._reader, args=(url, q, stop), daemon=True)
         reader.start()
         results, sources, noise = [], [], []
-        batch: list[tuple[Sample, float]] = []
+        batch: list[tuple[Sample | CodeItem, float]] = []
         seen_keys: set[str] = set()
         try:
             while True:
@@ -110,7 +148,8 @@ class ShardWorker:
                 if isinstance(item, BaseException):
                     raise item
                 if item is not _END:
-                    sample, t_read = item
+                    unit, t_read = item
+                    sample = unit.sample if isinstance(unit, CodeItem) else unit
                     self._fault_point()
                     if sample.key in seen_keys and not sample.error:
                         sample.error = f"duplicate key {sample.key!r} in shard"
@@ -119,7 +158,7 @@ class ShardWorker:
                         sources.append(self._error_row(sample, t_read))
                         summary.errors += 1
                     else:
-                        batch.append((sample, t_read))
+                        batch.append((unit, t_read))
                 if batch and (len(batch) >= spec.batch.images or item is _END):
                     self._run_batch(batch, results, sources, noise, summary)
                     batch = []
@@ -142,17 +181,19 @@ class ShardWorker:
 
     def _run_batch(self, batch, results, sources, noise, summary) -> None:
         spec = self.spec
-        samples = [s for s, _ in batch]
-        read_time = {id(s): t for s, t in batch}
+        units = [u for u, _ in batch]
         before = dict(self.engine.timings)
-        outs = self.engine.run(samples, decode_recon=bool(spec.score.recon_psnr and self.scorers))
+        if spec.input.codes:
+            outs = self.engine.run_codes(units)
+            units = [u.sample for u in units]
+        else:
+            outs = self.engine.run(units, decode_recon=bool(spec.score.recon_psnr and self.scorers))
+        read_time = {id(s): t for s, (_, t) in zip(units, batch)}
         scores, keep, t_score = self._score(outs)
         stage = {k: self.engine.timings[k] - before.get(k, 0.0) for k in self.engine.timings}
         stage["score"] = t_score
         n_rows = max(1, sum(len(o.edits) for o in outs))
         t0 = time.perf_counter()
-        params = self.engine.params()
-        params_json = json.dumps(params, sort_keys=True)
         row_i = 0
         for o in outs:
             s = o.sample
@@ -163,6 +204,8 @@ class ShardWorker:
                 row_i += 1
                 write_image = kept or spec.filter.write_rejected
                 kept_here += kept
+                params = o.variant_params or self.engine.params(e.variant)
+                params_json = json.dumps(params, sort_keys=True)
                 results.append({
                     "key": s.key, "shard": s.shard, "source_prompt": s.source_prompt,
                     "target_prompt": e.target_prompt, "target_index": e.target_index,
@@ -181,8 +224,8 @@ class ShardWorker:
             summary.edits += len(o.edits)
             summary.kept += kept_here
             sources.append(self._source_row(o, kept_here, read_time[id(s)], stage, n_rows))
-            if o.code is not None:
-                noise.extend(self._noise_rows(o))
+            for code in o.codes.values():
+                noise.extend(self._noise_rows(o, code))
         t_enc = time.perf_counter() - t0
         for r in results[-row_i:] if row_i else []:
             r["time_encode_s"] = t_enc / n_rows
@@ -194,13 +237,30 @@ class ShardWorker:
         from .scoring import select
 
         t0 = time.perf_counter()
-        sources = torch.stack([o.sample.image for o in outs])
-        edits = torch.stack([e.image for o in outs for e in o.edits])
-        edit_source = [g for g, o in enumerate(outs) for _ in o.edits]
-        targets = [e.target_prompt for o in outs for e in o.edits]
-        groups = [g * 10_000 + e.target_index for g, o in enumerate(outs) for e in o.edits]
-        scores = self.scorers.score(sources.to(self.models.device), [o.sample.source_prompt for o in outs],
-                                    edits.to(self.models.device), edit_source, targets, groups)
+        dev = self.models.device
+        group_ids: dict[tuple, int] = {}
+        groups = [group_ids.setdefault((g, e.variant, e.target_index), len(group_ids)) for g, o in enumerate(outs) for e in o.edits]
+        scores: dict[str, list[float]] = {}
+        order = []
+        # one scoring call per image size (LPIPS compares an edit with its own source only)
+        by_size: dict[tuple, list[int]] = {}
+        for g, o in enumerate(outs):
+            by_size.setdefault(tuple(o.sample.image.shape), []).append(g)
+        for members in by_size.values():
+            sub = [outs[g] for g in members]
+            sources = torch.stack([o.sample.image for o in sub]).to(dev)
+            edits = torch.stack([e.image for o in sub for e in o.edits]).to(dev)
+            edit_source = [j for j, o in enumerate(sub) for _ in o.edits]
+            targets = [e.target_prompt for o in sub for e in o.edits]
+            sub_groups = [group_ids[(g, e.variant, e.target_index)] for g in members for e in outs[g].edits]
+            part = self.scorers.score(sources, [o.sample.source_prompt for o in sub], edits, edit_source, targets, sub_groups)
+            for k, v in part.items():
+                scores.setdefault(k, []).extend(v)
+            order += [(g, i) for g in members for i in range(len(outs[g].edits))]
+        # back to the row order of `outs`
+        pos = {gi: n for n, gi in enumerate(order)}
+        flat = [(g, i) for g, o in enumerate(outs) for i in range(len(o.edits))]
+        scores = {k: [v[pos[gi]] for gi in flat] for k, v in scores.items()}
         keep = select(scores, groups, filter_config(self.spec))
         if self.spec.score.recon_psnr:
             from .scoring import psnr
@@ -219,6 +279,8 @@ class ShardWorker:
             "width": int(s.image.shape[2]), "height": int(s.image.shape[1]),
             "num_edits": len(o.edits), "num_kept": kept,
             "recon_error_max": o.recon_error_max, "recon_error_mean": o.recon_error_mean,
+            "recon_errors": json.dumps({self.engine.variants[v].method: e[0] for v, e in o.recon_errors.items()})
+            if len(self.engine.variants) > 1 else None,
             "recon_psnr": o.recon_psnr,
             "status": "ok", "error": None,
             "time_read_s": t_read,
@@ -233,10 +295,10 @@ class ShardWorker:
             "num_edits": 0, "num_kept": 0, "status": "error", "error": s.error, "time_read_s": t_read,
         }
 
-    def _noise_rows(self, o: SampleOut) -> list[dict]:
+    def _noise_rows(self, o: SampleOut, code: NoiseCode) -> list[dict]:
         from .codes import code_to_rows
 
-        return code_to_rows(o.code, o.sample, o.seeds, self.models, self.spec.output.noise_dtype)
+        return code_to_rows(code, o.sample, o.seeds, self.models, self.spec.output.noise_dtype)
 
     # -- test hook -------------------------------------------------------------
 
