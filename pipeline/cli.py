@@ -53,6 +53,52 @@ def run(
         raise typer.Exit(1)
 
 
+@app.command("edit-codes")
+def edit_codes(
+    codes: str = typer.Argument(..., help="A job's output folder or its noise/ folder."),
+    job: Path = typer.Argument(..., help="Job spec with the new target prompts (input.templates) and output path."),
+    set_: list[str] = typer.Option([], "--set", help="Override a field (repeatable)."),
+    executor: Optional[str] = typer.Option(None, help="ray | inline."),
+    progress: bool = typer.Option(True, help="Show the live progress line."),
+) -> None:
+    """Edit stored noise codes with new target prompts, without inverting again."""
+    from .executor import JobError, run_job
+    from .spec import SpecError, load_raw, load_spec
+
+    try:
+        raw = load_raw(job)
+        raw.setdefault("input", {}).pop("shards", None)
+        raw["input"]["codes"] = codes
+        spec = load_spec(raw=raw, overrides=list(set_) + ([f"run.executor={executor}"] if executor else []))
+        report = run_job(spec, progress=progress)
+    except (SpecError, JobError) as exc:
+        _die(str(exc))
+    typer.echo(f"imprint: {report.images} codes re-edited into {report.edits} edits "
+               f"({report.errors} unusable, {len(report.failed)} files failed); results in {spec.output.path}/results")
+    if report.failed:
+        raise typer.Exit(1)
+
+
+@app.command("inspect-noise")
+def inspect_noise(
+    codes: str = typer.Argument(..., help="A job's output folder or its noise/ folder."),
+    out: Path = typer.Option(Path("noise-stats"), help="Folder for noise_stats.png and noise_stats.json."),
+    limit: int = typer.Option(256, help="Use at most this many codes."),
+) -> None:
+    """Per-timestep std and consecutive correlation of the noise maps and the angle
+    histogram, next to native sampling (the paper's Figs. 5, 6, 12)."""
+    from .noise_stats import inspect_codes
+
+    try:
+        summary = inspect_codes(codes, out, limit=limit)
+    except ValueError as exc:
+        _die(str(exc))
+    for label, st in summary.items():
+        typer.echo(f"{label:>24}: {st['num_codes']} codes, std {st['std_mean']:.3f}, "
+                   f"corr(z_t, z_t-1) {st['corr_mean']:+.3f}, mean angle {st['angle_mean']:.1f} deg")
+    typer.echo(f"imprint: wrote {out / 'noise_stats.png'} and {out / 'noise_stats.json'}")
+
+
 @app.command()
 def validate(
     job: Path = typer.Argument(..., help="Job spec (TOML)."),
