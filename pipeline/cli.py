@@ -145,11 +145,13 @@ def status(
 def schemas(
     write: Optional[Path] = typer.Option(None, help="Write the table schemas as JSON into this folder."),
 ) -> None:
-    """Print (or write) the output table schemas."""
+    """Print (or write) the job spec and output table schemas."""
+    from .spec import job_json_schema
     from .tables import TABLES, dump_schema_json
 
-    for name in TABLES:
-        text = dump_schema_json(name)
+    texts = {"job": json.dumps(job_json_schema(), indent=2) + "\n"}
+    texts.update({name: dump_schema_json(name) for name in TABLES})
+    for name, text in texts.items():
         if write:
             (write / f"{name}.schema.json").write_text(text)
         else:

@@ -447,3 +447,44 @@ def to_toml(spec: JobSpec) -> str:
         return {k: strip_none(v) if isinstance(v, dict) else v for k, v in d.items() if v is not None}
 
     return tomli_w.dumps(strip_none(spec.to_dict()))
+
+
+def job_json_schema() -> dict:
+    """JSON Schema of the job spec, generated from the dataclasses above
+    (checked in as schemas/job.schema.json; validate a TOML file by loading
+    it to a dict first)."""
+
+    def prop(annotation: str, default) -> dict:
+        ann = str(annotation)
+        if ann == "str | list[str]":
+            return {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1}]}
+        if "dict" in ann:
+            return {"type": "object"}
+        if "list" in ann:
+            return {"type": "array", "items": {"type": "string"}}
+        if ann.startswith("float"):
+            return {"type": "number"}
+        return {"bool": {"type": "boolean"}, "int": {"type": "integer"}, "str": {"type": "string"}}.get(ann, {})
+
+    sections = {}
+    for f in dataclasses.fields(JobSpec):
+        if f.name == "version":
+            continue
+        sec = f.default_factory()
+        props = {}
+        for sf in dataclasses.fields(sec):
+            p = prop(sf.type, getattr(sec, sf.name))
+            default = getattr(sec, sf.name)
+            if default is not None:
+                p["default"] = default
+            props[sf.name] = p
+        sections[f.name] = {"type": "object", "additionalProperties": False, "properties": props}
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "imprint job spec",
+        "description": "TOML job file for `imprint run`; every field optional except input.shards (or input.codes). "
+        "Range checks beyond types are done by `imprint validate`.",
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {"version": {"const": SPEC_VERSION}, **sections},
+    }
