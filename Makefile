@@ -11,8 +11,9 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 export PYTHONUNBUFFERED := 1
+export IMPRINT_CACHE := $(CURDIR)/.cache/imprint
 
-.PHONY: install demo test test-slow bench clean
+.PHONY: install demo test test-slow bench schemas clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -31,13 +32,16 @@ demo: $(STAMP)
 	$(BIN)/imprint run jobs/demo.toml
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow tests
 
 bench: $(STAMP)
-	$(BIN)/imprint bench
+	$(BIN)/imprint bench --out bench.json
+
+schemas: $(STAMP)
+	$(BIN)/imprint schemas --write schemas/
 
 clean:
 	rm -rf .cache out

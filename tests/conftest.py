@@ -9,6 +9,7 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("HF_HOME", str(_CACHE / "hf"))
 os.environ.setdefault("TORCH_HOME", str(_CACHE / "torch"))
 os.environ.setdefault("MPLCONFIGDIR", str(_CACHE / "mpl"))
+os.environ.setdefault("IMPRINT_CACHE", str(_CACHE / "imprint"))
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
