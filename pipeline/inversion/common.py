@@ -291,6 +291,13 @@ class NoiseCode:
     params: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
 
+    @classmethod
+    def from_schedule(cls, schedule: "Schedule", skip: int, x_start: torch.Tensor, zs: torch.Tensor, method: str,
+                      params: dict, extra: dict | None = None) -> "NoiseCode":
+        """A code for the steps schedule[skip:] (what every method returns)."""
+        return cls(x_start=x_start, zs=zs, timesteps=schedule.timesteps[skip:].clone(), num_steps=schedule.num_steps,
+                   skip=skip, method=method, params=params, extra=extra or {})
+
     def __len__(self) -> int:
         return int(self.x_start.shape[0])
 

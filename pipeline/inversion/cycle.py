@@ -94,15 +94,8 @@ def invert(
         zs[j] = (x_prev - mu) / sigma
         # continue from what the sampler will compute, so rounding never accumulates
         x_t = mu + sigma * zs[j]
-    return NoiseCode(
-        x_start=x_start,
-        zs=zs,
-        timesteps=schedule.timesteps[skip:].clone(),
-        num_steps=num_steps,
-        skip=skip,
-        method=METHOD,
-        params={"eta": float(eta), "cfg_source": float(cfg_scale)},
-    )
+    return NoiseCode.from_schedule(schedule, skip, x_start, zs, METHOD,
+        {"eta": float(eta), "cfg_source": float(cfg_scale)})
 
 
 @torch.no_grad()

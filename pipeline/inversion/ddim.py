@@ -99,15 +99,8 @@ def invert(
     model = as_eps_model(unet, schedule, max_batch)
     x0 = x0.float().contiguous()
     x_start = invert_steps(model, schedule, x0, num_steps - 1, skip, cond, uncond, cfg_scale)
-    return NoiseCode(
-        x_start=x_start,
-        zs=empty_zs(x0),
-        timesteps=schedule.timesteps[skip:].clone(),
-        num_steps=num_steps,
-        skip=skip,
-        method=METHOD,
-        params={"cfg_source": float(cfg_scale)},
-    )
+    return NoiseCode.from_schedule(schedule, skip, x_start, empty_zs(x0), METHOD,
+        {"cfg_source": float(cfg_scale)})
 
 
 @torch.no_grad()

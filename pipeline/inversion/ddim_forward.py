@@ -84,15 +84,8 @@ def invert(
     noise = draw_noise(x0.shape, generator, device=x0.device)
     x = q_sample(x0, float(schedule.ab[k]), noise)
     x_start = ddim.invert_steps(model, schedule, x, k - 1, skip, cond, uncond, cfg_scale)
-    return NoiseCode(
-        x_start=x_start,
-        zs=empty_zs(x0),
-        timesteps=schedule.timesteps[skip:].clone(),
-        num_steps=num_steps,
-        skip=skip,
-        method=METHOD,
-        params={"forward_steps": int(forward_steps), "cfg_source": float(cfg_scale)},
-    )
+    return NoiseCode.from_schedule(schedule, skip, x_start, empty_zs(x0), METHOD,
+        {"forward_steps": int(forward_steps), "cfg_source": float(cfg_scale)})
 
 
 @torch.no_grad()

@@ -126,16 +126,8 @@ def invert(
     y = x
     for i in range(num_steps - 1, skip - 1, -1):
         x, y = invert_step(model, schedule, i, x, y, cond, uncond, cfg_scale, mix)
-    return NoiseCode(
-        x_start=x,
-        zs=empty_zs(x),
-        timesteps=schedule.timesteps[skip:].clone(),
-        num_steps=num_steps,
-        skip=skip,
-        method=METHOD,
-        params={"mix": float(mix), "float64": bool(float64), "cfg_source": float(cfg_scale)},
-        extra={"y": y},
-    )
+    return NoiseCode.from_schedule(schedule, skip, x, empty_zs(x), METHOD,
+        {"mix": float(mix), "float64": bool(float64), "cfg_source": float(cfg_scale)}, extra={"y": y})
 
 
 @torch.no_grad()

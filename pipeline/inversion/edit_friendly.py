@@ -107,15 +107,8 @@ def invert(
         # never accumulates between inversion and reconstruction.
         x_t = mu + sigma * z
 
-    return NoiseCode(
-        x_start=x_start,
-        zs=zs,
-        timesteps=schedule.timesteps[skip:].clone(),
-        num_steps=num_steps,
-        skip=skip,
-        method=METHOD,
-        params={"eta": float(eta), "cfg_source": float(cfg_scale)},
-    )
+    return NoiseCode.from_schedule(schedule, skip, x_start, zs, METHOD,
+        {"eta": float(eta), "cfg_source": float(cfg_scale)})
 
 
 @torch.no_grad()
@@ -180,5 +173,5 @@ def sample(
     edit-friendly codes to)."""
     schedule = Schedule.from_scheduler(scheduler, num_steps)
     zs = draw_noise((num_steps, *x_T.shape), generator, device=x_T.device, batch_dim=1)
-    code = NoiseCode(x_T.float(), zs, schedule.timesteps.clone(), num_steps, 0, "native", {"eta": float(eta)})
+    code = NoiseCode.from_schedule(schedule, 0, x_T.float(), zs, "native", {"eta": float(eta)})
     return edit(unet, scheduler, code, cond, uncond, cfg_scale=cfg_scale, eta=eta, max_batch=max_batch), code
