@@ -6,6 +6,7 @@ output, retry and resume."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -248,7 +249,12 @@ def _retry_or_fail(spec, store, report, bar, queue, attempts, url, reason) -> No
 def _forwarded_env() -> dict:
     keys = ("HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TORCH_HOME", "IMPRINT_CACHE",
             "IMPRINT_FAULT_AFTER", "IMPRINT_FAULT_FLAG", "OMP_NUM_THREADS")
-    return {k: os.environ[k] for k in keys if k in os.environ}
+    # Inside a submitted Ray job, the job's runtime_env already gives its
+    # env_vars to every worker, and Ray refuses a ray.init runtime_env that
+    # sets one of them again.
+    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    taken = (job.get("runtime_env") or {}).get("env_vars") or {}
+    return {k: os.environ[k] for k in keys if k in os.environ and k not in taken}
 
 
 def format_exception(exc: BaseException) -> str:
