@@ -46,6 +46,10 @@ class Progress:
         self.t0 = time.perf_counter()
         self.done = self.failed = self.images = self.edits = 0
         self._last = 0.0
+        # A terminal gets one line redrawn in place; a log gets a full line
+        # now and then and whenever a shard finishes.
+        self.tty = sys.stderr.isatty()
+        self.every = 0.5 if self.tty else 15.0
 
     def update(self, summary: dict | None = None, failed: bool = False, force: bool = False) -> None:
         if summary:
@@ -57,7 +61,9 @@ class Progress:
         if not self.enabled:
             return
         now = time.perf_counter()
-        if not force and now - self._last < 0.5:
+        if not force and not (summary or failed) and now - self._last < self.every:
+            return
+        if not force and self.tty and now - self._last < self.every:
             return
         self._last = now
         dt = max(now - self.t0, 1e-9)
@@ -65,16 +71,16 @@ class Progress:
         left = self.total - self.skipped - finished
         eta = dt / finished * left if finished else float("nan")
         eta_s = time.strftime("%H:%M:%S", time.gmtime(eta)) if eta == eta else "--:--:--"
-        sys.stderr.write(
-            f"\r[imprint] shards {self.done + self.skipped}/{self.total} done, {self.failed} failed | "
-            f"{self.images / dt:.2f} img/s, {self.edits / dt:.2f} edits/s | ETA {eta_s}   "
-        )
+        line = (f"[imprint] shards {self.done + self.skipped}/{self.total} done, {self.failed} failed | "
+                f"{self.images / dt:.2f} img/s, {self.edits / dt:.2f} edits/s | ETA {eta_s}")
+        sys.stderr.write(f"\r{line}   " if self.tty else f"{line}\n")
         sys.stderr.flush()
 
     def close(self) -> None:
         if self.enabled:
             self.update(force=True)
-            sys.stderr.write("\n")
+            if self.tty:
+                sys.stderr.write("\n")
 
 
 def plan(spec: JobSpec, force: bool = False) -> tuple[OutputStore, list[str], list[str]]:
