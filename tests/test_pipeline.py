@@ -272,3 +272,34 @@ def _run_ray_with_env(spec, tmp_path):
         return run_job(spec, progress=False)
     finally:
         ray.remote = real_remote
+
+
+def test_unreadable_shard_fails_after_its_attempts_and_the_job_goes_on(shards, tmp_path):
+    junk = tmp_path / "junk-000.tar"
+    junk.write_bytes(os.urandom(4096))
+    spec = job(tmp_path, [shards[0], junk], run={"max_attempts": 2}, score={"enabled": False})
+    report = run_job(spec, progress=False)
+    assert report.done == 1 and list(report.failed) == [str(junk)]
+    assert "cannot read shard" in report.failed[str(junk)]
+    failed = OutputStore.open(str(tmp_path / "out")).markers("_failed")
+    (info,) = failed.values()
+    assert info["attempts"] == 2 and "cannot read shard" in info["error"]
+    res = subprocess.run([sys.executable, "-m", "pipeline.cli", "status", str(tmp_path / "out")], capture_output=True, text=True)
+    assert "1 failed" in res.stdout and "cannot read shard" in res.stdout
+
+
+def test_filters_keep_top_k_and_recon_psnr(shards, tmp_path):
+    spec = job(tmp_path, shards[:1], filter={"keep_top_k": 1, "top_k_by": "clip_text"}, score={"recon_psnr": True})
+    run_job(spec, progress=False)
+    res = rows(tmp_path / "out", "results")
+    groups = {}
+    for r in res:
+        groups.setdefault((r["key"], r["target_index"]), []).append(r)
+    for members in groups.values():
+        kept = [r for r in members if r["kept"]]
+        assert len(kept) == 1 and kept[0]["clip_text"] == max(r["clip_text"] for r in members)
+        for r in members:
+            assert (r["image"] is not None) == r["kept"] and r["status"] == ("ok" if r["kept"] else "rejected")
+    src = rows(tmp_path / "out", "sources")
+    assert all(s["num_kept"] == len({k for k in groups if k[0] == s["key"]}) for s in src)
+    assert all(s["recon_psnr"] is not None and 0 < s["recon_psnr"] < 100 for s in src)
