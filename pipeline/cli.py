@@ -163,6 +163,11 @@ from .report import report as report_command  # noqa: E402
 app.command("report")(report_command)
 
 
+from .bench import bench as bench_command  # noqa: E402
+
+app.command("bench")(bench_command)
+
+
 def main() -> None:  # pragma: no cover
     app()
 
