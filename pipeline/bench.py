@@ -39,7 +39,7 @@ from pathlib import Path
 
 import typer
 
-SD15_RANDOM = "sd15-random"
+SD15_RANDOM = "sd15-random"  # built by pipeline.models.build_random (kept as a string: no torch import here)
 CFG_SOURCE = 3.5  # the paper's defaults; fixed so the closed-form counts hold (cfg 1 would skip the uncond half)
 CFG_TARGET = 15.0
 OUTPUT_FORMAT, OUTPUT_QUALITY = "webp", 90  # the pipeline's default output encoding ("write" stage)
@@ -119,70 +119,9 @@ def evals_reference(steps: int, skip: int, prompts: int, seeds: int, images: int
 # ---------------------------------------------------------------------------
 
 
-def build_sd15_random(device="cpu", dtype=None, seed: int = 0):
-    """An SD-1.5-shaped pipeline (UNet 320/640/1280/1280, VAE 128/256/512/512
-    with 4 latent channels, CLIP ViT-L/14 text tower) with random weights at
-    512x512, built offline from SD-1.5's published config values. For timing
-    only: its images are noise."""
-    import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from .models import _finish, clip_tokenizer, sd_scheduler_config
-
-    device = torch.device(device)
-    dtype = dtype or torch.float32
-    # Initialise on the target device (seconds instead of a minute on CPU for ~1.1 B parameters).
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
-        torch.manual_seed(seed)
-        unet = UNet2DConditionModel(
-            sample_size=64,
-            in_channels=4,
-            out_channels=4,
-            block_out_channels=(320, 640, 1280, 1280),
-            layers_per_block=2,
-            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-            cross_attention_dim=768,
-            attention_head_dim=8,
-            norm_num_groups=32,
-        )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(128, 256, 512, 512),
-            layers_per_block=2,
-            latent_channels=4,
-            norm_num_groups=32,
-            sample_size=512,
-            scaling_factor=0.18215,
-        )
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=49408,
-                hidden_size=768,
-                intermediate_size=3072,
-                num_hidden_layers=12,
-                num_attention_heads=12,
-                max_position_embeddings=77,
-                hidden_act="quick_gelu",
-                projection_dim=768,
-                bos_token_id=49406,
-                eos_token_id=49407,
-                pad_token_id=49407,
-            )
-        )
-    scheduler = DDIMScheduler(**sd_scheduler_config())
-    return _finish(unet, vae, text_encoder, clip_tokenizer(), scheduler, device, dtype, SD15_RANDOM, True, 512)
-
-
 def load_bench_models(model_id: str, device, dtype):
     from .models import load_models
 
-    if model_id == SD15_RANDOM:
-        return build_sd15_random(device, dtype)
     return load_models(model_id, device=device, dtype=dtype)
 
 

@@ -95,7 +95,11 @@ class Engine:
         self.models = models
         self.spec = spec
         self.variants: list[Variant] = spec.variants()
-        self.unet = CallCounter(models.unet)
+        unet = models.unet
+        if spec.model.compile:
+            unet = torch.compile(unet)
+        self.unet = CallCounter(unet)
+        self._sync = models.device.type == "cuda"
         self.timings: dict[str, float] = defaultdict(float)
         self._job_strokes = None
 
@@ -107,6 +111,8 @@ class Engine:
         return self.variants[variant].row_params(self.spec.edit.params)
 
     def _timed(self, stage: str, t0: float) -> float:
+        if self._sync:  # GPU work is asynchronous: wait for it so the stage gets its own time
+            torch.cuda.synchronize(self.models.device)
         now = time.perf_counter()
         self.timings[stage] += now - t0
         return now
@@ -133,13 +139,12 @@ class Engine:
         strokes = self._strokes(group, x0.shape[-2:]) if spec.manipulate.strokes else None
         t0 = self._timed("vae_encode", t0)
 
-        texts = self._texts(group)
+        texts = self._texts(group)  # counted in the invert stage
         seeds = [[derive_seed(spec.run.seed, s.key, n) for n in range(n_seeds)] for s in group]
         outs = [SampleOut(sample=s, seeds=seeds[g]) for g, s in enumerate(group)]
         x0_rep = x0.repeat_interleave(n_seeds, dim=0)
         src_rows = [texts.row[s.source_prompt] for s in group for _ in range(n_seeds)]
         for vi, v in enumerate(self.variants):
-            t0 = time.perf_counter()
             gens = [torch.Generator("cpu").manual_seed(sd) for per in seeds for sd in per]
             code = get_method(v.method).invert(
                 self.unet, m.scheduler, x0_rep, texts.emb[src_rows], texts.uncond,
@@ -147,8 +152,9 @@ class Engine:
                 generator=gens, max_batch=mb, **v.params,
             )
             code = self._manipulate(code)
-            self._timed("invert", t0)
+            t0 = self._timed("invert", t0)
             self._edit_and_decode(outs, code, vi, v, texts, x0, strokes, decode_recon and vi == 0)
+            t0 = time.perf_counter()
         return outs
 
     # -- from stored codes ---------------------------------------------------

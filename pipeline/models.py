@@ -179,56 +179,68 @@ def sd_scheduler_config() -> dict:
     )
 
 
-def build_tiny(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, seed: int = TINY_SEED) -> Models:
-    """A small SD-shaped pipeline with random weights, identical on every
-    machine for a given seed. The VAE downsamples by 8 like SD's, so the
-    image geometry rules are the same as for real checkpoints."""
+# Randomly initialised SD-shaped pipelines, built offline from configs:
+# "tiny" for tests and the offline demo, "sd15-random" (SD 1.5's published
+# architecture) for benchmarks. Their images are noise; outputs say so.
+SD15_RANDOM = "sd15-random"
+_TEXT_IDS = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+RANDOM_MODELS = {
+    TINY: dict(
+        resolution=TINY_RESOLUTION,
+        unet=dict(
+            block_out_channels=(32, 64), layers_per_block=1,
+            # attention only at the coarse level keeps CPU tests and the demo fast
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=32, attention_head_dim=8, norm_num_groups=16,
+        ),
+        vae=dict(block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=8),
+        text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
+    ),
+    SD15_RANDOM: dict(
+        resolution=512,
+        unet=dict(
+            block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
+        ),
+        vae=dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32),
+        text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                  hidden_act="quick_gelu", projection_dim=768),
+    ),
+}
+
+
+def build_random(name: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 seed: int = TINY_SEED) -> Models:
+    """A randomly initialised pipeline of a RANDOM_MODELS architecture,
+    identical on every machine for a given seed. The VAE downsamples by 8
+    like SD's, so the image geometry rules are the same as for real
+    checkpoints. Weights are created on the target device (seconds instead
+    of a minute on CPU for SD-1.5's ~1.1 B parameters)."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    cfg = RANDOM_MODELS[name]
     device = torch.device(device)
-    with torch.random.fork_rng(devices=[]):
+    res = cfg["resolution"]
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel(
-            sample_size=TINY_RESOLUTION // 8,
-            in_channels=4,
-            out_channels=4,
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            # attention only at the coarse level keeps CPU tests and the demo fast
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=32,
-            attention_head_dim=8,
-            norm_num_groups=16,
-        )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(16, 16, 32, 32),
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=8,
-            sample_size=TINY_RESOLUTION,
-            scaling_factor=0.18215,
-        )
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=49408,
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                max_position_embeddings=77,
-                bos_token_id=49406,
-                eos_token_id=49407,
-                pad_token_id=49407,
-            )
-        )
+        unet = UNet2DConditionModel(sample_size=res // 8, in_channels=4, out_channels=4, **cfg["unet"])
+        vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                            up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, sample_size=res,
+                            scaling_factor=0.18215, **cfg["vae"])
+        text_encoder = CLIPTextModel(CLIPTextConfig(**_TEXT_IDS, **cfg["text"]))
     scheduler = DDIMScheduler(**sd_scheduler_config())
-    return _finish(unet, vae, text_encoder, clip_tokenizer(), scheduler, device, dtype, TINY, True, TINY_RESOLUTION)
+    return _finish(unet, vae, text_encoder, clip_tokenizer(), scheduler, device, dtype, name, True, res)
+
+
+def build_tiny(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, seed: int = TINY_SEED) -> Models:
+    return build_random(TINY, device, dtype, seed)
+
+
+def build_sd15_random(device: torch.device | str = "cpu", dtype: torch.dtype | None = None, seed: int = 0) -> Models:
+    return build_random(SD15_RANDOM, device, dtype or torch.float32, seed)
 
 
 def _finish(unet, vae, text_encoder, tokenizer, scheduler, device, dtype, model_id, random_weights, resolution) -> Models:
@@ -254,7 +266,7 @@ def load_models(
 ) -> Models:
     """Load a pipeline's components.
 
-    model_id: "tiny", a Hugging Face hub id (e.g. "CompVis/stable-diffusion-v1-4",
+    model_id: "tiny" or "sd15-random" (random weights, offline), a Hugging Face hub id (e.g. "CompVis/stable-diffusion-v1-4",
     "stabilityai/stable-diffusion-2-1") or a local diffusers-format folder.
     device/dtype default to CUDA with bf16/fp16 when available, else CPU fp32.
     The scheduler is always a DDIMScheduler made from the checkpoint's own
@@ -263,6 +275,8 @@ def load_models(
     dt = parse_dtype(dtype, dev)
     if model_id == TINY:
         return _tiny_cached(str(dev), dt)
+    if model_id in RANDOM_MODELS:
+        return build_random(model_id, dev, dt)
 
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer

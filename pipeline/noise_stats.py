@@ -202,7 +202,7 @@ def inspect_codes(path: str, out_dir, *, limit: int = 256, bins: int = 36) -> di
             if seen >= limit:
                 break
             code = row_to_code(row)
-            groups.setdefault((code.method, tuple(code.zs.shape[2:]), code.num_steps, code.skip), []).append(code)
+            groups.setdefault((code.method, tuple(code.x_start.shape[-2:]), code.num_steps, code.skip), []).append(code)
             seen += 1
     if not groups:
         raise ValueError(f"no codes found under {path!r}")

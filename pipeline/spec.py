@@ -50,6 +50,7 @@ class ModelSpec:
     dtype: str = "auto"  # auto | float32 | float16 | bfloat16
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     revision: str = ""
+    compile: bool = False  # torch.compile the UNet (pays off on long jobs; see `imprint bench --compile`)
 
 
 @dataclass
@@ -92,7 +93,7 @@ class ManipulateSpec:
 @dataclass
 class BatchSpec:
     images: int = 4  # images inverted together
-    max_unet_batch: int = 32  # rows per UNet call (CFG doubles rows)
+    max_unet_batch: int = 64  # rows per UNet call (CFG doubles rows); lower it on small GPUs
     prefetch: int = 8  # decoded samples buffered ahead of the model
 
 

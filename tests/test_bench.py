@@ -9,10 +9,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from pipeline.models import build_sd15_random
+
 from pipeline.bench import (
     BenchConfig,
     bf16_peak_tflops,
-    build_sd15_random,
     evals_ours,
     evals_reference,
     format_table,
