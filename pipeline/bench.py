@@ -341,14 +341,9 @@ def run_ours(models, spec, raws: list[dict], scorers=None) -> dict:
 
 
 def _score(scorers, outs) -> None:
-    import torch
+    from .worker import score_outs
 
-    sources = torch.stack([o.sample.image for o in outs]).to(scorers.device)
-    edits = torch.stack([e.image for o in outs for e in o.edits]).to(scorers.device)
-    edit_source = [g for g, o in enumerate(outs) for _ in o.edits]
-    groups = [g * 10_000 + e.target_index for g, o in enumerate(outs) for e in o.edits]
-    scorers.score(sources, [o.sample.source_prompt for o in outs], edits, edit_source,
-                  [e.target_prompt for o in outs for e in o.edits], groups)
+    score_outs(scorers, outs, scorers.device)
 
 
 def run_reference(models, raws: list[dict], *, steps: int, skip: int, seeds: int, run_seed: int = 0) -> dict:

@@ -234,37 +234,12 @@ class ShardWorker:
         n = sum(len(o.edits) for o in outs)
         if not self.scorers or n == 0:
             return {}, [True] * n, 0.0
-        from .scoring import select
+        from .scoring import psnr, select
 
         t0 = time.perf_counter()
-        dev = self.models.device
-        group_ids: dict[tuple, int] = {}
-        groups = [group_ids.setdefault((g, e.variant, e.target_index), len(group_ids)) for g, o in enumerate(outs) for e in o.edits]
-        scores: dict[str, list[float]] = {}
-        order = []
-        # one scoring call per image size (LPIPS compares an edit with its own source only)
-        by_size: dict[tuple, list[int]] = {}
-        for g, o in enumerate(outs):
-            by_size.setdefault(tuple(o.sample.image.shape), []).append(g)
-        for members in by_size.values():
-            sub = [outs[g] for g in members]
-            sources = torch.stack([o.sample.image for o in sub]).to(dev)
-            edits = torch.stack([e.image for o in sub for e in o.edits]).to(dev)
-            edit_source = [j for j, o in enumerate(sub) for _ in o.edits]
-            targets = [e.target_prompt for o in sub for e in o.edits]
-            sub_groups = [group_ids[(g, e.variant, e.target_index)] for g in members for e in outs[g].edits]
-            part = self.scorers.score(sources, [o.sample.source_prompt for o in sub], edits, edit_source, targets, sub_groups)
-            for k, v in part.items():
-                scores.setdefault(k, []).extend(v)
-            order += [(g, i) for g in members for i in range(len(outs[g].edits))]
-        # back to the row order of `outs`
-        pos = {gi: n for n, gi in enumerate(order)}
-        flat = [(g, i) for g, o in enumerate(outs) for i in range(len(o.edits))]
-        scores = {k: [v[pos[gi]] for gi in flat] for k, v in scores.items()}
+        scores, groups = score_outs(self.scorers, outs, self.models.device)
         keep = select(scores, groups, filter_config(self.spec))
         if self.spec.score.recon_psnr:
-            from .scoring import psnr
-
             for o in outs:
                 if o.recon_image is not None:
                     o.recon_psnr = float(psnr(o.recon_image[None], o.sample.image[None])[0])
@@ -314,6 +289,33 @@ class ShardWorker:
             with open(flag, "w") as fh:
                 fh.write(str(os.getpid()))
             os._exit(17)
+
+
+def score_outs(scorers, outs: list[SampleOut], device) -> tuple[dict[str, list[float]], list[int]]:
+    """Scores of every edit of `outs`, in row order, and the row's group id
+    (one group per image, method and target prompt). One scoring call per
+    image size: LPIPS compares an edit with its own source only."""
+    group_ids: dict[tuple, int] = {}
+    groups = [group_ids.setdefault((g, e.variant, e.target_index), len(group_ids)) for g, o in enumerate(outs) for e in o.edits]
+    by_size: dict[tuple, list[int]] = {}
+    for g, o in enumerate(outs):
+        by_size.setdefault(tuple(o.sample.image.shape), []).append(g)
+    scores: dict[str, list[float]] = {}
+    order = []
+    for members in by_size.values():
+        sub = [outs[g] for g in members]
+        sources = torch.stack([o.sample.image for o in sub]).to(device)
+        edits = torch.stack([e.image for o in sub for e in o.edits]).to(device)
+        edit_source = [j for j, o in enumerate(sub) for _ in o.edits]
+        targets = [e.target_prompt for o in sub for e in o.edits]
+        sub_groups = [group_ids[(g, e.variant, e.target_index)] for g in members for e in outs[g].edits]
+        part = scorers.score(sources, [o.sample.source_prompt for o in sub], edits, edit_source, targets, sub_groups)
+        for k, v in part.items():
+            scores.setdefault(k, []).extend(v)
+        order += [(g, i) for g in members for i in range(len(outs[g].edits))]
+    pos = {gi: n for n, gi in enumerate(order)}  # back to the row order of `outs`
+    flat = [(g, i) for g, o in enumerate(outs) for i in range(len(o.edits))]
+    return {k: [v[pos[gi]] for gi in flat] for k, v in scores.items()}, groups
 
 
 def process_shard_inline(spec: JobSpec, url: str) -> dict:
