@@ -68,7 +68,7 @@ class BenchConfig:
     prompts: int = 4  # K target prompts per image
     seeds: int = 4  # N codes (and edits per target) per image
     images: int = 1
-    batch: int = 32  # ours: max rows per UNet call (batch.max_unet_batch)
+    batch: int = 64  # ours: max rows per UNet call (batch.max_unet_batch; the job default)
     dtype: str = "auto"  # ours; the reference always runs fp32
     device: str = "auto"
     compile: bool = False  # torch.compile the UNet (ours)
@@ -655,7 +655,7 @@ def bench(
     prompts: int = typer.Option(4, help="K target prompts per image."),
     seeds: int = typer.Option(4, help="N seeds (codes) per image."),
     images: int = typer.Option(1, help="Images per run (inverted together by ours)."),
-    batch: int = typer.Option(32, help="Ours: max rows per UNet call (batch.max_unet_batch)."),
+    batch: int = typer.Option(64, help="Ours: max rows per UNet call (batch.max_unet_batch; the job default)."),
     dtype: str = typer.Option("auto", help="Ours: auto | fp32 | fp16 | bf16 (the reference runs fp32)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
     compile_: bool = typer.Option(False, "--compile/--no-compile", help="Ours: torch.compile the UNet."),
