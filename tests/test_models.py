@@ -45,3 +45,31 @@ def test_dtype_parsing():
 def test_missing_model_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="could not load model"):
         load_models(str(tmp_path / "nope"), device="cpu")
+
+
+def test_loads_a_local_diffusers_folder_with_its_own_scheduler(tmp_path, tiny):
+    # The real-checkpoint path, offline: save the tiny components in the
+    # diffusers layout (as a hub snapshot has them) and load them back.
+    from diffusers import DDIMScheduler
+
+    for name in ("unet", "vae", "text_encoder", "tokenizer"):
+        getattr(tiny, name).save_pretrained(tmp_path / name)
+    DDIMScheduler.from_config({**tiny.scheduler.config, "prediction_type": "v_prediction"}).save_pretrained(tmp_path / "scheduler")
+    m = load_models(str(tmp_path), device="cpu")
+    assert not m.random_weights and m.model_id == str(tmp_path) and m.resolution == 128
+    assert m.prediction_type == "v_prediction" and m.dtype == torch.float32
+    for (_, a), (_, b) in zip(m.unet.state_dict().items(), tiny.unet.state_dict().items()):
+        assert torch.equal(a, b)
+    assert m.encode_text(["a cat"]).shape == (1, 77, 32)
+
+
+def test_v_prediction_model_reconstructs_exactly(tiny):
+    from diffusers import DDIMScheduler
+
+    from pipeline.inversion import edit_friendly as ef
+
+    sched = DDIMScheduler.from_config({**tiny.scheduler.config, "prediction_type": "v_prediction"})
+    x0 = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    cond, uncond = tiny.encode_text(["a"]), tiny.encode_text([""])
+    code = ef.invert(tiny.unet, sched, x0, cond, uncond, num_steps=8, skip=2, generator=torch.Generator().manual_seed(1))
+    assert (ef.edit(tiny.unet, sched, code, cond, uncond, cfg_scale=3.5) - x0).abs().max() <= 1e-4

@@ -189,3 +189,18 @@ def test_inspect_noise_cli(shard, tmp_path):
     assert ef["std_mean"] > 1 and ef["corr_mean"] < 0
     assert abs(stats["native 16x16"]["std_mean"] - 1) < 0.05
     assert (tmp_path / "st" / "noise_stats.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_job_level_stroke_files_serve_samples_without_their_own(tmp_path):
+    from pipeline.data import Sample
+    from pipeline.engine import stroke_inputs
+
+    (tmp_path / "m.png").write_bytes(_png((255, 255, 255)))
+    (tmp_path / "c.png").write_bytes(_png((0, 0, 255)))
+    spec = spec_for(tmp_path, ["x.tar"], manipulate={"strokes": True, "strokes_mask": str(tmp_path / "m.png"),
+                                                      "strokes_image": str(tmp_path / "c.png")})
+    assert stroke_inputs(Sample("k", "x.tar"), spec) == (_png((255, 255, 255)), _png((0, 0, 255)))
+    own = Sample("k", "x.tar", extras={"mask.jpg": b"M", "stroke.webp": b"S"})
+    assert stroke_inputs(own, spec) == (b"M", b"S")  # the sample's own entries win
+    with pytest.raises(SpecError, match="^manipulate.strokes_mask: file not found"):
+        spec_for(tmp_path, ["x.tar"], manipulate={"strokes": True, "strokes_mask": "nope.png", "strokes_image": str(tmp_path / "c.png")})
