@@ -36,11 +36,18 @@ class OutputStore:
 
     @classmethod
     def open(cls, path: str) -> "OutputStore":
-        if "://" in path:
+        """Local paths, pyarrow's own URIs (s3://, gs://, hdfs://, file://),
+        and any other fsspec URL (through pyarrow's fsspec adapter)."""
+        if "://" not in path:
+            return cls(pafs.LocalFileSystem(), os.path.abspath(path).rstrip("/"))
+        try:
             fs, root = pafs.FileSystem.from_uri(path)
-        else:
-            fs, root = pafs.LocalFileSystem(), os.path.abspath(path)
-        return cls(fs, root.rstrip("/"))
+        except (pa.ArrowInvalid, ValueError):
+            import fsspec
+
+            ffs, root = fsspec.core.url_to_fs(path)
+            fs = pafs.PyFileSystem(pafs.FSSpecHandler(ffs))
+        return cls(fs, root.rstrip("/") or "/")
 
     def _p(self, *parts: str) -> str:
         return "/".join([self.root, *parts])
