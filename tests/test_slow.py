@@ -1,0 +1,27 @@
+"""Long runs kept out of `make test` (run them with `make test-slow`)."""
+
+import pytest
+
+from pipeline.executor import run_job
+from pipeline.spec import load_spec
+from pipeline.store import OutputStore
+
+
+@pytest.mark.slow
+def test_compare_methods_job_as_shipped(tmp_path):
+    """jobs/compare-methods.toml end to end: all five methods on the same
+    inputs in one table, and a report that compares them."""
+    from pipeline.inversion import method_names
+    from pipeline.report import build_report
+
+    spec = load_spec("jobs/compare-methods.toml", ["run.executor=inline", f'output.path="{tmp_path / "out"}"'])
+    report = run_job(spec, progress=False)
+    assert report.done == 2 and not report.failed
+    res = OutputStore.open(str(tmp_path / "out")).read_table("results").to_pylist()
+    by_method = {m: [r for r in res if r["method"] == m] for m in method_names()}
+    assert all(len(rows) == 5 * 2 * 2 for rows in by_method.values())  # images x targets x seeds
+    # deterministic inversions give one code per image: no diversity
+    assert all(r["diversity"] == 0 for m in ("ddim", "edict") for r in by_method[m])
+    assert all(r["diversity"] > 0 for m in ("edit-friendly", "cycle", "ddim-forward") for r in by_method[m])
+    html = build_report([str(tmp_path / "out")])
+    assert all(m in html for m in method_names()) and 'id="scatter"' in html
