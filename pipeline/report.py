@@ -102,12 +102,11 @@ def load_run(path: str) -> Run:
     job = store.read_json(META_FILE)
     if job is None:
         raise FileNotFoundError(f"{path!r} is not an imprint output (no {META_FILE})")
+    spec_text = store.read_text(SPEC_FILE) or ""
     try:
-        with store.fs.open_input_stream(store._p(SPEC_FILE)) as fh:
-            spec_text = fh.read().decode()
         spec = tomllib.loads(spec_text)
-    except (OSError, pa.ArrowException, UnicodeDecodeError, tomllib.TOMLDecodeError):
-        spec_text, spec = "", {}
+    except tomllib.TOMLDecodeError:
+        spec = {}
     meta: dict[str, str] = {}
 
     def read(name: str, schema: pa.Schema, columns: tuple[str, ...] | None):

@@ -15,15 +15,14 @@ def job_status(out: str) -> dict:
         raise FileNotFoundError(f"{out!r} is not an imprint output (no {META_FILE})")
     spec_hash = meta["spec_hash"]
     try:
-        with store.fs.open_input_stream(store._p(SPEC_FILE)) as fh:
-            spec = tomllib.loads(fh.read().decode())
+        spec = tomllib.loads(store.read_text(SPEC_FILE) or "")
         if spec["input"].get("codes"):
             from .codes import code_shards
 
             shards = code_shards(spec["input"]["codes"])
         else:
             shards = expand_shards(spec["input"]["shards"], allow_pipe=spec["input"].get("allow_pipe", False))
-    except (OSError, KeyError, ValueError):
+    except (OSError, KeyError, ValueError, tomllib.TOMLDecodeError):
         shards = []
     done = {k: v for k, v in store.markers(DONE).items() if v.get("spec_hash") == spec_hash}
     failed = {k: v for k, v in store.markers(FAILED).items() if k not in done}

@@ -129,11 +129,18 @@ class OutputStore:
     def write_json(self, rel: str, obj: dict) -> None:
         self.write_bytes(rel, json.dumps(obj, indent=1, sort_keys=True, default=str).encode())
 
-    def read_json(self, rel: str) -> dict | None:
+    def read_text(self, rel: str) -> str | None:
         try:
             with self.fs.open_input_stream(self._p(rel)) as fh:
-                return json.loads(fh.read())
-        except (FileNotFoundError, OSError, pa.ArrowException, json.JSONDecodeError):
+                return fh.read().decode()
+        except (FileNotFoundError, OSError, pa.ArrowException, UnicodeDecodeError):
+            return None
+
+    def read_json(self, rel: str) -> dict | None:
+        text = self.read_text(rel)
+        try:
+            return json.loads(text) if text is not None else None
+        except json.JSONDecodeError:
             return None
 
     def delete(self, rel: str) -> None:
