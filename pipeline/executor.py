@@ -10,7 +10,6 @@ import json
 import os
 import sys
 import time
-import traceback
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
@@ -261,7 +260,3 @@ def _forwarded_env() -> dict:
     job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
     taken = (job.get("runtime_env") or {}).get("env_vars") or {}
     return {k: os.environ[k] for k in keys if k in os.environ and k not in taken}
-
-
-def format_exception(exc: BaseException) -> str:
-    return "".join(traceback.format_exception_only(type(exc), exc)).strip()

@@ -165,7 +165,15 @@ class ShardWorker:
                 if item is _END:
                     break
         finally:
+            # Unblock a reader waiting on a full queue so it sees `stop` and
+            # exits (a long-lived actor must not keep one thread per failed shard).
             stop.set()
+            deadline = time.monotonic() + 10
+            while reader.is_alive() and time.monotonic() < deadline:
+                try:
+                    q.get(timeout=0.1)
+                except queue.Empty:
+                    pass
         t0 = time.perf_counter()
         meta = self.metadata()
         tables = {"results": table_from_rows("results", results, meta), "sources": table_from_rows("sources", sources, meta)}
@@ -316,7 +324,3 @@ def score_outs(scorers, outs: list[SampleOut], device) -> tuple[dict[str, list[f
     pos = {gi: n for n, gi in enumerate(order)}  # back to the row order of `outs`
     flat = [(g, i) for g, o in enumerate(outs) for i in range(len(o.edits))]
     return {k: [v[pos[gi]] for gi in flat] for k, v in scores.items()}, groups
-
-
-def process_shard_inline(spec: JobSpec, url: str) -> dict:
-    return ShardWorker(spec).process(url)

@@ -323,3 +323,17 @@ def test_output_to_a_non_local_filesystem(shards, tmp_path):
     leftovers = [p for p in mem.find(f"/imprint-test-{os.getpid()}") if "/.tmp-" in p]
     assert leftovers == []
     assert run_job(spec, progress=False).skipped == 1  # resume works there too
+
+
+def test_reader_thread_ends_when_a_shard_fails_mid_way(shards, tmp_path, monkeypatch):
+    import threading
+
+    from pipeline.worker import ShardWorker
+
+    spec = job(tmp_path, shards[1:], batch={"prefetch": 1, "images": 1}, score={"enabled": False})
+    worker = ShardWorker(spec)
+    monkeypatch.setattr(worker, "_run_batch", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("model failed")))
+    before = threading.active_count()
+    with pytest.raises(RuntimeError, match="model failed"):
+        worker.process(shards[1])
+    assert threading.active_count() == before  # the reader did not stay blocked on its queue
