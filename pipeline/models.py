@@ -244,9 +244,18 @@ def build_sd15_random(device: torch.device | str = "cpu", dtype: torch.dtype | N
 
 
 def _finish(unet, vae, text_encoder, tokenizer, scheduler, device, dtype, model_id, random_weights, resolution) -> Models:
-    for m in (unet, vae, text_encoder):
-        m.eval().requires_grad_(False)
-        m.to(device=device, dtype=dtype)
+    from diffusers.utils import logging as diffusers_logging
+
+    # diffusers warns on every .to(dtype) cast, even when no module needs
+    # keeping in fp32 (an empty list); keep the users' logs readable.
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        for m in (unet, vae, text_encoder):
+            m.eval().requires_grad_(False)
+            m.to(device=device, dtype=dtype)
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
     return Models(unet, vae, text_encoder, tokenizer, scheduler, torch.device(device), dtype, model_id, random_weights, resolution)
 
 

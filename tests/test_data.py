@@ -65,7 +65,7 @@ def test_sixteen_bit_is_scaled_not_clipped():
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")
     img = load_image(buf.getvalue(), ImageSpec(min_side=1))
-    vals = torch.from_numpy(np.asarray(img.convert("L"))).flatten()
+    vals = torch.from_numpy(np.array(img.convert("L"))).flatten()
     assert vals.min() == 0 and vals.max() == 255 and len(vals.unique()) > 32
 
 
