@@ -372,3 +372,12 @@ def empty_zs(x: torch.Tensor) -> torch.Tensor:
     """The `zs` of a deterministic method: no noise maps, shape [0, B, C, H, W],
     so that batch indexing and concatenation along dim 1 still work."""
     return x.new_empty((0, *x.shape))
+
+
+def prepare_inversion(scheduler: Any, x0: torch.Tensor, num_steps: int, skip: int) -> Schedule:
+    """The checks every `invert` starts with, in one order (latents, steps,
+    skip), and the schedule they run on."""
+    check_latents(x0)
+    schedule = Schedule.from_scheduler(scheduler, num_steps)
+    check_skip(skip, num_steps)
+    return schedule

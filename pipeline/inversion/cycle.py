@@ -27,15 +27,13 @@ from . import edit_friendly
 from .common import (
     Generator,
     NoiseCode,
-    Schedule,
     as_eps_model,
     check_code_method,
-    check_latents,
-    check_skip,
     ddim_mean,
     draw_noise,
     guided_eps,
     predict_eps,
+    prepare_inversion,
     q_sample,
 )
 
@@ -62,9 +60,7 @@ def invert(
     """Invert latents `x0` [B, C, H, W] into CycleDiffusion noise maps for
     the num_steps - skip steps from T[skip] (one guided UNet evaluation per
     step). The chain's draws come from `generator` (one, or one per latent)."""
-    check_latents(x0)
-    schedule = Schedule.from_scheduler(scheduler, num_steps)
-    check_skip(skip, num_steps)
+    schedule = prepare_inversion(scheduler, x0, num_steps, skip)
     if not eta > 0:
         raise ValueError(f"cycle inversion needs eta > 0 (sigma_t divides), got eta={eta}; use method 'ddim' for eta = 0")
     for i in range(skip, num_steps):

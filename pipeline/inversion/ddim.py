@@ -28,11 +28,10 @@ from .common import (
     Schedule,
     as_eps_model,
     check_code_method,
-    check_latents,
-    check_skip,
     ddim_step,
     empty_zs,
     guided_eps,
+    prepare_inversion,
 )
 
 METHOD = "ddim"
@@ -93,9 +92,7 @@ def invert(
     """DDIM-invert latents `x0` [B, C, H, W] up to timestep T[skip] with the
     source prompt (num_steps - skip guided UNet evaluations). `generator` is
     accepted for a uniform API and ignored: the inversion is deterministic."""
-    check_latents(x0)
-    schedule = Schedule.from_scheduler(scheduler, num_steps)
-    check_skip(skip, num_steps)
+    schedule = prepare_inversion(scheduler, x0, num_steps, skip)
     model = as_eps_model(unet, schedule, max_batch)
     x0 = x0.float().contiguous()
     x_start = invert_steps(model, schedule, x0, num_steps - 1, skip, cond, uncond, cfg_scale)

@@ -24,10 +24,9 @@ from .common import (
     Schedule,
     as_eps_model,
     check_code_method,
-    check_latents,
-    check_skip,
     draw_noise,
     empty_zs,
+    prepare_inversion,
     q_sample,
 )
 
@@ -69,9 +68,7 @@ def invert(
 
     forward_steps: K, 1 <= K <= num_steps - skip. When None, the scaled
     default, capped at num_steps - skip for very large skips."""
-    check_latents(x0)
-    schedule = Schedule.from_scheduler(scheduler, num_steps)
-    check_skip(skip, num_steps)
+    schedule = prepare_inversion(scheduler, x0, num_steps, skip)
     if forward_steps is None:
         forward_steps = min(default_forward_steps(num_steps), num_steps - skip)
     elif not isinstance(forward_steps, int) or not 1 <= forward_steps <= num_steps - skip:

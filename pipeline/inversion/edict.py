@@ -38,10 +38,9 @@ from .common import (
     Schedule,
     as_eps_model,
     check_code_method,
-    check_latents,
-    check_skip,
     empty_zs,
     guided_eps,
+    prepare_inversion,
 )
 
 METHOD = "edict"
@@ -117,9 +116,7 @@ def invert(
     """Invert latents `x0` [B, C, H, W] up to T[skip] with the source prompt:
     2 guided UNet evaluations per step, num_steps - skip steps. The code's
     latents are float64 when `float64`, else float32."""
-    check_latents(x0)
-    schedule = Schedule.from_scheduler(scheduler, num_steps)
-    check_skip(skip, num_steps)
+    schedule = prepare_inversion(scheduler, x0, num_steps, skip)
     _check_mix(mix)
     model = as_eps_model(unet, schedule, max_batch)
     x = x0.to(torch.float64 if float64 else torch.float32).contiguous()

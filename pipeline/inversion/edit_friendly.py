@@ -28,11 +28,10 @@ from .common import (
     NoiseCode,
     Schedule,
     as_eps_model,
-    check_latents,
-    check_skip,
     ddim_mean,
     draw_noise,
     guided_eps,
+    prepare_inversion,
     q_sample,
 )
 
@@ -65,9 +64,7 @@ def invert(
     the smallest timestep (t = 1) and the index grows with t. Without it the
     draws come from `generator` (one generator, or one per batch element).
     """
-    check_latents(x0)
-    schedule = Schedule.from_scheduler(scheduler, num_steps)
-    check_skip(skip, num_steps)
+    schedule = prepare_inversion(scheduler, x0, num_steps, skip)
     if not eta > 0:
         raise ValueError(f"edit-friendly inversion needs eta > 0 (sigma_t divides), got eta={eta}; use method 'ddim' for eta = 0")
     x0 = x0.float().contiguous()
