@@ -2,27 +2,46 @@
 samples, and the geometry rule that maps any image to the model's grid.
 
 A bad sample never raises out of here: it becomes a `Sample` with `error`
-set, and the worker writes it as an error row. Only a shard that cannot be
-opened at all raises (the driver retries it and, after the last attempt,
-marks it failed).
+(and a short `error_type`) set, and the worker writes it as an error row.
+Only a shard that cannot be opened or is not a tar at all raises (the driver
+retries it and, after the last attempt, marks it failed).
+
+Nothing here runs a shell command unless the job allows `pipe:` URLs, and
+that is checked on every expanded URL, both when the shard list is built and
+again when a shard is opened.
 """
 
 from __future__ import annotations
 
+import fnmatch
+import glob as globlib
 import io
 import json
 import os
+import re
+import tarfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+# The only decoders PIL may use on sample bytes (the input contract,
+# schemas/sample.md). Whatever the member's name says, TIFF, EPS (Ghostscript),
+# PSD, ... bytes are refused before any other plugin sees them.
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")
 DEMO = "demo"
+# Object stores read through pyarrow's filesystems; http(s) through webdataset's
+# curl opener (argument list, no shell). Any other scheme is refused.
+OBJECT_STORE_SCHEMES = ("s3", "gs", "gcs", "hdfs")
+REMOTE_SCHEMES = ("http", "https", *OBJECT_STORE_SCHEMES)
+# A tar member larger than this is not read into memory; its sample becomes an
+# error row (no legitimate image, caption or mask of this contract is that big).
+MAX_MEMBER_BYTES = 256 * 1024 * 1024
 
 
 @dataclass
@@ -34,7 +53,22 @@ class Sample:
     image: torch.Tensor | None = None  # [3, H, W] float32 in [-1, 1], already at model geometry
     orig_size: tuple[int, int] = (0, 0)  # (width, height) as decoded
     error: str = ""
+    error_type: str = ""  # short snake_case kind of `error` (ERROR_TYPES), "" when ok
     extras: dict = field(default_factory=dict)  # other entries of the sample (bytes), e.g. masks
+    meta: dict = field(default_factory=dict)  # the sample json's other fields (not source/target prompts)
+
+
+# The kinds of bad sample this module produces (Sample.error_type).
+ERROR_TYPES = ("decode", "format_refused", "too_large", "too_small", "no_image", "prompt_missing", "prompt_invalid",
+               "prompt_too_long", "no_targets", "bad_json", "duplicate_key", "tar_damaged", "no_key", "other")
+
+
+class SampleError(ValueError):
+    """A bad sample: `kind` is its Sample.error_type."""
+
+    def __init__(self, message: str, kind: str = "other"):
+        super().__init__(message)
+        self.kind = kind
 
 
 # ---------------------------------------------------------------------------
@@ -42,25 +76,111 @@ class Sample:
 # ---------------------------------------------------------------------------
 
 
-def expand_shards(patterns: list[str], *, allow_pipe: bool = False) -> list[str]:
-    """Brace-expand shard patterns, keeping order and dropping duplicates."""
+def url_scheme(url: str) -> str:
+    """"pipe" for pipe: commands, the scheme of a URL, "" for a local path
+    (file:// counts as local)."""
+    if url.startswith("pipe:"):
+        return "pipe"
+    if "://" in url:
+        scheme = url.split("://", 1)[0].lower()
+        return "" if scheme == "file" else scheme
+    return ""
+
+
+def check_url_allowed(url: str, *, allow_pipe: bool, allow_remote: bool = True) -> None:
+    """Raise ValueError unless `url` may be opened under these rules. Called
+    on every expanded URL when the shard list is built and again right
+    before a shard is opened."""
+    scheme = url_scheme(url)
+    if scheme == "pipe":
+        if not allow_pipe:
+            raise ValueError(f"{url!r} is a pipe: shell command; set input.allow_pipe = true to allow it")
+    elif scheme and scheme not in REMOTE_SCHEMES:
+        raise ValueError(f"{url!r}: unsupported URL scheme {scheme!r} (local paths, file://, {', '.join(REMOTE_SCHEMES)}"
+                         + (", pipe:)" if allow_pipe else ")"))
+    elif scheme and not allow_remote:
+        raise ValueError(f"{url!r} is a remote URL; not opened without an explicit flag")
+
+
+def brace_urls(patterns: Iterable[str], *, allow_pipe: bool) -> Iterator[str]:
+    """Brace-expand each pattern (the name `demo` stays as is) and check
+    every resulting URL against the pipe rule: `{pipe:cmd,a.tar}` expands to
+    a pipe command even though the pattern does not start with `pipe:`."""
     from braceexpand import braceexpand
 
-    out: list[str] = []
     for pat in patterns:
         if pat == DEMO:
-            out.extend(demo_shards())
+            yield pat
             continue
-        if pat.startswith("pipe:") and not allow_pipe:
-            raise ValueError(f"input.shards: {pat!r} is a pipe: command; set input.allow_pipe = true to allow it")
-        for s in braceexpand(pat):
-            if s not in out:
+        # a pipe command is a shell line: its braces belong to the shell
+        for url in [pat] if pat.startswith("pipe:") else braceexpand(pat):
+            check_url_allowed(url, allow_pipe=allow_pipe)
+            yield url
+
+
+def expand_shards(patterns: list[str], *, allow_pipe: bool = False) -> list[str]:
+    """The shard URLs of the job's patterns, in order, without duplicates:
+    brace expansion, globs (`data/*.tar`, local or on an object store), a
+    directory (every `.tar` in it, sorted) and `demo`. Raises ValueError on a
+    URL the rules refuse (see `check_url_allowed`)."""
+    out: list[str] = []
+    seen: set[str] = set()
+    for url in brace_urls(patterns, allow_pipe=allow_pipe):
+        for s in _resolve(url):
+            if s not in seen:
+                seen.add(s)
                 out.append(s)
     return out
 
 
+def _resolve(url: str) -> list[str]:
+    """One brace-expanded URL -> the shard URLs it names."""
+    if url == DEMO:
+        return demo_shards()
+    scheme = url_scheme(url)
+    if scheme in ("pipe", "http", "https"):
+        return [url]
+    if scheme:  # object store: globs and "folder/" are listed through pyarrow
+        if globlib.has_magic(url.split("://", 1)[1]) or url.endswith("/"):
+            return _list_remote(url)
+        return [url]
+    path = local_path(url)
+    if globlib.has_magic(path) and not os.path.exists(path):
+        prefix = url[: len(url) - len(path)]  # keep file:// when given
+        return [prefix + p for p in sorted(globlib.glob(path)) if os.path.isfile(p)]
+    if os.path.isdir(path):
+        prefix = url[: len(url) - len(path)]
+        return [prefix + os.path.join(path, n) for n in sorted(os.listdir(path))
+                if n.endswith(".tar") and os.path.isfile(os.path.join(path, n))]
+    return [url]
+
+
+def _list_remote(url: str) -> list[str]:
+    """`s3://bucket/data/*.tar` or `s3://bucket/data/` -> the matching object URLs, sorted."""
+    import pyarrow.fs as pafs
+
+    scheme, rest = url.split("://", 1)
+    pattern = rest + "*.tar" if rest.endswith("/") else rest
+    # list from the longest folder without glob characters, recursively only when the pattern needs it
+    parts = pattern.split("/")
+    fixed = []
+    for p in parts[:-1]:
+        if globlib.has_magic(p):
+            break
+        fixed.append(p)
+    base = "/".join(fixed)
+    fs, base_path = pafs.FileSystem.from_uri(f"{scheme}://{base}")
+    recursive = len(fixed) < len(parts) - 1 or "**" in pattern
+    infos = fs.get_file_info(pafs.FileSelector(base_path, recursive=recursive, allow_not_found=True))
+    # match against the pattern rewritten relative to what the filesystem returns
+    rel = pattern[len(base):].lstrip("/")
+    full = (base_path.rstrip("/") + "/" + rel) if base_path else rel
+    return sorted(f"{scheme}://{i.path}" for i in infos
+                  if i.type == pafs.FileType.File and fnmatch.fnmatchcase(i.path, full))
+
+
 def is_local(url: str) -> bool:
-    return "://" not in url and not url.startswith("pipe:") or url.startswith("file://")
+    return url_scheme(url) == ""
 
 
 def local_path(url: str) -> str:
@@ -82,44 +202,120 @@ def shard_name(url: str) -> str:
     return f"{stem}-{hashlib.sha1(url.encode()).hexdigest()[:8]}"
 
 
-def read_raw_samples(url: str) -> Iterator[dict]:
-    """Yield raw WebDataset samples (dicts of extension -> bytes, plus
-    __key__) from one shard. A tar truncated mid-way yields what came before
-    and then one sample dict with `__error__` describing the damage."""
-    from webdataset.tariterators import group_by_keys, tar_file_iterator
+_KEY_RE = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # WebDataset's rule: key = name up to the first dot of the basename
 
-    stream = open_shard(url)
-    n = 0
+
+def split_member_name(name: str) -> tuple[str | None, str | None]:
+    m = _KEY_RE.match(name)
+    return (m.group(1), m.group(2).lower()) if m else (None, None)
+
+
+def read_raw_samples(url: str, *, allow_pipe: bool = False, allow_remote: bool = True) -> Iterator[dict]:
+    """Yield raw WebDataset samples (dicts of extension -> bytes, plus
+    __key__) from one shard, reading the tar members in stream mode.
+
+    - A sample is yielded as soon as the next key starts, so damage later in
+      the tar never costs an earlier, complete sample.
+    - A key seen before in this shard (e.g. the same sample written twice in
+      a row) gives a sample with `__error__` (`duplicate_key`) and reading goes on.
+    - Damage (truncation mid-member or mid-header, a corrupt header, a
+      broken compressed stream) ends the shard with one sample carrying
+      `__error__` (`tar_damaged`): the sample being read when it happened,
+      whose members may be incomplete.
+    - A stream that is not a tar at all raises OSError (the shard fails)."""
+    check_url_allowed(url, allow_pipe=allow_pipe, allow_remote=allow_remote)
+    stream = open_shard(url, allow_pipe=allow_pipe, allow_remote=allow_remote)
     try:
-        files = ({**f, "__url__": url} for f in tar_file_iterator(stream, handler=_reraise))
-        for sample in group_by_keys(files, handler=_reraise):
-            n += 1
-            yield sample
-    except Exception as exc:
-        if n == 0:  # not a readable tar at all: the shard fails (and is retried)
-            raise OSError(f"cannot read shard {url}: {type(exc).__name__}: {exc}") from exc
-        # damaged after some good samples: keep those, report the damage as a row
-        yield {"__key__": f"__damaged_after_{n}_samples__", "__error__": f"unreadable tar data: {type(exc).__name__}: {exc}"}
+        try:
+            tar = tarfile.open(fileobj=stream, mode="r|*", tarinfo=_TrackedTarInfo)
+        except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+            raise OSError(f"cannot read shard {url}: not a readable tar ({type(exc).__name__}: {exc})") from exc
+        yield from _group_members(tar, url)
     finally:
         stream.close()
 
 
-def open_shard(url: str):
+class _TrackedTarInfo(tarfile.TarInfo):
+    """Records why tarfile stopped: in stream mode it treats a corrupt or
+    truncated header after the first member as a normal end of archive."""
+
+    @classmethod
+    def fromtarfile(cls, tar):
+        try:
+            return super().fromtarfile(tar)
+        except tarfile.EOFHeaderError:
+            raise  # zero block: the archive's proper end
+        except (tarfile.InvalidHeaderError, tarfile.TruncatedHeaderError, tarfile.EmptyHeaderError) as exc:
+            tar._imprint_damage = f"{type(exc).__name__}: {exc or 'archive ends without its end-of-archive blocks'}"
+            raise
+
+
+def _group_members(tar: tarfile.TarFile, url: str) -> Iterator[dict]:
+    seen: set[str] = set()
+    current: dict | None = None
+    damage = ""
+    try:
+        while True:
+            try:
+                member = tar.next()
+            except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+                damage = f"{type(exc).__name__}: {exc}"
+                break
+            tar.members.clear()  # stream mode would keep every member header in memory
+            if member is None:
+                damage = getattr(tar, "_imprint_damage", "")
+                break
+            if not member.isfile():
+                continue
+            key, ext = split_member_name(member.name)
+            if key is None or os.path.basename(member.name).startswith("__"):
+                continue  # no extension, or WebDataset metadata: not part of a sample
+            if current is not None and (key != current["__key__"] or ext in current):
+                yield current  # complete: the next member starts another sample
+                current = None
+            if current is None:
+                current = {"__key__": key, "__url__": url}
+                if key in seen:
+                    current["__error__"] = f"duplicate key {key!r} in shard (a sample with this key came earlier)"
+                    current["__error_type__"] = "duplicate_key"
+                seen.add(key)
+            if member.size > MAX_MEMBER_BYTES:
+                current.setdefault("__error__", f"tar member {member.name!r} is {member.size} bytes "
+                                                f"(more than {MAX_MEMBER_BYTES}); not read")
+                current.setdefault("__error_type__", "too_large")
+                current[ext] = b""
+                continue  # tarfile skips the unread data when asked for the next member
+            try:
+                current[ext] = tar.extractfile(member).read()
+            except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+                damage = f"member {member.name!r}: {type(exc).__name__}: {exc}"
+                break
+    finally:
+        if damage:
+            bad = current or {"__key__": f"__damaged_after_{len(seen)}_samples__", "__url__": url}
+            bad["__error__"] = f"tar damaged while reading this sample ({damage}); the rest of the shard is unreadable"
+            bad["__error_type__"] = "tar_damaged"
+            current = bad
+    if current is not None:
+        yield current
+
+
+def open_shard(url: str, *, allow_pipe: bool = False, allow_remote: bool = True):
     """A binary stream for a shard: object stores through pyarrow's
-    filesystems (s3://, gs://, hdfs://), local files, http(s) and (when the
-    job allows them) pipe: commands through webdataset's gopen."""
-    if url.split("://", 1)[0] in ("s3", "gs", "gcs", "hdfs"):
+    filesystems (s3://, gs://, hdfs://), local files, http(s) through curl
+    (an argument list, no shell) and, only when allowed, pipe: commands."""
+    check_url_allowed(url, allow_pipe=allow_pipe, allow_remote=allow_remote)
+    scheme = url_scheme(url)
+    if scheme in OBJECT_STORE_SCHEMES:
         import pyarrow.fs as pafs
 
         fs, path = pafs.FileSystem.from_uri(url)
         return fs.open_input_stream(path)
+    if scheme == "":
+        return open(local_path(url), "rb")
     from webdataset import gopen
 
-    return gopen(local_path(url) if url.startswith("file://") else url, "rb")
-
-
-def _reraise(exc: Exception) -> bool:
-    raise exc
+    return gopen(url, "rb")
 
 
 # ---------------------------------------------------------------------------
@@ -133,102 +329,139 @@ def decode_sample(raw: dict, shard: str, spec_input, spec_image, resolution: int
     sample = Sample(key=key, shard=shard)
     try:
         if "__error__" in raw:
-            raise SampleError(raw["__error__"])
+            raise SampleError(raw["__error__"], raw.get("__error_type__", "other"))
         if not key:
-            raise SampleError("sample has no __key__")
-        sample.source_prompt, sample.target_prompts = _prompts(raw, spec_input, count_tokens)
+            raise SampleError("sample has no __key__", "no_key")
+        sample.source_prompt, sample.target_prompts, sample.meta = _prompts(raw, spec_input, count_tokens)
         img_ext = next((e for e in IMAGE_EXTS if e in raw), None)
         if img_ext is None:
-            raise SampleError(f"no image entry (expected one of {', '.join(IMAGE_EXTS)}; found {', '.join(_exts(raw)) or 'none'})")
+            raise SampleError(f"no image entry (expected one of {', '.join(IMAGE_EXTS)}; found {', '.join(_exts(raw)) or 'none'})",
+                              "no_image")
         pil = load_image(raw[img_ext], spec_image)
         sample.orig_size = pil.size
         sample.image = to_model_tensor(pil, spec_image, resolution)
         sample.extras = {k: v for k, v in raw.items() if not k.startswith("__") and k not in (img_ext, "json", "txt")}
     except SampleError as exc:
-        sample.error = str(exc)
+        sample.error, sample.error_type = str(exc), exc.kind
     except Exception as exc:  # anything else the decoders throw is still the sample's fault
-        sample.error = f"{type(exc).__name__}: {exc}"
+        sample.error, sample.error_type = f"{type(exc).__name__}: {exc}", "other"
     return sample
-
-
-class SampleError(ValueError):
-    pass
 
 
 def _exts(raw: dict) -> list[str]:
     return [k for k in raw if not k.startswith("__")]
 
 
-def _prompts(raw: dict, spec_input, count_tokens) -> tuple[str, list[str]]:
+PROMPT_FIELDS = ("source_prompt", "target_prompts")
+
+
+def _prompts(raw: dict, spec_input, count_tokens) -> tuple[str, list[str], dict]:
+    """(source prompt, target prompts, the json's other fields)."""
     meta: dict = {}
     if "json" in raw:
         try:
             meta = json.loads(raw["json"].decode("utf-8") if isinstance(raw["json"], bytes) else raw["json"])
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise SampleError(f"unreadable json: {exc}") from None
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            raise SampleError(f"unreadable json: {type(exc).__name__}: {exc}", "bad_json") from None
         if not isinstance(meta, dict):
-            raise SampleError("json must be an object with source_prompt and optional target_prompts")
+            raise SampleError("json must be an object with source_prompt and optional target_prompts", "bad_json")
     source = meta.get("source_prompt")
     if source is None and "txt" in raw:
         try:
             source = raw["txt"].decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise SampleError(f"txt caption is not UTF-8: {exc}") from None
+            raise SampleError(f"txt caption is not UTF-8: {exc}", "prompt_invalid") from None
     if not isinstance(source, str) or not source.strip():
-        raise SampleError("missing or empty source prompt (json source_prompt or txt caption)")
+        raise SampleError("missing or empty source prompt (json source_prompt or txt caption)", "prompt_missing")
     source = source.strip()
     targets = meta.get("target_prompts", [])
     if isinstance(targets, str):
         targets = [targets]
     if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
-        raise SampleError("target_prompts must be a list of strings")
+        raise SampleError("target_prompts must be a list of strings", "prompt_invalid")
     targets = [t.strip() for t in targets]
     if any(not t for t in targets):
-        raise SampleError("empty target prompt in target_prompts")
-    targets += [t.format(source=source) for t in spec_input.templates]
+        raise SampleError("empty target prompt in target_prompts", "prompt_invalid")
+    targets += render_templates(spec_input.templates, source)
     targets = list(dict.fromkeys(targets))  # same target twice would only duplicate work
     if not targets:
-        raise SampleError("no target prompts (none in the sample and no input.templates in the job)")
+        raise SampleError("no target prompts (none in the sample and no input.templates in the job)", "no_targets")
     if count_tokens is not None:
         for p in [source, *targets]:
             n = count_tokens(p)
             if n > spec_input.max_prompt_tokens:
                 raise SampleError(
-                    f"prompt too long: {n} tokens > {spec_input.max_prompt_tokens} (input.max_prompt_tokens): {p[:60]!r}..."
+                    f"prompt too long: {n} tokens > {spec_input.max_prompt_tokens} (input.max_prompt_tokens): {p[:60]!r}...",
+                    "prompt_too_long",
                 )
-    return source, targets
+    return source, targets, {k: v for k, v in meta.items() if k not in PROMPT_FIELDS}
+
+
+def render_templates(templates: list[str], source: str) -> list[str]:
+    """The job's target templates for one source prompt. Templates were
+    checked by `spec.validate` to hold only `{source}` and literal braces,
+    so `str.format` can reach nothing else."""
+    return [t.format(source=source) for t in templates]
 
 
 def load_image(data: bytes, spec_image) -> Image.Image:
-    """Decode image bytes to RGB, refusing bombs and degenerate sizes.
-    Handles L, LA, P, RGBA (composited on white), CMYK, I;16 and I modes and
-    the EXIF orientation."""
+    """Decode image bytes to RGB, refusing other formats than the input
+    contract's, bombs and degenerate sizes. Handles L, LA, P, RGBA
+    (composited on white), CMYK, I;16 and I modes and the EXIF orientation."""
     if not data:
-        raise SampleError("empty image bytes")
+        raise SampleError("empty image bytes", "decode")
+    fmt = sniff_format(data)
+    if fmt is not None and fmt not in IMAGE_FORMATS:
+        raise SampleError(f"image format refused: {fmt} (the input contract accepts {', '.join(IMAGE_FORMATS)})",
+                          "format_refused")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             old = Image.MAX_IMAGE_PIXELS
             Image.MAX_IMAGE_PIXELS = spec_image.max_pixels
             try:
-                img = Image.open(io.BytesIO(data))
+                img = Image.open(io.BytesIO(data), formats=list(IMAGE_FORMATS))
                 w, h = img.size
                 if w * h > spec_image.max_pixels:
-                    raise SampleError(f"image too large: {w}x{h} = {w * h} pixels > image.max_pixels ({spec_image.max_pixels})")
+                    raise SampleError(f"image too large: {w}x{h} = {w * h} pixels > image.max_pixels ({spec_image.max_pixels})",
+                                      "too_large")
                 img.load()
             finally:
                 Image.MAX_IMAGE_PIXELS = old
     except SampleError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise SampleError(f"image refused as a decompression bomb: {exc}") from None
+        raise SampleError(f"image refused as a decompression bomb: {exc}", "too_large") from None
     except Exception as exc:
-        raise SampleError(f"cannot decode image: {type(exc).__name__}: {exc}") from None
+        raise SampleError(f"cannot decode image: {type(exc).__name__}: {exc}", "decode") from None
     w, h = img.size
     if min(w, h) < spec_image.min_side:
-        raise SampleError(f"image too small: {w}x{h} (image.min_side = {spec_image.min_side})")
+        raise SampleError(f"image too small: {w}x{h} (image.min_side = {spec_image.min_side})", "too_small")
     img = ImageOps.exif_transpose(img)
     return to_rgb(img)
+
+
+def sniff_format(data: bytes) -> str | None:
+    """The PIL format whose signature `data` starts with, without opening it
+    with that plugin (only the plugins' prefix checks run); None when no
+    plugin claims it."""
+    Image.init()
+    prefix = data[:16]
+    for fmt in IMAGE_FORMATS:  # ours first: some signatures overlap
+        if _accepts(fmt, prefix):
+            return fmt
+    for fmt in Image.OPEN:
+        if fmt not in IMAGE_FORMATS and _accepts(fmt, prefix):
+            return fmt
+    return None
+
+
+def _accepts(fmt: str, prefix: bytes) -> bool:
+    accept = Image.OPEN[fmt][1]
+    try:
+        return bool(accept(prefix)) if accept else False
+    except Exception:  # noqa: BLE001 - a plugin's signature check must not fail the sample
+        return False
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -266,15 +499,20 @@ def target_size(w: int, h: int, spec_image, resolution: int) -> tuple[tuple[int,
 
 
 def to_model_tensor(img: Image.Image, spec_image, resolution: int) -> torch.Tensor:
+    """Apply the geometry rule (`target_size`) to a decoded image. Only the
+    region that survives the crop is resampled, straight to the output size,
+    so the work and memory per image are bounded by the output size however
+    long the image is (a 1,000,000 x 16 strip is not first scaled up whole)."""
     w, h = img.size
+    x0, y0 = 0, 0
     if spec_image.resize == "square":
         s = min(w, h)
-        img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
-        w, h = s, s
+        x0, y0, w, h = (w - s) // 2, (h - s) // 2, s, s
     (rw, rh), (cw, ch) = target_size(w, h, spec_image, resolution)
-    img = img.resize((rw, rh), Image.Resampling.LANCZOS)
-    left, top = (rw - cw) // 2, (rh - ch) // 2
-    img = img.crop((left, top, left + cw, top + ch))
+    left, top = (rw - cw) // 2, (rh - ch) // 2  # the crop, in resized coordinates
+    sx, sy = w / rw, h / rh
+    box = (x0 + left * sx, y0 + top * sy, x0 + (left + cw) * sx, y0 + (top + ch) * sy)
+    img = img.resize((cw, ch), Image.Resampling.LANCZOS, box=box)
     arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 

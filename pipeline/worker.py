@@ -89,14 +89,14 @@ class ShardWorker:
             q.put(exc)
 
     def _samples(self, url: str):
-        for raw in read_raw_samples(url):
+        for raw in read_raw_samples(url, allow_pipe=self.spec.input.allow_pipe):
             t0 = time.perf_counter()
             s = decode_sample(raw, url, self.spec.input, self.spec.image, self.resolution, self.models.count_tokens)
             if not s.error and self.spec.manipulate.strokes:
                 try:
                     stroke_inputs(s, self.spec)
                 except ValueError as exc:
-                    s.error = str(exc)
+                    s.error, s.error_type = str(exc), "no_strokes"
             yield s, time.perf_counter() - t0
 
     def _code_items(self, url: str):
