@@ -104,11 +104,14 @@ def validate(
     job: Path = typer.Argument(..., help="Job spec (TOML)."),
     set_: list[str] = typer.Option([], "--set", help="Override a field (repeatable)."),
 ) -> None:
-    """Check a job spec and print it resolved, without running anything."""
+    """Check a job spec (and that its model and device resolve) and print it
+    resolved, without running anything."""
+    from .preflight import preflight
     from .spec import SpecError, load_spec, to_toml
 
     try:
         spec = load_spec(job, list(set_))
+        preflight(spec)
     except SpecError as exc:
         _die(str(exc))
     typer.echo(to_toml(spec))

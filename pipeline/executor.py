@@ -14,6 +14,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 
 from .data import expand_shards, missing_shards, shard_name
+from .preflight import preflight
 from .spec import JobSpec, SpecError, to_toml
 from .store import OutputError, OutputStore
 
@@ -85,6 +86,7 @@ class Progress:
 def plan(spec: JobSpec, force: bool = False) -> tuple[OutputStore, list[str], list[str]]:
     """Everything checked before any model is loaded: shards exist, output is
     writable and not another job's. Returns (store, all shards, pending)."""
+    preflight(spec)
     try:
         if spec.input.codes:
             from .codes import code_shards

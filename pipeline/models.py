@@ -13,7 +13,8 @@ import gzip
 import json
 import os
 import tempfile
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
@@ -66,6 +67,10 @@ class Models:
     model_id: str
     random_weights: bool
     resolution: int  # native image size in pixels
+    # The tokenizer is Rust-backed and not thread-safe: the reader thread
+    # counts tokens while the main thread encodes prompts, and concurrent
+    # calls (one with truncation, one without) returned wrong counts.
+    tokenizer_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -82,19 +87,21 @@ class Models:
     @torch.no_grad()
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
         """CLIP text embeddings [len(prompts), 77, D] (padding to max length, as SD)."""
-        tok = self.tokenizer(
-            list(prompts),
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        )
+        with self.tokenizer_lock:
+            tok = self.tokenizer(
+                list(prompts),
+                padding="max_length",
+                max_length=self.tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            )
         out = self.text_encoder(tok.input_ids.to(self.device))
         return out[0].to(self.dtype)
 
     def count_tokens(self, prompt: str) -> int:
         """Tokens including start/end markers (to detect over-long prompts)."""
-        return len(self.tokenizer(prompt, truncation=False).input_ids)
+        with self.tokenizer_lock:
+            return len(self.tokenizer(prompt, truncation=False).input_ids)
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
@@ -304,3 +311,80 @@ def load_models(
         ) from exc
     resolution = int(unet.config.sample_size) * 2 ** (len(vae.config.block_out_channels) - 1)
     return _finish(unet, vae, text_encoder, tokenizer, scheduler, dev, dt, model_id, False, resolution)
+
+
+@dataclass(frozen=True)
+class ModelLimits:
+    """What a job spec must respect for a model, known without its weights."""
+
+    num_train_timesteps: int  # the scheduler's training steps: inversion.steps may not exceed them
+    text_context: int  # the text encoder's context in tokens (incl. start/end markers)
+    latent_multiple: int  # VAE factor x UNet downsampling: the smallest image side the model runs at
+    resolution: int  # native image size in pixels
+
+
+def _limits_from_configs(scheduler: dict, text: dict, tokenizer: dict, unet: dict, vae: dict) -> ModelLimits:
+    vae_factor = 2 ** (len(vae.get("block_out_channels", (128, 256, 512, 512))) - 1)
+    unet_factor = 2 ** (len(unet.get("block_out_channels", (320, 640, 1280, 1280))) - 1)
+    context = int(text.get("max_position_embeddings", 77))
+    if tokenizer.get("model_max_length"):
+        context = min(context, int(tokenizer["model_max_length"]))
+    return ModelLimits(num_train_timesteps=int(scheduler.get("num_train_timesteps", 1000)), text_context=context,
+                       latent_multiple=vae_factor * unet_factor,
+                       resolution=int(unet.get("sample_size", 64)) * vae_factor)
+
+
+def _random_model_limits(name: str) -> ModelLimits:
+    cfg = RANDOM_MODELS[name]
+    return _limits_from_configs(sd_scheduler_config(), {**_TEXT_IDS, **cfg["text"]}, {"model_max_length": 77},
+                                {**cfg["unet"], "sample_size": cfg["resolution"] // 8}, cfg["vae"])
+
+
+# Built-in model ids -> their limits without building them (other branches
+# add their built-in models here).
+BUILTIN_LIMITS = {name: (lambda name=name: _random_model_limits(name)) for name in RANDOM_MODELS}
+
+
+def model_limits(model_id: str, revision: str | None = None) -> ModelLimits:
+    """The limits of a model id, from its configuration files only (no
+    weights): a built-in model, a local diffusers folder, or a hub id
+    (from the local cache when offline). Raises ValueError when the id does
+    not resolve."""
+    if model_id in BUILTIN_LIMITS:
+        return BUILTIN_LIMITS[model_id]()
+    files = {"scheduler": "scheduler/scheduler_config.json", "text": "text_encoder/config.json",
+             "tokenizer": "tokenizer/tokenizer_config.json", "unet": "unet/config.json", "vae": "vae/config.json"}
+    configs = {}
+    for part, rel in files.items():
+        try:
+            configs[part] = json.loads(_config_file(model_id, rel, revision))
+        except FileNotFoundError:
+            if part == "tokenizer":  # optional: the text encoder's config gives the context too
+                configs[part] = {}
+                continue
+            raise ValueError(f"model {model_id!r} has no {rel} (expected a diffusers-format Stable Diffusion "
+                             "folder or hub id, or one of the built-in models: " + ", ".join(BUILTIN_LIMITS) + ")") from None
+        except ValueError as exc:
+            raise ValueError(f"model {model_id!r}: cannot read {rel}: {exc}") from None
+    return _limits_from_configs(**configs)
+
+
+def _config_file(model_id: str, rel: str, revision: str | None) -> str:
+    if os.path.isdir(model_id):
+        path = os.path.join(model_id, rel)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(path)
+        with open(path, encoding="utf-8") as fh:
+            return fh.read()
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.utils import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        with open(hf_hub_download(model_id, rel, revision=revision), encoding="utf-8") as fh:
+            return fh.read()
+    except LocalEntryNotFoundError:  # (a subclass of EntryNotFoundError in some versions)
+        raise ValueError("not in the local cache and the hub cannot be reached (offline?)") from None
+    except EntryNotFoundError:
+        raise FileNotFoundError(rel) from None
+    except (HfHubHTTPError, OSError, ValueError) as exc:  # unknown repo, no access, malformed id
+        raise ValueError(f"cannot resolve on the hub: {type(exc).__name__}: {exc}") from None

@@ -9,6 +9,8 @@ import copy
 import dataclasses
 import hashlib
 import json
+import math
+import string
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -233,6 +235,8 @@ def _coerce(path: str, value: Any, default: Any, annotation: str) -> Any:
             return None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise SpecError(f"{path}: expected a number, got {value!r}")
+        if not math.isfinite(value):  # TOML has inf and nan; no setting of a job means either
+            raise SpecError(f"{path}: must be a finite number, got {value!r}")
         return float(value)
     if ann == "bool":
         if not isinstance(value, bool):
@@ -310,14 +314,10 @@ def validate(spec: JobSpec) -> JobSpec:
     need(not (spec.input.shards and spec.input.codes), "input.codes", "give input.shards or input.codes, not both")
     for s in spec.input.shards:
         need(bool(s.strip()), "input.shards", "empty shard name")
-        need(not s.startswith("pipe:") or spec.input.allow_pipe, "input.shards",
-             f"{s!r} is a pipe: command; set input.allow_pipe = true to allow shell commands")
+    _check_shard_urls(spec)
     for t in spec.input.templates:
         need(bool(t.strip()), "input.templates", "empty template")
-        try:
-            t.format(source="x")
-        except (KeyError, IndexError, ValueError) as exc:
-            raise SpecError(f"input.templates: {t!r} is not a valid template (only {{source}} may be used): {exc}") from None
+        check_template(t)
     need(spec.input.max_prompt_tokens >= 3, "input.max_prompt_tokens", "must be >= 3")
     im = spec.image
     need(im.resolution == 0 or im.resolution >= im.multiple, "image.resolution", f"must be 0 (model default) or >= image.multiple ({im.multiple})")
@@ -343,8 +343,14 @@ def validate(spec: JobSpec) -> JobSpec:
         path = f"inversion.per_method.{name}"
         need(name in inv.methods, path, f"{name!r} is not one of the job's methods ({', '.join(inv.methods)})")
         need(isinstance(over, dict), path, "expected a table")
-        for k in over:
+        for k, value in over.items():
             need(k in ("skip", "cfg_source", "cfg_target", "params"), f"{path}.{k}", "unknown field (expected skip, cfg_source, cfg_target, params)")
+            if k == "skip":
+                need(isinstance(value, int) and not isinstance(value, bool), f"{path}.skip", f"expected an integer, got {value!r}")
+            elif k == "params":
+                need(isinstance(value, dict), f"{path}.params", f"expected a table, got {value!r}")
+            else:
+                need(_is_number(value), f"{path}.{k}", f"expected a finite number, got {value!r}")
     for v in spec.variants():
         path = f"inversion.per_method.{v.method}" if v.method in inv.per_method else "inversion"
         need(isinstance(v.skip, int) and 0 <= v.skip < v.steps, f"{path}.skip" if path != "inversion" else "inversion.skip",
@@ -366,6 +372,8 @@ def validate(spec: JobSpec) -> JobSpec:
             need(not f or Path(f).is_file(), "manipulate.strokes_mask" if f == mp.strokes_mask else "manipulate.strokes_image",
                  f"file not found: {f}")
     need(spec.edit.cfg_target >= 0, "edit.cfg_target", "must be >= 0")
+    _check_edit_params(inv.methods, spec.edit.params)
+    _check_device_name(spec.model.device)
     need(1 <= spec.edit.seeds <= 1024, "edit.seeds", "must be in [1, 1024]")
     need(spec.batch.images >= 1, "batch.images", "must be >= 1")
     need(spec.batch.max_unet_batch >= 1, "batch.max_unet_batch", "must be >= 1")
@@ -384,6 +392,30 @@ def validate(spec: JobSpec) -> JobSpec:
     return spec
 
 
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# Ranges of method parameters by name, wherever they are given (inversion or
+# edit params, per method): the samplers divide by sigma = eta * sqrt(var).
+_PARAM_RULES = {
+    "eta": (lambda v: v > 0, "must be > 0 (sigma_t = eta * sqrt(var) divides); use method 'ddim' for eta = 0"),
+    "mix": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    "forward_steps": (lambda v: v is None or (isinstance(v, int) and v >= 1), "must be an integer >= 1"),
+}
+
+
+def _check_param_value(path: str, name: str, value: Any, default: Any) -> None:
+    if default is None or (isinstance(default, (int, float)) and not isinstance(default, bool)):
+        if not _is_number(value):
+            raise SpecError(f"{path}: expected a finite number, got {value!r}")
+    elif isinstance(default, bool) and not isinstance(value, bool):
+        raise SpecError(f"{path}: expected true or false, got {value!r}")
+    rule = _PARAM_RULES.get(name)
+    if rule and not rule[0](value):
+        raise SpecError(f"{path}: {rule[1]}, got {value!r}")
+
+
 def _check_method_params(method: str, params: dict, path: str) -> None:
     from .inversion import get_method
 
@@ -392,11 +424,72 @@ def _check_method_params(method: str, params: dict, path: str) -> None:
         if k not in defaults:
             allowed = ", ".join(defaults) or "none"
             raise SpecError(f"{path}.{k}: not a parameter of method {method!r} (its parameters: {allowed})")
-        if defaults[k] is None or (isinstance(defaults[k], (int, float)) and not isinstance(defaults[k], bool)):
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise SpecError(f"{path}.{k}: expected a number, got {v!r}")
-        elif isinstance(defaults[k], bool) and not isinstance(v, bool):
-            raise SpecError(f"{path}.{k}: expected true or false, got {v!r}")
+        _check_param_value(f"{path}.{k}", k, v, defaults[k])
+
+
+# Keyword arguments of a method's `edit` that the engine sets itself.
+_ENGINE_EDIT_ARGS = {"cfg_scale", "max_batch", "on_step"}
+
+
+def edit_param_names(method: str) -> dict[str, Any]:
+    """The edit parameters a method takes (name -> default), read from its
+    `edit` signature: what `edit.params` may set."""
+    import inspect
+
+    from .inversion import get_method
+
+    sig = inspect.signature(get_method(method).edit)
+    return {n: (None if p.default is inspect.Parameter.empty else p.default) for n, p in sig.parameters.items()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY and n not in _ENGINE_EDIT_ARGS}
+
+
+def _check_edit_params(methods: list[str], params: dict) -> None:
+    """edit.params go to every method's edit: each key must be taken by all of them."""
+    for k, v in params.items():
+        for m in methods:
+            names = edit_param_names(m)
+            if k not in names:
+                raise SpecError(f"edit.params.{k}: not an edit parameter of method {m!r} "
+                                f"(its edit parameters: {', '.join(names) or 'none'})")
+            _check_param_value(f"edit.params.{k}", k, v, names[k] if names[k] is not None else 0.0)
+
+
+def _check_device_name(device: str) -> None:
+    """Syntax only; whether the device exists is checked by `preflight`."""
+    import re
+
+    if device != "auto" and not re.fullmatch(r"(cpu|cuda|mps|xpu)(:\d+)?", device):
+        raise SpecError(f"model.device: {device!r} is not a device name (expected auto, cpu, cuda, cuda:N, mps or xpu)")
+
+
+def check_template(template: str) -> None:
+    """A target template may hold `{source}` and literal braces (`{{`, `}}`)
+    only: no attribute or index access, conversions, format specs or other
+    fields (templates are Python format strings, and those reach object internals)."""
+    problem = ""
+    try:
+        for _, name, fmt_spec, conversion in string.Formatter().parse(template):
+            if name is not None and (name != "source" or fmt_spec or conversion):
+                shown = "{" + name + (f"!{conversion}" if conversion else "") + (f":{fmt_spec}" if fmt_spec else "") + "}"
+                problem = f"{shown} is not allowed"
+                break
+    except ValueError as exc:  # unbalanced braces
+        problem = str(exc)
+    if problem:
+        raise SpecError(f"input.templates: {template!r} is not a valid template ({problem}; only {{source}} "
+                        "and literal braces {{ }} may be used)")
+
+
+def _check_shard_urls(spec: "JobSpec") -> None:
+    """The pipe rule and the URL schemes on every brace-expanded shard URL
+    (globs and folders are listed when the job is planned)."""
+    from .data import brace_urls
+
+    try:
+        for _ in brace_urls(spec.input.shards, allow_pipe=spec.input.allow_pipe):
+            pass
+    except ValueError as exc:
+        raise SpecError(f"input.shards: {exc}") from None
 
 
 def _validate_scoring(spec: JobSpec) -> None:
