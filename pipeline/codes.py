@@ -78,6 +78,120 @@ def check_compatible(row: dict, models) -> None:
         raise ValueError(f"code of {row['key']!r} was made with another scheduler configuration (differs in {', '.join(diff)})")
 
 
+class CodeError(ValueError):
+    """A stored code that cannot be used; its sample becomes an error row."""
+
+
+# Extra tensors a method's edit cannot do without (see the method modules).
+_REQUIRED_EXTRA = {"edict": ("y",)}
+_ROW_FIELDS = {"key": str, "shard": str, "seed_index": int, "seed": int, "method": str, "model_id": str, "num_steps": int,
+               "skip": int, "timesteps": list, "scheduler_config": str, "params": str, "source_prompt": str,
+               "width": int, "height": int, "dtype": str, "x_start": bytes, "x_start_shape": list, "zs": bytes,
+               "zs_shape": list}
+
+
+def check_code_rows(rows: list[dict], models) -> None:
+    """Everything a stored code must satisfy before it reaches the engine,
+    for the rows (seeds) of one sample. The noise/ file is untrusted input:
+    raise CodeError saying what is wrong instead of failing the whole file
+    (or, for NaN maps, silently producing NaN images and scores)."""
+    from .inversion import get_method, method_names
+    from .inversion.common import Schedule
+
+    for r in rows:
+        for name, kind in _ROW_FIELDS.items():
+            v = r.get(name)
+            if not isinstance(v, kind) or (kind is int and isinstance(v, bool)):
+                raise CodeError(f"stored code: {name} must be {kind.__name__}, got {type(v).__name__} {_short(v)}")
+    first = rows[0]
+    shared = ("method", "num_steps", "skip", "timesteps", "params", "width", "height", "dtype", "source_prompt",
+              "model_id", "scheduler_config")
+    for r in rows[1:]:
+        diff = [k for k in shared if r[k] != first[k]]
+        if diff:
+            raise CodeError(f"stored codes of one sample disagree in {', '.join(diff)}")
+    if len({r["seed_index"] for r in rows}) != len(rows):
+        raise CodeError("stored codes of one sample repeat a seed_index")
+    check_compatible(first, models)
+    method = first["method"]
+    if method not in method_names():
+        raise CodeError(f"stored code: unknown method {method!r} (expected one of {', '.join(method_names())})")
+    train_steps = int(models.scheduler.config.num_train_timesteps)
+    n, skip = first["num_steps"], first["skip"]
+    if not 1 <= n <= train_steps:
+        raise CodeError(f"stored code: num_steps {n} outside [1, {train_steps}] (the scheduler's training steps)")
+    if not 0 <= skip < n:
+        raise CodeError(f"stored code: skip {skip} outside [0, num_steps = {n})")
+    expected = Schedule.from_scheduler(models.scheduler, n).timesteps[skip:].tolist()
+    if first["timesteps"] != expected:
+        raise CodeError(f"stored code: timesteps do not match the schedule of {n} steps from skip {skip}")
+    try:
+        params = json.loads(first["params"])
+    except ValueError as exc:
+        raise CodeError(f"stored code: params are not JSON: {exc}") from None
+    if not isinstance(params, dict):
+        raise CodeError(f"stored code: params must be a JSON object, got {_short(params)}")
+    _check_code_params(method, params)
+    if first["dtype"] not in _NP:
+        raise CodeError(f"stored code: dtype must be one of {', '.join(_NP)}, got {first['dtype']!r}")
+    f = models.vae_scale_factor
+    w, h = first["width"], first["height"]
+    if w <= 0 or h <= 0 or w % f or h % f:
+        raise CodeError(f"stored code: image size {w}x{h} is not a positive multiple of the VAE factor {f}")
+    grid = [int(models.vae.config.latent_channels), h // f, w // f]
+    steps = len(expected)
+    stochastic = "eta" in getattr(get_method(method), "DEFAULTS", {})
+    for r in rows:
+        if r["x_start_shape"] != grid:
+            raise CodeError(f"stored code: latent grid {r['x_start_shape']} does not match {grid} "
+                            f"(the model's latents of a {w}x{h} image)")
+        zs_steps = r["zs_shape"][0] if r["zs_shape"] else -1
+        if r["zs_shape"][1:] != grid or zs_steps not in ((steps,) if stochastic else (0, steps)):
+            raise CodeError(f"stored code: noise maps of shape {r['zs_shape']}; expected {[steps, *grid]}")
+        names, shapes, data = r.get("extra_names") or [], r.get("extra_shapes") or [], r.get("extra_data") or []
+        if not (len(names) == len(shapes) == len(data)) or any(s != grid for s in shapes):
+            raise CodeError("stored code: extra tensors do not match their names or the latent grid")
+        missing = [x for x in _REQUIRED_EXTRA.get(method, ()) if x not in names]
+        if missing:
+            raise CodeError(f"stored code: method {method!r} needs extra tensor(s) {', '.join(missing)}")
+        itemsize = np.dtype(_NP[first["dtype"]]).itemsize
+        for label, blob, shape in [("x_start", r["x_start"], grid), ("zs", r["zs"], r["zs_shape"]),
+                                   *[(f"extra {nm}", d, sh) for nm, d, sh in zip(names, data, shapes)]]:
+            if not isinstance(blob, bytes) or len(blob) != int(np.prod(shape)) * itemsize:
+                raise CodeError(f"stored code: {label} holds {len(blob) if isinstance(blob, bytes) else 'no'} bytes, "
+                                f"not {int(np.prod(shape)) * itemsize} for shape {shape} in {first['dtype']}")
+            if not np.isfinite(np.frombuffer(blob, dtype=_NP[first["dtype"]])).all():
+                raise CodeError(f"stored code: {label} holds NaN or infinite values")
+
+
+def _check_code_params(method: str, params: dict) -> None:
+    from .inversion import get_method
+    from .spec import SpecError, _check_param_value, _is_number
+
+    defaults = getattr(get_method(method), "DEFAULTS", {})
+    for k, v in params.items():
+        if k == "manipulations":  # recorded by noise-space edits; informational
+            continue
+        if k == "cfg_source":
+            if not _is_number(v) or v < 0:
+                raise CodeError(f"stored code: params.cfg_source must be a finite number >= 0, got {_short(v)}")
+            continue
+        if k not in defaults:
+            raise CodeError(f"stored code: params.{k} is not a parameter of method {method!r}")
+        try:
+            _check_param_value(f"params.{k}", k, v, defaults[k])
+        except SpecError as exc:
+            raise CodeError(f"stored code: {exc}") from None
+    for k in defaults:
+        if k == "eta" and k not in params:
+            raise CodeError(f"stored code: params lack {k} (method {method!r} needs it)")
+
+
+def _short(v) -> str:
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def code_shards(path: str) -> list[str]:
     """The noise/ files of a job output (or of a noise/ folder itself), sorted."""
     from .store import OutputStore

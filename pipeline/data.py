@@ -126,11 +126,14 @@ def expand_shards(patterns: list[str], *, allow_pipe: bool = False) -> list[str]
     URL the rules refuse (see `check_url_allowed`)."""
     out: list[str] = []
     seen: set[str] = set()
-    for url in brace_urls(patterns, allow_pipe=allow_pipe):
-        for s in _resolve(url):
-            if s not in seen:
-                seen.add(s)
-                out.append(s)
+    try:
+        for url in brace_urls(patterns, allow_pipe=allow_pipe):
+            for s in _resolve(url):
+                if s not in seen:
+                    seen.add(s)
+                    out.append(s)
+    except ValueError as exc:
+        raise ValueError(f"input.shards: {exc}") from None
     return out
 
 

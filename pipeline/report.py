@@ -12,10 +12,14 @@ run, an `edit-grid` row of the N edits with their scores), `histograms`
 method) and `errors` (the bad samples and why).
 
 Choices:
-- The source image is not in the output tables; it is re-read from the
-  input shard (the `shard` column) and shown in the model's geometry (the
-  same resize and crop as the edits). When the shard cannot be read from
-  here the page says "source not available".
+- The source image is the one stored in the output (`sources.image`: the
+  image exactly as the model saw it). A report never opens the input
+  shards named in the output on its own: an output may come from someone
+  else, and its `shard` column could name a `pipe:` command or any URL.
+  Only with `--read-inputs` are the shards re-read (and shown in the
+  model's geometry), under the same rules as a job: `pipe:` only when the
+  stored job spec set input.allow_pipe. Without a stored image (outputs of
+  older versions) and without the flag the page says "source not available".
 - The reconstruction is not re-decoded: that needs the model and the noise
   codes, too heavy for a report. The page shows the reconstruction error the
   run recorded instead (`recon_error_max`/`recon_error_mean` in latent
@@ -67,7 +71,9 @@ class Run:
     meta: dict  # imprint.* parquet metadata of the first file, random-weight flags OR-ed over all files
     results: object  # pyarrow.Table without images, plus `_file` (index into result_files)
     result_files: list
-    sources: object  # pyarrow.Table
+    sources: object  # pyarrow.Table without images, plus `_file` (index into source_files)
+    source_files: list = field(default_factory=list)
+    has_source_images: bool = False  # the sources files have an `image` column
     done: dict = field(default_factory=dict)  # shard name -> marker
     failed: dict = field(default_factory=dict)  # shard name -> failure marker
     label: str = ""
@@ -109,11 +115,15 @@ def load_run(path: str) -> Run:
         spec = {}
     meta: dict[str, str] = {}
 
-    def read(name: str, schema: pa.Schema, columns: tuple[str, ...] | None):
+    has_image = []
+
+    def read(name: str, schema: pa.Schema, columns: tuple[str, ...] | None, exclude: tuple[str, ...] = ()):
         files = store.table_files(name)
         parts = []
         for i, f in enumerate(files):
             have = pq.read_schema(f, filesystem=store.fs)
+            if name == "sources":
+                has_image.append("image" in have.names)
             for k, v in (have.metadata or {}).items():
                 k, v = k.decode(), v.decode()
                 if not k.startswith("imprint."):
@@ -123,25 +133,26 @@ def load_run(path: str) -> Run:
                     meta[k] = "true" if v == "true" or meta.get(k) == "true" else "false"
                 else:
                     meta.setdefault(k, v)
-            cols = [c for c in (columns or have.names) if c in have.names]
+            cols = [c for c in (columns or have.names) if c in have.names and c not in exclude]
             t = pq.read_table(f, filesystem=store.fs, columns=cols).replace_schema_metadata(None)
             parts.append(t.append_column("_file", pa.array([i] * len(t), pa.int32())))
         if not parts:
             empty = schema.empty_table()
-            cols = list(columns or schema.names)
+            cols = [c for c in (columns or schema.names) if c not in exclude]
             return empty.select(cols).append_column("_file", pa.array([], pa.int32())), files
         table = pa.concat_tables(parts, promote_options="default")
         for f in schema:  # outputs of older versions may lack columns: add them as nulls
-            if (columns is None or f.name in columns) and f.name not in table.column_names:
+            if (columns is None or f.name in columns) and f.name not in exclude and f.name not in table.column_names:
                 table = table.append_column(f.name, pa.nulls(len(table), f.type))
         return table, files
 
     results, result_files = read("results", RESULTS, _LIGHT_COLUMNS)
-    sources, _ = read("sources", SOURCES, None)
+    sources, source_files = read("sources", SOURCES, None, exclude=("image",))
     done = {k: v for k, v in store.markers(DONE).items() if v.get("spec_hash") == job.get("spec_hash")}
     failed = {k: v for k, v in store.markers(FAILED).items() if k not in done}
     return Run(path=path, store=store, spec_hash=str(job.get("spec_hash", "")), spec_text=spec_text, spec=spec,
-               meta=meta, results=results, result_files=result_files, sources=sources, done=done, failed=failed)
+               meta=meta, results=results, result_files=result_files, sources=sources, source_files=source_files,
+               has_source_images=any(has_image), done=done, failed=failed)
 
 
 @dataclass
@@ -249,9 +260,36 @@ def scatter_png(by_series: dict) -> tuple[str | None, int]:
     return _png(fig), len(points)
 
 
+NO_SOURCE = ("source not available: not stored in this output "
+             "(`imprint report --read-inputs` re-reads the input shards)")
+
+
+def stored_source_images(run: Run, keys: list[tuple[str, str]]) -> dict[tuple[str, str], str]:
+    """(shard, key) -> data URI of the source image stored in the run's
+    `sources` table, read only from the files that hold the shown inputs."""
+    import pyarrow.parquet as pq
+
+    if not run.has_source_images:
+        return {}
+    rows = rows_of(run.sources.select(["key", "shard", "_file"]), keys)
+    out = {}
+    for i in sorted({r["_file"] for r in rows}):
+        f = run.source_files[i]
+        if "image" not in pq.read_schema(f, filesystem=run.store.fs).names:
+            continue
+        names = sorted({r["key"] for r in rows if r["_file"] == i})
+        cols = [c for c in ("key", "shard", "image", "image_format") if c in pq.read_schema(f, filesystem=run.store.fs).names]
+        for r in pq.read_table(f, filesystem=run.store.fs, columns=cols, filters=[("key", "in", names)]).to_pylist():
+            if r.get("image") and (r["shard"], r["key"]) in set(keys):
+                out[(r["shard"], r["key"])] = data_uri(r["image"], MIME.get(r.get("image_format") or "png", "image/png"))
+    return out
+
+
 def source_images(keys: list[tuple[str, str]], spec: dict, sizes: dict) -> dict[tuple[str, str], str]:
-    """(shard, key) -> PNG data URI of the input image in the model's geometry,
-    or a reason string starting with "source not available"."""
+    """(shard, key) -> PNG data URI of the input image re-read from its shard
+    in the model's geometry, or a reason string starting with "source not
+    available". Only for `--read-inputs`: shards are opened under the job's
+    rules (a `pipe:` shard only when the stored spec set input.allow_pipe)."""
     from contextlib import closing
 
     from .data import IMAGE_EXTS, load_image, read_raw_samples, to_model_tensor, to_pil
@@ -259,6 +297,7 @@ def source_images(keys: list[tuple[str, str]], spec: dict, sizes: dict) -> dict[
 
     fields = ImageSpec.__dataclass_fields__
     image_spec = ImageSpec(**{k: v for k, v in spec.get("image", {}).items() if k in fields})
+    allow_pipe = spec.get("input", {}).get("allow_pipe", False) is True
     out: dict[tuple[str, str], str] = {}
     by_shard: dict[str, set[str]] = {}
     for shard, key in keys:
@@ -266,7 +305,7 @@ def source_images(keys: list[tuple[str, str]], spec: dict, sizes: dict) -> dict[
     for shard, wanted in by_shard.items():
         left = set(wanted)
         try:
-            with closing(read_raw_samples(shard)) as samples:
+            with closing(read_raw_samples(shard, allow_pipe=allow_pipe)) as samples:
                 for raw in samples:
                     key = str(raw.get("__key__", ""))
                     if key not in left:
@@ -520,14 +559,15 @@ def _recon(se: Series, r: dict) -> list:
     return [se.label, _num(r.get("recon_error_max"), ".3g"), _num(r.get("recon_error_mean"), ".3g"), _num(r.get("recon_psnr"), ".2f")]
 
 
-def _samples(runs: list[Run], series: list[Series], n: int) -> str:
+def _samples(runs: list[Run], series: list[Series], n: int, read_inputs: bool = False) -> str:
     keys = _pick_samples(runs, n)
     out = ['<section id="samples"><h2>Samples</h2>']
     if not keys:
         out.append('<p class="note">No successfully processed inputs.</p></section>')
         return "".join(out)
-    out.append(f'<p class="note">{len(keys)} input(s). The source is re-read from its shard and shown in the model\'s '
-               "geometry. The reconstruction is not re-decoded (that needs the model); the reconstruction error the run "
+    out.append(f'<p class="note">{len(keys)} input(s). The source is the image stored in the output'
+               + (" or, without one, re-read from its shard" if read_inputs else "")
+               + " and shown in the model's geometry. The reconstruction is not re-decoded (that needs the model); the reconstruction error the run "
                "recorded is shown instead (latent max/mean |difference|, PSNR when computed).</p>")
     src_rows: dict[tuple, dict] = {}  # (shard, key) -> run label -> sources row
     for run in runs:
@@ -536,7 +576,13 @@ def _samples(runs: list[Run], series: list[Series], n: int) -> str:
                 src_rows.setdefault((r["shard"], r["key"]), {})[run.label] = r
     sizes = {k: (next(iter(v.values()))["width"], next(iter(v.values()))["height"]) for k, v in src_rows.items()}
     spec = next((r.spec for r in runs if r.spec), {})
-    sources = source_images(keys, spec, sizes)
+    sources: dict[tuple[str, str], str] = {}
+    for run in runs:
+        for k, uri in stored_source_images(run, [k for k in keys if k not in sources]).items():
+            sources.setdefault(k, uri)
+    missing = [k for k in keys if k not in sources]
+    if missing and read_inputs:
+        sources.update(source_images(missing, spec, sizes))
     images = {run.label: edit_images(run, keys) for run in runs}
     edits: dict[tuple, list] = {}  # (series index, shard, key, target index) -> rows
     for i, se in enumerate(series):
@@ -545,7 +591,7 @@ def _samples(runs: list[Run], series: list[Series], n: int) -> str:
     for shard, key in keys:
         srow = src_rows.get((shard, key), {})
         first = next(iter(srow.values()), {})
-        src = sources.get((shard, key), "source not available")
+        src = sources.get((shard, key), NO_SOURCE)
         src_html = (f'<img class="source-image" alt="source {esc(key)}" src="{src}">' if src.startswith("data:")
                     else f'<div class="missing source-missing">{esc(src)}</div>')
         recon = [_recon(se, srow[se.run.label]) for se in series if se.run.label in srow]
@@ -627,8 +673,9 @@ def _errors(runs: list[Run]) -> str:
     return "".join(out)
 
 
-def build_report(outputs: list[str], samples: int = 8) -> str:
-    """The HTML page for one or more output directories."""
+def build_report(outputs: list[str], samples: int = 8, read_inputs: bool = False) -> str:
+    """The HTML page for one or more output directories. Nothing is executed
+    and no input shard is opened unless `read_inputs` (see the module notes)."""
     if not outputs:
         raise ValueError("outputs: at least one output directory is required")
     if samples < 0:
@@ -636,15 +683,15 @@ def build_report(outputs: list[str], samples: int = 8) -> str:
     runs = [load_run(p) for p in outputs]
     series = series_of(runs)
     title = "imprint report: " + ", ".join(se.label for se in series)
-    body = ["<h1>imprint report</h1>", _warning(runs), _header(runs), _summary(runs, series), _samples(runs, series, samples),
+    body = ["<h1>imprint report</h1>", _warning(runs), _header(runs), _summary(runs, series), _samples(runs, series, samples, read_inputs),
             _plots(runs, series), _errors(runs)]
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>{esc(title)}</title><style>{CSS}</style></head><body>{''.join(body)}</body></html>\n")
 
 
-def write_report(outputs: list[str], out: str | Path, samples: int = 8) -> Path:
+def write_report(outputs: list[str], out: str | Path, samples: int = 8, read_inputs: bool = False) -> Path:
     """Build the report and write it atomically to `out`."""
-    text = build_report(outputs, samples)
+    text = build_report(outputs, samples, read_inputs)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
@@ -657,12 +704,16 @@ def report(
     outputs: list[str] = typer.Argument(..., help="Output path(s) of imprint run; several compare methods."),
     out: Path = typer.Option(Path("report.html"), "--out", help="The HTML file to write."),
     samples: int = typer.Option(8, "--samples", help="How many inputs to show with their edits."),
+    read_inputs: bool = typer.Option(
+        False, "--read-inputs",
+        help="Re-read source images the output does not store from the input shards it names (local or remote; "
+             "pipe: commands only when the stored job spec allowed them). Off: the report opens nothing but the outputs."),
 ) -> None:
     """Write a self-contained HTML report of one or more runs (several runs compare methods)."""
     from .cli import _die
 
     try:
-        path = write_report(list(outputs), out, samples)
+        path = write_report(list(outputs), out, samples, read_inputs)
     except (FileNotFoundError, ValueError) as exc:
         _die(str(exc))
     typer.echo(f"imprint: report written to {path} ({path.stat().st_size / 1e6:.1f} MB)")

@@ -155,13 +155,19 @@ def test_crash_mid_shard_then_rerun_gives_every_row_once(shards, tmp_path):
     raw = job(tmp_path, shards).to_dict()
     raw["filter"] = {k: v for k, v in raw["filter"].items() if v is not None}
     spec_path.write_text(tomli_w.dumps(raw))
-    env = {**os.environ, "IMPRINT_FAULT_AFTER": "5", "IMPRINT_FAULT_FLAG": str(tmp_path / "fired")}
-    cmd = [sys.executable, "-m", "pipeline.cli", "run", str(spec_path), "--executor", "inline", "--no-progress"]
-    crashed = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    # The first run's worker kills its process after 5 samples (the second
+    # shard's second); the rerun is the plain CLI.
+    crash = (f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); "
+             "from helpers_fault import crashing_worker; from pipeline.executor import run_job; "
+             "from pipeline.spec import load_spec; "
+             f"run_job(load_spec({str(spec_path)!r}), executor='inline', progress=False, "
+             f"worker_cls=crashing_worker(5, {str(tmp_path / 'fired')!r}))")
+    crashed = subprocess.run([sys.executable, "-c", crash], capture_output=True, text=True)
     assert crashed.returncode == 17, crashed.stderr[-2000:]
     store = OutputStore.open(str(tmp_path / "out"))
     assert len(store.markers("_done")) == 1  # first shard committed, second died mid-way
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    cmd = [sys.executable, "-m", "pipeline.cli", "run", str(spec_path), "--executor", "inline", "--no-progress"]
+    done = subprocess.run(cmd, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "1 already done" in done.stdout
     res = rows(tmp_path / "out", "results")
@@ -231,47 +237,24 @@ def ray_cluster(tmp_path_factory):
 
 
 @pytest.mark.ray
-def test_ray_equals_inline_and_survives_a_killed_worker(ray_cluster, inline_run, shards, tmp_path, monkeypatch):
+def test_ray_equals_inline_and_survives_a_killed_worker(ray_cluster, inline_run, shards, tmp_path):
+    import ray.cloudpickle
+
+    import helpers_fault
+
     _, _, inline_out = inline_run
-    # A worker process dies after 4 samples of its first shard; the driver
-    # replaces it and requeues that shard.
-    monkeypatch.setenv("IMPRINT_FAULT_AFTER", "4")
-    monkeypatch.setenv("IMPRINT_FAULT_FLAG", str(tmp_path / "fired"))
-    import ray
-
-    ray.get(ray.remote(lambda: None).remote())  # cluster is up
+    # A worker process dies after 4 samples (the first of its second shard);
+    # the driver replaces it and requeues that shard. The crashing class
+    # travels to the actors by value.
+    ray.cloudpickle.register_pickle_by_value(helpers_fault)
     spec = job(tmp_path, shards, run={"executor": "ray", "workers": 1})
-    # the actor reads the fault variables from its runtime env
-    from pipeline import executor
-
-    monkeypatch.setattr(executor, "_forwarded_env", lambda: {"IMPRINT_FAULT_AFTER": "4", "IMPRINT_FAULT_FLAG": str(tmp_path / "fired")})
-    report = _run_ray_with_env(spec, tmp_path)
+    report = run_job(spec, progress=False, worker_cls=helpers_fault.crashing_worker(4, str(tmp_path / "fired")))
     assert (tmp_path / "fired").exists(), "the fault was never injected"
     assert report.done == 2 and not report.failed
     a = {edit_key(r): r["image"] for r in rows(inline_out, "results")}
     b = {edit_key(r): r["image"] for r in rows(tmp_path / "out", "results")}
     assert a == b  # every row exactly once, same bytes as inline
     assert len(rows(tmp_path / "out", "results")) == len(a)
-
-
-def _run_ray_with_env(spec, tmp_path):
-    import ray
-
-    from pipeline import executor
-
-    # The module-scoped cluster was started without the fault variables, so
-    # run the driver loop with actors that get them through their runtime env.
-    real_remote = ray.remote
-
-    def remote(*args, **kwargs):
-        kwargs.setdefault("runtime_env", {"env_vars": executor._forwarded_env()})
-        return real_remote(*args, **kwargs)
-
-    ray.remote = remote
-    try:
-        return run_job(spec, progress=False)
-    finally:
-        ray.remote = real_remote
 
 
 def test_unreadable_shard_fails_after_its_attempts_and_the_job_goes_on(shards, tmp_path):

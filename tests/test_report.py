@@ -123,7 +123,7 @@ def table(out, name):
 
 def test_report_of_one_run(runs):
     a, _, good, broken, _ = runs
-    text = build_report([str(a)])
+    text = build_report([str(a)], read_inputs=True)
     page = parse(text)
     res = table(a, "results")
     ok_keys = {r["key"] for r in table(a, "sources") if r["status"] == "ok"}
@@ -142,7 +142,7 @@ def test_report_of_one_run(runs):
     assert len(page.find("div", "missing")) == len(res) - kept
     assert len(page.find("figure")) == len(res)
     assert {a["data-method"] for a in page.find("div", "edit-row")} == {"edit-friendly", "ddim"}
-    # sources re-read from the shard, in the model's geometry; plots embedded
+    # sources stored in the output or (--read-inputs) re-read from the shard, in the model's geometry; plots embedded
     sources = page.find("img", "source-image")
     assert len(sources) == 2
     for x in sources:
@@ -176,14 +176,14 @@ def test_samples_limit(runs):
 
 def test_comparison_and_missing_scores(runs):
     a, b, good, _, gone = runs
-    page = parse(build_report([str(b)]))
+    page = parse(build_report([str(b)], read_inputs=True))
     # scores disabled: no plots, and the page says why
     assert not page.find("img", "histogram") and not page.find("img", "scatter-plot")
     assert "score.enabled = false" in build_report([str(b)])
     # the shard deleted after the run: its input is shown without its source
     assert len(page.find("div", "source-missing")) == 1 and len(page.find("img", "source-image")) == 2
 
-    text = build_report([str(a), str(b)])
+    text = build_report([str(a), str(b)], read_inputs=True)
     page = parse(text)
     res_a, res_b = table(a, "results"), table(b, "results")
     # the same inputs of both runs side by side: the 2 of the shared shard, plus the one of the gone shard
@@ -236,3 +236,47 @@ def test_renders_in_chromium(runs, tmp_path):
     # the warning banner's yellow (#fff3cd) is on screen near the top
     top = img[:600].reshape(-1, 3)
     assert (np.abs(top - [255, 243, 205]).max(axis=1) < 3).sum() > 1000
+
+
+def stored_images(out) -> int:
+    t = OutputStore.open(str(out)).read_table("sources")
+    return 0 if "image" not in t.column_names else len(t) - t.column("image").null_count
+
+
+def test_report_opens_no_input_by_default(runs, tmp_path, monkeypatch):
+    """An output made by someone else may name any shard: `imprint report`
+    shows what the output stores and opens nothing else unless asked."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import pipeline.data
+
+    a = runs[0]
+    hostile = tmp_path / "hostile"
+    shutil.copytree(a, hostile)
+    flag = tmp_path / "FLAG"
+    store = OutputStore.open(str(hostile))
+    for f in store.table_files("sources"):
+        t = pq.read_table(f)
+        t = t.set_column(t.schema.get_field_index("shard"), "shard",
+                         pa.array([f"pipe:touch {flag}; cat {s}" for s in t.column("shard").to_pylist()]))
+        pq.write_table(t, f)
+    for f in store.table_files("results"):
+        t = pq.read_table(f)
+        t = t.set_column(t.schema.get_field_index("shard"), "shard",
+                         pa.array([f"pipe:touch {flag}; cat {s}" for s in t.column("shard").to_pylist()]))
+        pq.write_table(t, f)
+    opened = []
+    real_open = pipeline.data.open_shard
+    monkeypatch.setattr(pipeline.data, "open_shard", lambda url, **k: opened.append(url) or real_open(url, **k))
+
+    page = parse(build_report([str(hostile)]))
+    assert not opened and not flag.exists()
+    n = stored_images(hostile)
+    assert len(page.find("img", "source-image")) == n
+    assert len(page.find("div", "source-missing")) == 2 - n
+    # --read-inputs applies the job's rules: the stored spec did not allow pipe: commands
+    page = parse(build_report([str(hostile)], read_inputs=True))
+    assert not flag.exists()
+    if n < 2:
+        assert "allow_pipe" in build_report([str(hostile)], read_inputs=True)
