@@ -173,14 +173,23 @@ def _list_remote(url: str) -> list[str]:
             break
         fixed.append(p)
     base = "/".join(fixed)
-    fs, base_path = pafs.FileSystem.from_uri(f"{scheme}://{base}")
+    fs, base_path = object_store(f"{scheme}://{base}")
     recursive = len(fixed) < len(parts) - 1 or "**" in pattern
     infos = fs.get_file_info(pafs.FileSelector(base_path, recursive=recursive, allow_not_found=True))
     # match against the pattern rewritten relative to what the filesystem returns
     rel = pattern[len(base):].lstrip("/")
     full = (base_path.rstrip("/") + "/" + rel) if base_path else rel
+    depth = None if "**" in full else full.count("/")  # fnmatch's * also matches "/": keep glob levels apart
     return sorted(f"{scheme}://{i.path}" for i in infos
-                  if i.type == pafs.FileType.File and fnmatch.fnmatchcase(i.path, full))
+                  if i.type == pafs.FileType.File and fnmatch.fnmatchcase(i.path, full)
+                  and (depth is None or i.path.count("/") == depth))
+
+
+def object_store(url: str):
+    """(pyarrow filesystem, path) of an object-store URL."""
+    import pyarrow.fs as pafs
+
+    return pafs.FileSystem.from_uri(url)
 
 
 def is_local(url: str) -> bool:
@@ -311,9 +320,7 @@ def open_shard(url: str, *, allow_pipe: bool = False, allow_remote: bool = True)
     check_url_allowed(url, allow_pipe=allow_pipe, allow_remote=allow_remote)
     scheme = url_scheme(url)
     if scheme in OBJECT_STORE_SCHEMES:
-        import pyarrow.fs as pafs
-
-        fs, path = pafs.FileSystem.from_uri(url)
+        fs, path = object_store(url)
         return fs.open_input_stream(path)
     if scheme == "":
         return open(local_path(url), "rb")

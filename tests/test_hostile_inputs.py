@@ -3,7 +3,6 @@ tar members, shell commands hidden in shard patterns, formats outside the
 input contract, images shaped to exhaust memory, globs and folders."""
 
 import io
-import json
 import os
 import tarfile
 import time
@@ -149,6 +148,31 @@ def test_globs_and_folders(tmp_path):
     assert expand_shards([str(d)]) == want
     assert expand_shards([str(d / "a-000.tar"), str(d)]) == want  # de-duplicated, first occurrence first
     assert expand_shards([f"file://{d}/*.tar"]) == [f"file://{p}" for p in want]
+
+
+def test_globs_on_an_object_store(tmp_path, monkeypatch):
+    """s3:// globs and folders are listed through the same pyarrow filesystem
+    that opens the shards (a local folder stands in for the bucket)."""
+    import pyarrow.fs as pafs
+
+    import pipeline.data
+
+    bucket = tmp_path / "bucket"
+    for name in ("data/b-001.tar", "data/a-000.tar", "data/sub/c-002.tar", "data/sub/deeper/d.tar", "other/x.tar", "data/notes.txt"):
+        (bucket / name).parent.mkdir(parents=True, exist_ok=True)
+        (bucket / name).write_bytes(b"x")
+
+    def local_bucket(url):
+        assert url.startswith("s3://")
+        # like S3FileSystem: paths are "bucket/key"
+        return pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem()), url[len("s3://"):]
+
+    monkeypatch.setattr(pipeline.data, "object_store", local_bucket)
+    want = ["s3://bucket/data/a-000.tar", "s3://bucket/data/b-001.tar"]
+    assert expand_shards(["s3://bucket/data/*.tar"]) == want
+    assert expand_shards(["s3://bucket/data/"]) == want
+    assert expand_shards(["s3://bucket/data/*/*.tar"]) == ["s3://bucket/data/sub/c-002.tar"]
+    assert expand_shards(["s3://bucket/data/a-000.tar"]) == ["s3://bucket/data/a-000.tar"]  # no glob: not listed
 
 
 def test_expansion_is_linear(tmp_path):
