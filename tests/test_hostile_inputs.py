@@ -241,3 +241,37 @@ def test_crop_then_resize_matches_resize_then_crop():
     ref = np.asarray(full.crop((left, 0, left + 128, 64)), dtype=np.float32) / 127.5 - 1
     got = t.permute(1, 2, 0).numpy()
     assert got.shape == ref.shape and np.abs(got - ref).mean() < 0.02
+
+
+def test_oversized_member_is_not_read(tmp_path, monkeypatch):
+    import pipeline.data
+
+    monkeypatch.setattr(pipeline.data, "MAX_MEMBER_BYTES", 40_000)
+    g = good_samples(n=3)
+    g[1]["txt"] = "x" * 50_000
+    raws = list(read_raw_samples(write(tmp_path / "big.tar", g)))
+    assert keys(raws) == ["g000", "g001", "g002"]
+    assert raws[1]["__error_type__"] == "too_large" and raws[1]["txt"] == b""
+    assert "__error__" not in raws[0] and "__error__" not in raws[2]
+
+
+def test_every_bad_sample_has_an_error_type():
+    from helpers_data import bad_samples
+
+    from pipeline.data import ERROR_TYPES
+
+    expected = {"truncated": "decode", "not_image": "decode", "no_prompt": "prompt_missing", "empty_prompt": "prompt_missing",
+                "zero_size": "decode", "tiny_image": "too_small", "bomb": "too_large", "bad_json": "bad_json",
+                "long_prompt": "prompt_too_long", "no_image": "no_image"}
+    inp = InputSpec(templates=["{source}, sketch"])
+    for key, raw in bad_samples().items():
+        raw = {k: v if k.startswith("__") else (json_bytes(v) if isinstance(v, dict) else v.encode() if isinstance(v, str) else v)
+               for k, v in raw.items()}
+        s = decode_sample(raw, "shard", inp, ImageSpec(), 128, count_tokens=lambda p: len(p.split()) + 2)
+        assert s.error_type == expected[key] and s.error_type in ERROR_TYPES, (key, s.error_type, s.error)
+
+
+def json_bytes(v):
+    import json
+
+    return json.dumps(v).encode()
