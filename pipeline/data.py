@@ -477,7 +477,7 @@ def _accepts(fmt: str, prefix: bytes) -> bool:
 
 def to_rgb(img: Image.Image) -> Image.Image:
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(img).astype(np.float64)
+        arr = np.asarray(img).astype(np.float32)  # exact for 16-bit values, half float64's memory
         top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
         arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return Image.fromarray(arr, "L").convert("RGB")
