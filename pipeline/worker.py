@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .data import Sample, decode_sample, encode_image, read_raw_samples, shard_name
+from .data import Sample, decode_sample, encode_image, read_raw_samples, render_templates, shard_name
 from .engine import CodeItem, Engine, SampleOut, stroke_inputs
 from .inversion.common import NoiseCode
 from .models import load_models
@@ -103,7 +103,6 @@ class ShardWorker:
         The file is untrusted: a code that fails its checks becomes an error
         row for its sample, and the other samples of the file go on."""
         from .codes import check_code_rows, read_code_rows, row_to_code
-        from .data import render_templates
 
         by_key: dict[str, list[dict]] = {}
         for row in read_code_rows(url):
