@@ -280,3 +280,10 @@ def test_report_opens_no_input_by_default(runs, tmp_path, monkeypatch):
     assert not flag.exists()
     if n < 2:
         assert "allow_pipe" in build_report([str(hostile)], read_inputs=True)
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    res = CliRunner().invoke(app, ["report", str(hostile), "--out", str(tmp_path / "r.html"), "--read-inputs"])
+    assert res.exit_code == 0, res.output
+    assert not flag.exists() and not opened  # refused by the rule before anything was opened
