@@ -405,13 +405,17 @@ _PARAM_RULES = {
 }
 
 
-def _check_param_value(path: str, name: str, value: Any, default: Any) -> None:
+# An edit only multiplies by sigma: eta = 0 there is DDIM sampling with the code's x_start.
+_EDIT_PARAM_RULES = {**_PARAM_RULES, "eta": (lambda v: v >= 0, "must be >= 0")}
+
+
+def _check_param_value(path: str, name: str, value: Any, default: Any, rules: dict = _PARAM_RULES) -> None:
     if default is None or (isinstance(default, (int, float)) and not isinstance(default, bool)):
         if not _is_number(value):
             raise SpecError(f"{path}: expected a finite number, got {value!r}")
     elif isinstance(default, bool) and not isinstance(value, bool):
         raise SpecError(f"{path}: expected true or false, got {value!r}")
-    rule = _PARAM_RULES.get(name)
+    rule = rules.get(name)
     if rule and not rule[0](value):
         raise SpecError(f"{path}: {rule[1]}, got {value!r}")
 
@@ -451,7 +455,7 @@ def _check_edit_params(methods: list[str], params: dict) -> None:
             if k not in names:
                 raise SpecError(f"edit.params.{k}: not an edit parameter of method {m!r} "
                                 f"(its edit parameters: {', '.join(names) or 'none'})")
-            _check_param_value(f"edit.params.{k}", k, v, names[k] if names[k] is not None else 0.0)
+            _check_param_value(f"edit.params.{k}", k, v, names[k] if names[k] is not None else 0.0, _EDIT_PARAM_RULES)
 
 
 def _check_device_name(device: str) -> None:

@@ -36,7 +36,8 @@ BAD_SPECS = [
     ({"inversion": {"method": ["edit-friendly", "ddim"], "per_method": {"edit-friendly": {"params": {"eta": 0}}}}},
      "inversion.per_method.edit-friendly.params.eta"),
     ({"edit": {"params": {"gamma": 1.0}}}, "edit.params.gamma"),
-    ({"edit": {"params": {"eta": 0}}}, "edit.params.eta"),
+    ({"edit": {"params": {"eta": -1}}}, "edit.params.eta"),
+    ({"edit": {"params": {"eta": INF}}}, "edit.params.eta"),
     ({"inversion": {"method": ["edit-friendly", "ddim"]}, "edit": {"params": {"eta": 0.5}}}, "edit.params.eta"),
     ({"model": {"device": "gpu0"}}, "model.device"),
     ({"model": {"device": "cuda:64"}}, "model.device"),
@@ -94,7 +95,8 @@ def test_bad_spec_is_refused_by_validate_and_run(tmp_path, shard, no_model_loadi
 
 def test_good_spec_passes_validate_with_preflight(tmp_path, shard, no_model_loading):
     path = tmp_path / "job.toml"
-    ok = merged(base_job(tmp_path, shard), {"input": {"templates": ["{{literal}} {source}"]}, "model": {"device": "cpu"}})
+    ok = merged(base_job(tmp_path, shard), {"input": {"templates": ["{{literal}} {source}"]}, "model": {"device": "cpu"},
+                                            "edit": {"params": {"eta": 0.0}}})  # eta 0 is fine for an edit (DDIM)
     path.write_text(tomli_w.dumps(ok))
     res = CliRunner().invoke(app, ["validate", str(path)])
     assert res.exit_code == 0, res.output
@@ -146,11 +148,11 @@ def test_tokenizer_is_safe_across_threads(tiny):
     t = threading.Thread(target=count)
     t.start()
     encodes = 0
-    while not done.is_set():
+    while not done.is_set() or encodes < 20:  # (the lock may let the counter run ahead)
         try:
             tiny.encode_text([long, "a cat"])
             encodes += 1
         except Exception as exc:  # noqa: BLE001
             errors.append(repr(exc))
     t.join()
-    assert encodes > 10 and not errors and not wrong, (len(wrong), errors[:2])
+    assert not errors and not wrong, (len(wrong), errors[:2])
