@@ -283,10 +283,10 @@ class Engine:
         starts = [sum(n_per[:g]) for g in range(len(outs))]
         # the reconstruction rows read the unmanipulated code: a shifted or
         # flipped code does not reproduce the source latent it is compared with
-        recon_offset = 0
-        if recon_code is not code:
-            recon_offset = len(code)
-            code = NoiseCode.cat([code, recon_code])
+        recon_rows = starts  # row of image g's reconstruction code
+        if recon_code is not code:  # append each image's first unmanipulated code; edit rows keep their indices
+            recon_rows = [len(code) + g for g in range(len(outs))]
+            code = NoiseCode.cat([code, recon_code[starts]])
         t0 = time.perf_counter()
         code_idx, cond_idx, cfgs, plan = [], [], [], []
         for g, o in enumerate(outs):
@@ -297,7 +297,7 @@ class Engine:
                     cfgs.append(v.cfg_target)
                     plan.append(("edit", g, k, n))
             if spec.output.reconstruction_check or decode_recon:
-                code_idx.append(recon_offset + starts[g])
+                code_idx.append(recon_rows[g])
                 cond_idx.append(texts.row[o.sample.source_prompt])
                 cfgs.append(v.cfg_source)
                 plan.append(("recon", g, 0, 0))
@@ -332,12 +332,12 @@ class Engine:
                 decoded.update(zip(idx, m.decode_latents(latents[idx].float()).cpu()))
         self._timed("vae_decode", t0)
 
-        recon_rows = [i for i, p in enumerate(plan) if p[0] == "recon"]
+        recon_plan_rows = [i for i, p in enumerate(plan) if p[0] == "recon"]
         recon_err = {}
-        if x0 is not None and recon_rows:
+        if x0 is not None and recon_plan_rows:
             # all images' errors in one device op and one transfer
-            err = (latents[recon_rows].float() - x0[[plan[i][1] for i in recon_rows]]).abs().flatten(1)
-            recon_err = dict(zip(recon_rows, torch.stack([err.amax(1), err.mean(1)], 1).tolist()))
+            err = (latents[recon_plan_rows].float() - x0[[plan[i][1] for i in recon_plan_rows]]).abs().flatten(1)
+            recon_err = dict(zip(recon_plan_rows, torch.stack([err.amax(1), err.mean(1)], 1).tolist()))
         for i, (kind, g, k, n) in enumerate(plan):
             o = outs[g]
             if kind == "edit":
