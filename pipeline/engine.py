@@ -219,7 +219,8 @@ class Engine:
             )
             t0 = self._timed("invert", t0)
             self._edit_and_decode(outs, self._manipulate(raw), vi, v, texts, x0, strokes, decode_recon and vi == 0,
-                                  n_per=[codes_per_image] * len(group), recon_code=raw)
+                                  n_per=[codes_per_image] * len(group), recon_code=raw,
+                                  recon_apart=method.SEED_INDEPENDENT)
             t0 = time.perf_counter()
         return outs
 
@@ -272,13 +273,16 @@ class Engine:
         return code
 
     def _edit_and_decode(self, outs, code, vi, v: Variant, texts, x0, strokes, decode_recon, n_per,
-                         recon_code: NoiseCode) -> None:
+                         recon_code: NoiseCode, recon_apart: bool = False) -> None:
         """One edit chain for all (image, target, code) rows plus, per image,
         one reconstruction row (its first code before any manipulation, the
         source prompt, cfg_source); then decode the edits (and the
         reconstructions when asked). `n_per[g]` codes of image g are in
         `code`; when that is fewer than its seeds (a seed-independent
-        method: one code), each edit stands for every seed."""
+        method: one code), each edit stands for every seed. `recon_apart`:
+        run the reconstruction rows in their own chain (one row per image, as
+        a seed-independent method's inversion ran) instead of riding along
+        with the edits."""
         spec, m, mb = self.spec, self.models, self.spec.batch.max_unet_batch
         starts = [sum(n_per[:g]) for g in range(len(outs))]
         # the reconstruction rows read the unmanipulated code: a shifted or
@@ -315,6 +319,21 @@ class Engine:
             latents = edit_with_strokes(self.unet, m.scheduler, rows, cond, texts.uncond, mask=rmask, stroke_latent=rstroke,
                                         strength=mp.strokes_strength, t_range=(mp.strokes_t1, mp.strokes_t2),
                                         cfg_scale=scale, max_batch=mb)
+        elif recon_apart and any(p[0] == "recon" for p in plan):
+            # The reconstruction rows in a chain of their own, with the same
+            # rows, prompts and scale as the inversion: every UNet call has
+            # the inversion's shape and inputs, so float rounding is the same
+            # and an exact method (EDICT) reconstructs to the last bit.
+            method = get_method(v.method)
+            kinds = torch.tensor([p[0] == "edit" for p in plan])
+            edit_at, recon_at = kinds.nonzero().flatten(), (~kinds).nonzero().flatten()
+            edits = method.edit(self.unet, m.scheduler, rows[edit_at], cond[edit_at.to(cond.device)], texts.uncond,
+                                cfg_scale=v.cfg_target, max_batch=mb, **spec.edit.params)
+            recons = method.edit(self.unet, m.scheduler, rows[recon_at], cond[recon_at.to(cond.device)], texts.uncond,
+                                 cfg_scale=v.cfg_source, max_batch=mb, **spec.edit.params)
+            latents = edits.new_empty((len(plan), *edits.shape[1:]))
+            latents[edit_at.to(latents.device)] = edits
+            latents[recon_at.to(latents.device)] = recons.to(latents.dtype)
         else:
             latents = get_method(v.method).edit(self.unet, m.scheduler, rows, cond, texts.uncond,
                                                 cfg_scale=scale, max_batch=mb, **spec.edit.params)
