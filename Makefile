@@ -13,7 +13,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export PYTHONUNBUFFERED := 1
 export IMPRINT_CACHE := $(CURDIR)/.cache/imprint
 
-.PHONY: install demo test test-slow bench schemas clean
+.PHONY: install demo test test-slow bench gpu-check gpu-check-smoke schemas clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -39,6 +39,14 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/imprint bench --out bench.json
+
+# On a machine with one CUDA GPU (under 8 minutes on an H100/H200); see tools/gpu-check.sh.
+gpu-check: $(STAMP)
+	PYTHON=$(BIN)/python tools/gpu-check.sh out/gpu-check
+
+# The same steps on the CPU with the tiny model (also run by `make test-slow`).
+gpu-check-smoke: $(STAMP)
+	PYTHON=$(BIN)/python tools/gpu-check.sh --cpu-smoke out/gpu-check-smoke
 
 schemas: $(STAMP)
 	$(BIN)/imprint schemas --write schemas/

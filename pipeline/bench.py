@@ -69,6 +69,7 @@ class BenchConfig:
     seeds: int = 4  # N codes (and edits per target) per image
     images: int = 1
     batch: int = 64  # ours: max rows per UNet call (batch.max_unet_batch; the job default)
+    decode_batch: int = 8  # ours: rows per VAE call (batch.max_decode_batch; the job default)
     dtype: str = "auto"  # ours; the reference always runs fp32
     device: str = "auto"
     compile: bool = False  # torch.compile the UNet (ours)
@@ -83,7 +84,7 @@ class BenchConfig:
     seed: int = 0
 
     def validate(self) -> None:
-        for name in ("steps", "prompts", "seeds", "images", "batch", "repeats"):
+        for name in ("steps", "prompts", "seeds", "images", "batch", "decode_batch", "repeats"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
@@ -290,7 +291,9 @@ def _ours_spec(cfg: BenchConfig, steps: int, skip: int):
         "model": {"id": cfg.model},
         "inversion": {"method": "edit-friendly", "steps": steps, "skip": skip, "cfg_source": CFG_SOURCE},
         "edit": {"cfg_target": CFG_TARGET, "seeds": cfg.seeds},
-        "batch": {"images": cfg.images, "max_unet_batch": cfg.batch},
+        # a compiled UNet gets padded rows (few batch shapes, no recompiles), as a job with model.compile does
+        "batch": {"images": cfg.images, "max_unet_batch": cfg.batch, "max_decode_batch": cfg.decode_batch,
+                  "pad_rows": 8 if cfg.compile else 0},
         "output": {"reconstruction_check": cfg.recon},
         "score": {"enabled": False},  # scoring is timed here, with offline scorers
         "run": {"seed": cfg.seed},
@@ -312,9 +315,10 @@ def run_ours(models, spec, raws: list[dict], scorers=None) -> dict:
     t_start, c_start = time.perf_counter(), time.process_time()
     with sw("decode"):
         samples = [_decode(r, models.resolution) for r in raws]
-    engine = Engine(models, spec)
+    engine = Engine(models, spec, timed=True)
     with sw("engine"):
         outs = engine.run(samples)
+    unet_busy = engine.unet.busy_seconds()
     if scorers is not None:
         with sw("score"):
             _score(scorers, outs)
@@ -337,7 +341,51 @@ def run_ours(models, spec, raws: list[dict], scorers=None) -> dict:
         "recon_error_mean": statistics.fmean(float(o.recon_error_mean) for o in recon) if recon else None,
         "peak_memory": _peak_memory(models.device),
         "nonfinite_edits": sum(int(not torch.isfinite(e.image).all()) for o in outs for e in o.edits),
+        "engine_seconds": engine_wall, "unet_busy_seconds": unet_busy,
     }
+
+
+def host_syncs_per_step(models, steps: int = 4, rows: int = 2) -> dict:
+    """Host syncs per denoising step of the edit-friendly inversion and of
+    an edit with per-row guidance scales (as the engine runs it), counted
+    from the first UNet call to the end of the chain (`pipeline.syncs`):
+    on CUDA with torch.cuda.set_sync_debug_mode, elsewhere by counting the
+    operations that would synchronise on a GPU."""
+    import torch
+
+    from .inversion import edit_friendly
+    from .syncs import count_host_syncs, gate_net
+
+    dev = models.device
+    hw = models.resolution // models.vae_scale_factor
+    x0 = torch.randn(rows, int(models.unet.config.in_channels), hw, hw, generator=torch.Generator().manual_seed(0)).to(dev)
+    cond, uncond = models.encode_text(["a photo"] * rows), models.encode_text([""])
+    gens = [torch.Generator().manual_seed(k) for k in range(rows)]
+    with torch.inference_mode():
+        # once uncounted: a compiled UNet compiles for these shapes here, not inside the count
+        code = edit_friendly.invert(models.unet, models.scheduler, x0, cond, uncond, num_steps=2, cfg_scale=CFG_SOURCE,
+                                    generator=[torch.Generator().manual_seed(k) for k in range(rows)])
+        edit_friendly.edit(models.unet, models.scheduler, code, cond, uncond,
+                           cfg_scale=torch.tensor([CFG_TARGET] * (rows - 1) + [CFG_SOURCE]))
+        with count_host_syncs(dev, started=False) as inv:
+            code = edit_friendly.invert(gate_net(models.unet, inv), models.scheduler, x0, cond, uncond, num_steps=steps,
+                                        cfg_scale=CFG_SOURCE, generator=gens)
+        scales = torch.tensor([CFG_TARGET] * (rows - 1) + [CFG_SOURCE])
+        with count_host_syncs(dev, started=False) as ed:
+            edit_friendly.edit(gate_net(models.unet, ed), models.scheduler, code, cond, uncond, cfg_scale=scales)
+    return {"invert": inv.count / steps, "edit": ed.count / steps, "steps": steps,
+            "how": "cuda_sync_debug_mode" if dev.type == "cuda" else "dispatch_counter",
+            "events": (inv.events + ed.events)[:10]}
+
+
+def physical_limit_edits_per_s(peak_tflops: float | None, flops_per_eval: int | None, evals_per_edit: float) -> float | None:
+    """Edits/s if every FLOP of the UNet ran at the device's dense bf16 peak
+    (UNet only: VAE, text encoder and scores not counted). 989 TFLOP/s,
+    803.3 GFLOP per SD-1.5 evaluation at 512 px and 168 evaluations per
+    edit give about 7.3 edits/s."""
+    if not peak_tflops or not flops_per_eval or not evals_per_edit:
+        return None
+    return peak_tflops * 1e12 / (flops_per_eval * evals_per_edit)
 
 
 def _score(scorers, outs) -> None:
@@ -452,7 +500,14 @@ def _summary(runs: list[dict], flops_per_eval: int | None, peak_tflops: float | 
         "peak_memory_bytes": max(r["peak_memory"][0] for r in runs),
         "peak_memory_kind": first["peak_memory"][1],
         "nonfinite_edits": first["nonfinite_edits"],
+        "unet_busy_s": None, "unet_busy_fraction": None, "edits_per_s_physical_limit": None,
     }
+    if "unet_busy_seconds" in first:
+        out["unet_busy_s"] = statistics.median(r["unet_busy_seconds"] for r in runs)
+        out["unet_busy_fraction"] = statistics.median(r["unet_busy_seconds"] / r["engine_seconds"] for r in runs
+                                                      if r["engine_seconds"] > 0)
+    out["edits_per_s_physical_limit"] = physical_limit_edits_per_s(peak_tflops, flops_per_eval,
+                                                                   out["unet_image_evals_per_edit"])
     if flops_per_eval:
         total = flops_per_eval * evals
         unet_s = stages.get("invert", 0.0) + stages.get("edit", 0.0)
@@ -533,6 +588,8 @@ def _run_bench(cfg: BenchConfig, log) -> dict:
             ref_runs.append(run_reference(ref_models, raws, steps=cfg.steps, skip=cfg.skip, seeds=cfg.seeds,
                                           run_seed=cfg.seed))
 
+    log("imprint bench: host syncs per step")
+    syncs = host_syncs_per_step(models)
     k_n = cfg.images * cfg.prompts * cfg.seeds
     ours = _summary(ours_runs, flops, peak, evals_ours(cfg.steps, cfg.skip, cfg.prompts, cfg.seeds, cfg.images, cfg.recon), k_n)
     if scorers is not None:
@@ -540,7 +597,7 @@ def _run_bench(cfg: BenchConfig, log) -> dict:
     ours["recon_error_max"] = ours_runs[0]["recon_error_max"] if cfg.recon else None
     ours["recon_error_mean"] = ours_runs[0]["recon_error_mean"] if cfg.recon else None
     result = {
-        "bench_version": 1,
+        "bench_version": 2,
         "params": {**asdict(cfg), "cfg_source": CFG_SOURCE, "cfg_target": CFG_TARGET, "method": "edit-friendly",
                    "dtype_ours": str(dtype).removeprefix("torch."), "dtype_reference": "float32",
                    "output_format": OUTPUT_FORMAT},
@@ -558,6 +615,7 @@ def _run_bench(cfg: BenchConfig, log) -> dict:
                   "random_weights": bool(ref_models.random_weights),
                   "unet_parameters": sum(p.numel() for p in ref_models.unet.parameters())},
         "unet_flops_per_image_eval": flops,
+        "host_syncs_per_step": syncs,
         "paths": {"ours": ours},
         "speedup": None,
         "speedup_cpu_time": None,
@@ -617,6 +675,8 @@ def format_table(result: dict) -> str:
         ("UNet image-evals/edit", "unet_image_evals_per_edit", ".4g"), ("UNet rows/call", "unet_rows_per_call", ".3g"),
         ("UNet TFLOP/s (path)", "tflops", ".3g"), ("UNet TFLOP/s (invert+edit)", "tflops_unet_stages", ".3g"),
         ("fraction of bf16 peak", "bf16_peak_fraction", ".3f"),
+        ("physical limit edits/s", "edits_per_s_physical_limit", ".3g"),
+        ("UNet busy share of engine", "unet_busy_fraction", ".3f"),
     ]
     width = 30
     lines = [head, "", f"{'':{width}}" + "".join(f"{n:>14}" for n in names)]
@@ -640,6 +700,9 @@ def format_table(result: dict) -> str:
                  + f"counts match closed form: {c['counts_match_closed_form']}")
     if result["unet_flops_per_image_eval"]:
         lines.append(f"UNet FLOPs per image-evaluation: {result['unet_flops_per_image_eval'] / 1e9:.4g} GFLOP")
+    hs = result.get("host_syncs_per_step")
+    if hs:
+        lines.append(f"host syncs per denoising step ({hs['how']}): invert {hs['invert']:.2f}, edit {hs['edit']:.2f}")
     return "\n".join(lines)
 
 
@@ -656,6 +719,7 @@ def bench(
     seeds: int = typer.Option(4, help="N seeds (codes) per image."),
     images: int = typer.Option(1, help="Images per run (inverted together by ours)."),
     batch: int = typer.Option(64, help="Ours: max rows per UNet call (batch.max_unet_batch; the job default)."),
+    decode_batch: int = typer.Option(8, help="Ours: rows per VAE call (batch.max_decode_batch; the job default)."),
     dtype: str = typer.Option("auto", help="Ours: auto | fp32 | fp16 | bf16 (the reference runs fp32)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
     compile_: bool = typer.Option(False, "--compile/--no-compile", help="Ours: torch.compile the UNet."),
@@ -671,6 +735,7 @@ def bench(
 ) -> None:
     """Measure edits/s of the engine against the reference call pattern on this machine."""
     cfg = BenchConfig(model=model, steps=steps, skip=skip, prompts=prompts, seeds=seeds, images=images, batch=batch,
+                      decode_batch=decode_batch,
                       dtype=dtype, device=device, compile=compile_, channels_last=channels_last, sdpa=sdpa,
                       reference=reference, repeats=repeats, warmup=warmup, score=score, recon=recon,
                       threads=threads)

@@ -2,11 +2,17 @@
 and codes out.
 
 Per group of same-sized images: VAE-encode together, then for each method
-variant of the job invert all images x N seeds in one batched call chain,
-apply the job's noise-space manipulations, and run every (image, target
-prompt, seed) edit plus one reconstruction row per image in one batched edit
-chain (chunked by the max UNet batch), then decode. Scoring and writing
+variant of the job invert all images x N seeds in one batched call chain
+(images x 1 for seed-independent methods, whose rows are then replicated
+for the N seeds), apply the job's noise-space manipulations, and run every
+(image, target prompt, seed) edit plus one reconstruction row per image (of
+the unmanipulated code) in one batched edit chain (chunked by the max UNet
+batch), then decode in chunks of the max decode batch. Scoring and writing
 happen downstream in the worker. Nothing here touches files.
+
+Everything the chains read (latents, codes, embeddings, guidance scales,
+timesteps) is on the model's device before the step loops start: the loops
+make no host-device copy and no host sync.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .batching import unit_shape
 from .data import Sample, load_image, to_model_tensor
 from .inversion import get_method
 from .inversion.common import NoiseCode
@@ -35,18 +42,70 @@ def derive_seed(job_seed: int, key: str, seed_index: int) -> int:
 
 
 class CallCounter:
-    """Counts UNet calls (batched forward passes) and rows."""
+    """Counts UNet calls (batched forward passes) and rows; with `timed`,
+    also the seconds spent inside the calls (CUDA events on a GPU, read once
+    at the end with `busy_seconds()`, so timing adds no sync per call)."""
 
-    def __init__(self, net):
+    def __init__(self, net, timed: bool = False):
         self.net = net
         self.dtype = getattr(net, "dtype", None)
         self.calls = 0
         self.rows = 0
+        self.timed = timed
+        self._cpu_seconds = 0.0
+        self._events: list = []
 
     def __call__(self, x, t, emb):
         self.calls += 1
         self.rows += int(x.shape[0])
-        return self.net(x, t, emb)
+        if not self.timed:
+            return self.net(x, t, emb)
+        if x.device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = self.net(x, t, emb)
+            end.record()
+            self._events.append((start, end))
+            return out
+        t0 = time.perf_counter()
+        out = self.net(x, t, emb)
+        self._cpu_seconds += time.perf_counter() - t0
+        return out
+
+    def busy_seconds(self) -> float:
+        """Seconds inside UNet calls so far (waits for queued GPU work)."""
+        if self._events:
+            self._events[-1][1].synchronize()
+            self._cpu_seconds += sum(a.elapsed_time(b) for a, b in self._events) / 1000.0
+            self._events = []
+        return self._cpu_seconds
+
+
+class PaddedNet:
+    """Pads every call's rows up to a multiple of `multiple` (copies of the
+    last row) and drops the pads from the output: a compiled UNet then sees
+    a few batch shapes and does not recompile for every new row count.
+    Rows do not interact in a UNet, so the real rows' values are those of a
+    call of the padded size."""
+
+    def __init__(self, net, multiple: int):
+        self.net = net
+        self.multiple = multiple
+        self.dtype = getattr(net, "dtype", None)
+
+    def __call__(self, x, t, emb):
+        n = x.shape[0]
+        pad = (-n) % self.multiple
+        if pad == 0:
+            return self.net(x, t, emb)
+        x = torch.cat([x, x[-1:].expand(pad, *x.shape[1:])])
+        emb = torch.cat([emb, emb[-1:].expand(pad, *emb.shape[1:])])
+        out = self.net(x, t, emb)
+        if hasattr(out, "sample"):
+            out = out.sample
+        elif isinstance(out, (tuple, list)):
+            out = out[0]
+        return out[:n]
 
 
 @dataclass
@@ -91,14 +150,17 @@ class CodeItem:
 
 
 class Engine:
-    def __init__(self, models: Models, spec: JobSpec):
+    def __init__(self, models: Models, spec: JobSpec, *, timed: bool = False):
         self.models = models
         self.spec = spec
         self.variants: list[Variant] = spec.variants()
         unet = models.unet
         if spec.model.compile:
             unet = torch.compile(unet)
-        self.unet = CallCounter(unet)
+        pad = spec.batch.pad_rows or (8 if spec.model.compile else 1)
+        if pad > 1:
+            unet = PaddedNet(unet, pad)
+        self.unet = CallCounter(unet, timed=timed)
         self._sync = models.device.type == "cuda"
         self.timings: dict[str, float] = defaultdict(float)
         self._job_strokes = None
@@ -123,7 +185,7 @@ class Engine:
     def run(self, samples: list[Sample], *, decode_recon: bool = False) -> list[SampleOut]:
         by_shape: dict[tuple, list[Sample]] = defaultdict(list)
         for s in samples:
-            by_shape[tuple(s.image.shape)].append(s)
+            by_shape[unit_shape(s)].append(s)
         out: dict[int, SampleOut] = {}
         for group in by_shape.values():
             for s, o in zip(group, self._run_group(group, decode_recon)):
@@ -132,28 +194,33 @@ class Engine:
 
     def _run_group(self, group: list[Sample], decode_recon: bool) -> list[SampleOut]:
         spec, m = self.spec, self.models
-        n_seeds, mb = spec.edit.seeds, spec.batch.max_unet_batch
+        n_seeds, mb, vb = spec.edit.seeds, spec.batch.max_unet_batch, spec.batch.max_decode_batch
         t0 = time.perf_counter()
         images = torch.stack([s.image for s in group])
-        x0 = torch.cat([m.encode_images(images[i : i + mb]) for i in range(0, len(group), mb)])
+        x0 = torch.cat([m.encode_images(images[i : i + vb]) for i in range(0, len(group), vb)])
         strokes = self._strokes(group, x0.shape[-2:]) if spec.manipulate.strokes else None
         t0 = self._timed("vae_encode", t0)
 
         texts = self._texts(group)  # counted in the invert stage
         seeds = [[derive_seed(spec.run.seed, s.key, n) for n in range(n_seeds)] for s in group]
         outs = [SampleOut(sample=s, seeds=seeds[g]) for g, s in enumerate(group)]
-        x0_rep = x0.repeat_interleave(n_seeds, dim=0)
-        src_rows = [texts.row[s.source_prompt] for s in group for _ in range(n_seeds)]
         for vi, v in enumerate(self.variants):
-            gens = [torch.Generator("cpu").manual_seed(sd) for per in seeds for sd in per]
-            code = get_method(v.method).invert(
+            method = get_method(v.method)
+            # a seed-independent method gives the same code for every seed: invert (and edit) once per image
+            codes_per_image = 1 if method.SEED_INDEPENDENT else n_seeds
+            x0_rep = x0.repeat_interleave(codes_per_image, dim=0)
+            src_rows = torch.tensor([texts.row[s.source_prompt] for s in group for _ in range(codes_per_image)],
+                                    device=texts.emb.device)
+            gens = [torch.Generator("cpu").manual_seed(sd) for per in seeds for sd in per[:codes_per_image]]
+            raw = method.invert(
                 self.unet, m.scheduler, x0_rep, texts.emb[src_rows], texts.uncond,
                 num_steps=v.steps, skip=v.skip, cfg_scale=v.cfg_source,
                 generator=gens, max_batch=mb, **v.params,
             )
-            code = self._manipulate(code)
             t0 = self._timed("invert", t0)
-            self._edit_and_decode(outs, code, vi, v, texts, x0, strokes, decode_recon and vi == 0)
+            self._edit_and_decode(outs, self._manipulate(raw), vi, v, texts, x0, strokes, decode_recon and vi == 0,
+                                  n_per=[codes_per_image] * len(group), recon_code=raw,
+                                  recon_apart=method.SEED_INDEPENDENT)
             t0 = time.perf_counter()
         return outs
 
@@ -167,8 +234,7 @@ class Engine:
         of the source exactly)."""
         by_kind: dict[tuple, list[CodeItem]] = defaultdict(list)
         for it in items:
-            c = it.code
-            by_kind[(it.latent_hw, c.method, c.num_steps, c.skip, tuple(c.timesteps.tolist()), repr(sorted(c.params.items())))].append(it)
+            by_kind[unit_shape(it)].append(it)
         out: dict[int, SampleOut] = {}
         for group in by_kind.values():
             first = group[0].code
@@ -177,9 +243,11 @@ class Engine:
             variant = Variant(first.method, first.num_steps, first.skip, float(first.params.get("cfg_source", 1.0)),
                               float(over.get("cfg_target", self.spec.edit.cfg_target)), params)
             outs = [SampleOut(sample=it.sample, seeds=it.seeds) for it in group]
-            code = self._manipulate(NoiseCode.cat([it.code for it in group]))
+            # stored codes are read on the CPU; the chain runs where the model is
+            raw = NoiseCode.cat([it.code for it in group]).to(self.models.device)
             texts = self._texts([it.sample for it in group])
-            self._edit_and_decode(outs, code, 0, variant, texts, None, None, True, n_per=[len(it.code) for it in group])
+            self._edit_and_decode(outs, self._manipulate(raw), 0, variant, texts, None, None, True,
+                                  n_per=[len(it.code) for it in group], recon_code=raw)
             for o in outs:
                 o.sample.image = o.recon_image
                 o.variant_params = {**variant.row_params(self.spec.edit.params), "from_codes": True}
@@ -204,13 +272,25 @@ class Engine:
             code = noise_space.flip(code, horizontal=mp.flip == "horizontal")
         return code
 
-    def _edit_and_decode(self, outs, code, vi, v: Variant, texts, x0, strokes, decode_recon, n_per=None) -> None:
-        """One edit chain for all (image, target, seed) rows plus, per image,
-        one reconstruction row (its first code, source prompt, cfg_source);
-        then decode the edits (and the reconstructions when asked)."""
+    def _edit_and_decode(self, outs, code, vi, v: Variant, texts, x0, strokes, decode_recon, n_per,
+                         recon_code: NoiseCode, recon_apart: bool = False) -> None:
+        """One edit chain for all (image, target, code) rows plus, per image,
+        one reconstruction row (its first code before any manipulation, the
+        source prompt, cfg_source); then decode the edits (and the
+        reconstructions when asked). `n_per[g]` codes of image g are in
+        `code`; when that is fewer than its seeds (a seed-independent
+        method: one code), each edit stands for every seed. `recon_apart`:
+        run the reconstruction rows in their own chain (one row per image, as
+        a seed-independent method's inversion ran) instead of riding along
+        with the edits."""
         spec, m, mb = self.spec, self.models, self.spec.batch.max_unet_batch
-        n_per = n_per or [spec.edit.seeds] * len(outs)
         starts = [sum(n_per[:g]) for g in range(len(outs))]
+        # the reconstruction rows read the unmanipulated code: a shifted or
+        # flipped code does not reproduce the source latent it is compared with
+        recon_rows = starts  # row of image g's reconstruction code
+        if recon_code is not code:  # append each image's first unmanipulated code; edit rows keep their indices
+            recon_rows = [len(code) + g for g in range(len(outs))]
+            code = NoiseCode.cat([code, recon_code[starts]])
         t0 = time.perf_counter()
         code_idx, cond_idx, cfgs, plan = [], [], [], []
         for g, o in enumerate(outs):
@@ -221,13 +301,14 @@ class Engine:
                     cfgs.append(v.cfg_target)
                     plan.append(("edit", g, k, n))
             if spec.output.reconstruction_check or decode_recon:
-                code_idx.append(starts[g])
+                code_idx.append(recon_rows[g])
                 cond_idx.append(texts.row[o.sample.source_prompt])
                 cfgs.append(v.cfg_source)
                 plan.append(("recon", g, 0, 0))
-        scale = cfgs[0] if len(set(cfgs)) == 1 else torch.tensor(cfgs)
+        device = code.x_start.device
+        scale = cfgs[0] if len(set(cfgs)) == 1 else torch.tensor(cfgs, device=device)
         rows = code[code_idx]
-        cond = texts.emb[torch.tensor(cond_idx)]
+        cond = texts.emb[torch.tensor(cond_idx, device=texts.emb.device)]
         if strokes is not None:
             from .noise_space import edit_with_strokes
 
@@ -238,6 +319,21 @@ class Engine:
             latents = edit_with_strokes(self.unet, m.scheduler, rows, cond, texts.uncond, mask=rmask, stroke_latent=rstroke,
                                         strength=mp.strokes_strength, t_range=(mp.strokes_t1, mp.strokes_t2),
                                         cfg_scale=scale, max_batch=mb)
+        elif recon_apart and any(p[0] == "recon" for p in plan):
+            # The reconstruction rows in a chain of their own, with the same
+            # rows, prompts and scale as the inversion: every UNet call has
+            # the inversion's shape and inputs, so float rounding is the same
+            # and an exact method (EDICT) reconstructs to the last bit.
+            method = get_method(v.method)
+            kinds = torch.tensor([p[0] == "edit" for p in plan])
+            edit_at, recon_at = kinds.nonzero().flatten(), (~kinds).nonzero().flatten()
+            edits = method.edit(self.unet, m.scheduler, rows[edit_at], cond[edit_at.to(cond.device)], texts.uncond,
+                                cfg_scale=v.cfg_target, max_batch=mb, **spec.edit.params)
+            recons = method.edit(self.unet, m.scheduler, rows[recon_at], cond[recon_at.to(cond.device)], texts.uncond,
+                                 cfg_scale=v.cfg_source, max_batch=mb, **spec.edit.params)
+            latents = edits.new_empty((len(plan), *edits.shape[1:]))
+            latents[edit_at.to(latents.device)] = edits
+            latents[recon_at.to(latents.device)] = recons.to(latents.dtype)
         else:
             latents = get_method(v.method).edit(self.unet, m.scheduler, rows, cond, texts.uncond,
                                                 cfg_scale=scale, max_batch=mb, **spec.edit.params)
@@ -247,26 +343,37 @@ class Engine:
         # decode batch (and so its bytes) does not depend on whether
         # reconstructions are decoded too.
         decoded = {}
+        vb = spec.batch.max_decode_batch
         for kind in ("edit", "recon"):
             rows_k = [i for i, p in enumerate(plan) if p[0] == kind and (kind == "edit" or decode_recon)]
-            for c in range(0, len(rows_k), mb):
-                idx = rows_k[c : c + mb]
+            for c in range(0, len(rows_k), vb):
+                idx = rows_k[c : c + vb]
                 decoded.update(zip(idx, m.decode_latents(latents[idx].float()).cpu()))
         self._timed("vae_decode", t0)
 
+        recon_plan_rows = [i for i, p in enumerate(plan) if p[0] == "recon"]
+        recon_err = {}
+        if x0 is not None and recon_plan_rows:
+            # all images' errors in one device op and one transfer
+            err = (latents[recon_plan_rows].float() - x0[[plan[i][1] for i in recon_plan_rows]]).abs().flatten(1)
+            recon_err = dict(zip(recon_plan_rows, torch.stack([err.amax(1), err.mean(1)], 1).tolist()))
         for i, (kind, g, k, n) in enumerate(plan):
             o = outs[g]
             if kind == "edit":
-                o.edits.append(EditOut(vi, k, o.sample.target_prompts[k], n, o.seeds[n], decoded[i]))
+                # one code standing for all seeds (seed-independent method): its edit is every seed's edit
+                for seed_index in range(len(o.seeds)) if n_per[g] < len(o.seeds) else (n,):
+                    o.edits.append(EditOut(vi, k, o.sample.target_prompts[k], seed_index, o.seeds[seed_index], decoded[i]))
                 continue
-            if x0 is not None:
-                err = (latents[i].float() - x0[g]).abs()
-                o.recon_errors[vi] = (float(err.max()), float(err.mean()))
+            if i in recon_err:
+                o.recon_errors[vi] = tuple(recon_err[i])
             if decode_recon:
                 o.recon_image = decoded[i]
         if spec.output.noise:
             for g, o in enumerate(outs):
-                o.codes[vi] = code[list(range(starts[g], starts[g] + n_per[g]))].to("cpu")
+                rows_g = list(range(starts[g], starts[g] + n_per[g]))
+                if n_per[g] < len(o.seeds):  # one code for all seeds: store it once per seed, as before
+                    rows_g = rows_g[:1] * len(o.seeds)
+                o.codes[vi] = code[rows_g].to("cpu")
 
     def _strokes(self, group: list[Sample], latent_hw) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample (mask [1, h, w] on the latent grid, stroke latent [C, h, w])

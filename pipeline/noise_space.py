@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .inversion import edit_friendly
-from .inversion.common import NoiseCode, Schedule, predict_x0
+from .inversion.common import NoiseCode, Prediction
 
 # App. A: a shift by d copies columns 50..50+d-1 of the 64-wide SD latent.
 PAPER_FILL_START, PAPER_MAP_SIZE = 50, 64
@@ -196,7 +196,7 @@ def edit_with_strokes(
 
         z_t + strength * mask * (stroke_latent - x0_hat(x_t))
 
-    instead of z_t, where x0_hat is the x0 predicted from the guided epsilon
+    instead of z_t, where x0_hat is the guided x0 prediction
     the step already computed (no extra UNet call). Each step thus pulls the
     masked region toward the colored image M while the code fills in detail.
 
@@ -224,17 +224,15 @@ def edit_with_strokes(
         raise ValueError(f"color strokes act through the noise maps and need eta > 0, got eta={eta}")
     if len(t_range) != 2:
         raise ValueError(f"t_range must be (T1, T2), got {t_range!r}")
-    schedule = Schedule.from_scheduler(scheduler, code.num_steps)
     steps = set(stroke_steps(code.num_steps, *t_range))
     device = code.x_start.device
     mask = mask.to(device, torch.float32)
     target = stroke_latent.to(device, torch.float32)
 
-    def strokes(i: int, x: torch.Tensor, eps: torch.Tensor, z: torch.Tensor) -> torch.Tensor | None:
+    def strokes(i: int, x: torch.Tensor, pred: Prediction, z: torch.Tensor) -> torch.Tensor | None:
         if i not in steps:
             return None
-        x0_hat = predict_x0(x, eps, float(schedule.ab[i]))
-        return z + strength * mask * (target - x0_hat)
+        return z + strength * mask * (target - pred.x0)
 
     return edit_friendly.edit(unet, scheduler, code, cond, uncond, cfg_scale=cfg_scale, eta=eta,
                               max_batch=max_batch, on_step=strokes)

@@ -96,6 +96,11 @@ class ManipulateSpec:
 class BatchSpec:
     images: int = 4  # images inverted together
     max_unet_batch: int = 64  # rows per UNet call (CFG doubles rows); lower it on small GPUs
+    # rows per VAE encode/decode call: a 512x512 decode holds ~0.4 GiB of activations per row, so 8 fits a 24 GB GPU
+    max_decode_batch: int = 8
+    # pad each UNet call's rows to a multiple of this (copies, dropped after) so a compiled UNet sees few batch
+    # shapes and does not recompile; 0 = 8 when model.compile is on, else no padding
+    pad_rows: int = 0
     prefetch: int = 8  # decoded samples buffered ahead of the model
 
 
@@ -377,6 +382,8 @@ def validate(spec: JobSpec) -> JobSpec:
     need(1 <= spec.edit.seeds <= 1024, "edit.seeds", "must be in [1, 1024]")
     need(spec.batch.images >= 1, "batch.images", "must be >= 1")
     need(spec.batch.max_unet_batch >= 1, "batch.max_unet_batch", "must be >= 1")
+    need(spec.batch.max_decode_batch >= 1, "batch.max_decode_batch", "must be >= 1")
+    need(spec.batch.pad_rows >= 0, "batch.pad_rows", "must be >= 0 (0 = automatic)")
     need(spec.batch.prefetch >= 1, "batch.prefetch", "must be >= 1")
     out = spec.output
     need(bool(out.path), "output.path", "an output path is required")

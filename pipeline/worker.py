@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .batching import ShapeBuckets, unit_shape
 from .data import Sample, decode_sample, encode_image, read_raw_samples, render_templates, shard_name
 from .engine import CodeItem, Engine, SampleOut, stroke_inputs
 from .inversion.common import NoiseCode
@@ -142,13 +143,15 @@ class ShardWorker:
         reader = threading.Thread(target=self._reader, args=(url, q, stop), daemon=True)
         reader.start()
         results, sources, noise = [], [], []
-        batch: list[tuple[Sample | CodeItem, float]] = []
+        # batches of one shape each, across the whole shard (see batching.py)
+        buckets = ShapeBuckets(spec.batch.images, key=lambda unit_read: unit_shape(unit_read[0]))
         seen_keys: set[str] = set()
         try:
             while True:
                 item = q.get()
                 if isinstance(item, BaseException):
                     raise item
+                ready = []
                 if item is not _END:
                     unit, t_read = item
                     sample = unit.sample if isinstance(unit, CodeItem) else unit
@@ -159,10 +162,9 @@ class ShardWorker:
                         sources.append(self._error_row(sample, t_read))
                         summary.errors += 1
                     else:
-                        batch.append((unit, t_read))
-                if batch and (len(batch) >= spec.batch.images or item is _END):
+                        ready = buckets.add((unit, t_read))
+                for batch in buckets.flush() if item is _END else ready:
                     self._run_batch(batch, results, sources, noise, summary)
-                    batch = []
                 if item is _END:
                     break
         finally:

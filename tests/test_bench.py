@@ -17,6 +17,7 @@ from pipeline.bench import (
     evals_ours,
     evals_reference,
     format_table,
+    physical_limit_edits_per_s,
     run_bench,
     unet_flops_per_eval,
 )
@@ -30,6 +31,7 @@ PATH_FIELDS = {
     "seconds", "seconds_all", "cpu_seconds", "cpu_seconds_all", "edits_per_cpu_s", "edits", "images", "edits_per_s", "images_per_s", "unet_calls", "unet_image_evals",
     "unet_image_evals_per_edit", "unet_image_evals_closed_form", "unet_rows_per_call", "stages_s", "unet_tflop",
     "tflops", "tflops_unet_stages", "bf16_peak_fraction", "peak_memory_bytes", "peak_memory_kind", "nonfinite_edits",
+    "unet_busy_s", "unet_busy_fraction", "edits_per_s_physical_limit",
 }
 
 
@@ -64,6 +66,13 @@ def test_result_has_every_field(result):
     assert result["speedup"] == pytest.approx(ours["edits_per_s"] / ref["edits_per_s"])
     assert result["speedup_per_repeat"] == [pytest.approx(result["speedup"])]  # one repeat
     assert result["speedup_cpu_time"] == pytest.approx(ours["edits_per_cpu_s"] / ref["edits_per_cpu_s"])
+    # the share of the engine's wall time spent inside UNet calls, and no host sync inside the step loops
+    assert 0 < ours["unet_busy_fraction"] <= 1 and ours["unet_busy_s"] > 0
+    assert ref["unet_busy_fraction"] is None and ours["edits_per_s_physical_limit"] is None  # CPU: no peak
+    syncs = result["host_syncs_per_step"]
+    assert syncs["how"] == "dispatch_counter" and syncs["invert"] == syncs["edit"] == 0, syncs
+    # the figure: 989 TFLOP/s, 803.3 GFLOP per evaluation, 168 evaluations per edit
+    assert physical_limit_edits_per_s(989.0, 803.3e9, 168) == pytest.approx(7.33, abs=0.01)
     json.dumps(result)  # serialisable as written by the CLI
     table = format_table(result)
     assert "speed-up" in table and "edits/s" in table and "invert" in table

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 
@@ -79,8 +79,8 @@ class Schedule:
         ab = ac[timesteps]
         ab_prev = torch.cat([ac[timesteps[1:]], torch.tensor([final], dtype=torch.float64)])
         pred = getattr(cfg, "prediction_type", "epsilon")
-        if pred not in ("epsilon", "v_prediction"):
-            raise ValueError(f"unsupported prediction_type {pred!r}: expected 'epsilon' or 'v_prediction'")
+        if pred not in PREDICTION_TYPES:
+            raise ValueError(f"unsupported prediction_type {pred!r}: expected one of {', '.join(PREDICTION_TYPES)}")
         return cls(timesteps, ab, ab_prev, ac, final, pred)
 
     def variance(self, i: int) -> float:
@@ -116,14 +116,20 @@ def predict_eps(x_t: torch.Tensor, x0: torch.Tensor, ab: float) -> torch.Tensor:
     return (x_t - math.sqrt(ab) * x0) / math.sqrt(1.0 - ab)
 
 
-def ddim_mean(x_t: torch.Tensor, eps: torch.Tensor, ab: float, ab_prev: float, sigma: float) -> torch.Tensor:
-    """mu_t of Eq. 4: sqrt(ab_prev) x0_hat + sqrt(1 - ab_prev - sigma^2) eps.
+def mean_from(x0: torch.Tensor, eps: torch.Tensor, ab_prev: float, sigma: float) -> torch.Tensor:
+    """mu_t of Eq. 4 from a prediction: sqrt(ab_prev) x0 + sqrt(1 - ab_prev - sigma^2) eps.
 
     `sigma` already carries eta (sigma = eta * sqrt(var)), so the direction
     term uses eta^2 * var, the DDIM-correct form (the reference code used
-    eta * var, its issue #12)."""
-    x0 = predict_x0(x_t, eps, ab)
+    eta * var, its issue #12). Taking x0 from the model's own prediction
+    (not recomputed from eps by dividing by sqrt(ab)) keeps it finite at a
+    zero-SNR first step (ab = 0)."""
     return math.sqrt(ab_prev) * x0 + math.sqrt(max(1.0 - ab_prev - sigma * sigma, 0.0)) * eps
+
+
+def ddim_mean(x_t: torch.Tensor, eps: torch.Tensor, ab: float, ab_prev: float, sigma: float) -> torch.Tensor:
+    """mu_t of Eq. 4 from x_t and eps (x0 recomputed from eps; see `mean_from`)."""
+    return mean_from(predict_x0(x_t, eps, ab), eps, ab_prev, sigma)
 
 
 def ddim_step(x_t: torch.Tensor, eps: torch.Tensor, ab: float, ab_prev: float) -> torch.Tensor:
@@ -135,17 +141,47 @@ def ddim_step(x_t: torch.Tensor, eps: torch.Tensor, ab: float, ab_prev: float) -
 # Model adapter
 # --------------------------------------------------------------------------
 
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+class Prediction(NamedTuple):
+    """What the model says about x_t at one step, in both forms the math
+    needs: the clean latent x0 and the noise eps (float32)."""
+
+    x0: torch.Tensor
+    eps: torch.Tensor
+
+
+def to_prediction(out: torch.Tensor, x: torch.Tensor, ab: float, prediction_type: str) -> Prediction:
+    """(x0, eps) from a net output of `prediction_type` at x_t with level `ab`,
+    each in closed form from the parameterisation, so nothing divides by
+    sqrt(ab) unless the parameterisation itself needs it (epsilon's x0)."""
+    if prediction_type == "epsilon":
+        return Prediction(predict_x0(x, out, ab), out)
+    if prediction_type == "v_prediction":
+        xf = x.float()
+        return Prediction(math.sqrt(ab) * xf - math.sqrt(1.0 - ab) * out, math.sqrt(ab) * out + math.sqrt(1.0 - ab) * xf)
+    if prediction_type == "sample":
+        return Prediction(out, predict_eps(x.float(), out, ab))
+    raise ValueError(f"unsupported prediction_type {prediction_type!r}: expected one of {', '.join(PREDICTION_TYPES)}")
+
 
 class EpsModel:
-    """Adapts a denoiser to `eps(x, t, emb) -> eps` in float32.
+    """Adapts a denoiser to the schedule: `predict(x, i, emb)` at schedule
+    index i gives its float32 output, which `guided` turns into a
+    `Prediction` (x0, eps) per the scheduler's parameterisation (epsilon,
+    v_prediction or sample).
 
     `net` is a diffusers UNet2DConditionModel or any callable
     `(x, t, encoder_hidden_states)`; outputs with `.sample` or tuples are
-    unwrapped. v-prediction outputs are converted to epsilon, so the
-    inversion math sees one parameterisation. Inputs are cast to the net's
-    dtype and outputs back to float32: latent math stays in fp32 even when
-    the net runs in half precision. Large batches are split into chunks of
-    `max_batch` so callers can batch freely without exhausting memory.
+    unwrapped. Inputs are cast to the net's dtype and outputs back to
+    float32: latent math stays in fp32 even when the net runs in half
+    precision. Large batches are split into chunks of `max_batch` so callers
+    can batch freely without exhausting memory.
+
+    The timesteps go to the latents' device once per chain (a [S] tensor,
+    indexed per step on the device): no host-to-device copy, so no host
+    sync, per UNet call.
     """
 
     def __init__(self, net: Callable, schedule: Schedule, max_batch: int | None = None):
@@ -155,6 +191,7 @@ class EpsModel:
         self.schedule = schedule
         self.max_batch = max_batch
         self.dtype = getattr(net, "dtype", None)
+        self._timesteps: dict[torch.device, torch.Tensor] = {}
 
     def _call(self, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         if self.dtype is not None and isinstance(self.dtype, torch.dtype):
@@ -166,20 +203,34 @@ class EpsModel:
             out = out[0]
         return out.float()
 
-    def __call__(self, x: torch.Tensor, t: int, emb: torch.Tensor) -> torch.Tensor:
-        tt = torch.tensor(int(t), device=x.device, dtype=torch.long)
+    def timestep(self, i: int, device: torch.device) -> torch.Tensor:
+        """Timestep of schedule index i as a 0-d long tensor on `device` (a
+        view into the schedule's timesteps, copied there once)."""
+        ts = self._timesteps.get(device)
+        if ts is None:
+            ts = self._timesteps[device] = self.schedule.timesteps.to(device)
+        return ts[i]
+
+    def output(self, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """The net's float32 output at timestep tensor `t`, in chunks of at most `max_batch` rows."""
         n = x.shape[0]
         # equal chunks: 34 rows with a cap of 32 run as 17 + 17, not 32 + a tiny 2-row call
         chunks = -(-n // (self.max_batch or n))
         step = -(-n // chunks)
         if step >= n:
-            out = self._call(x, tt, emb)
-        else:
-            out = torch.cat([self._call(x[s : s + step], tt, emb[s : s + step]) for s in range(0, n, step)])
-        if self.schedule.prediction_type == "v_prediction":
-            ab = float(self.schedule.alphas_cumprod[int(t)])
-            out = math.sqrt(ab) * out + math.sqrt(1.0 - ab) * x.float()
-        return out
+            return self._call(x, t, emb)
+        return torch.cat([self._call(x[s : s + step], t, emb[s : s + step]) for s in range(0, n, step)])
+
+    def predict(self, x: torch.Tensor, i: int, emb: torch.Tensor) -> torch.Tensor:
+        """The net's float32 output at schedule index i."""
+        return self.output(x, self.timestep(i, x.device), emb)
+
+    def __call__(self, x: torch.Tensor, t: int, emb: torch.Tensor) -> torch.Tensor:
+        """eps at timestep t (any training timestep; one host-to-device copy
+        of t per call, for callers outside a chain)."""
+        tt = torch.tensor(int(t), device=x.device, dtype=torch.long)
+        ab = float(self.schedule.alphas_cumprod[int(t)])
+        return to_prediction(self.output(x, tt, emb), x, ab, self.schedule.prediction_type).eps
 
 
 def expand_rows(emb: torch.Tensor, batch: int, name: str) -> torch.Tensor:
@@ -193,34 +244,53 @@ def expand_rows(emb: torch.Tensor, batch: int, name: str) -> torch.Tensor:
     raise ValueError(f"{name} has {emb.shape[0]} rows; expected 1 or {batch} (one per latent)")
 
 
-def guided_eps(
+def scale_on(scale: float | torch.Tensor, batch: int, device: torch.device) -> float | torch.Tensor:
+    """A guidance scale ready for `guided`: a number stays a number; a
+    per-row tensor [B] becomes float32 [B, 1, 1, 1] on `device`. Called once
+    per chain, so the chain makes no host-to-device copy per step."""
+    if not torch.is_tensor(scale):
+        return float(scale)
+    if scale.numel() != batch:
+        raise ValueError(f"cfg_scale has {scale.numel()} entries for a batch of {batch}")
+    return scale.to(device, torch.float32).reshape(batch, 1, 1, 1)
+
+
+def guided(
     model: EpsModel,
     x: torch.Tensor,
-    t: int,
+    i: int,
     cond: torch.Tensor,
     uncond: torch.Tensor | None,
     scale: float | torch.Tensor,
-) -> torch.Tensor:
-    """Classifier-free guidance as one net call on [uncond; cond].
+) -> Prediction:
+    """The classifier-free-guided prediction at schedule index i, as one
+    net call on [uncond; cond].
 
     `scale` is a number or a tensor [B] of per-row scales (so rows guided
-    differently, e.g. edits and a reconstruction check, share one call).
+    differently, e.g. edits and a reconstruction check, share one call);
+    pass it through `scale_on` before the loop to keep it on the device.
     With a scalar scale of 1 (or no uncond) only the conditional half is
-    evaluated."""
+    evaluated. Guidance is applied to the net's output; x0 and eps are
+    affine in it, so this equals guiding both."""
     b = x.shape[0]
     cond = expand_rows(cond, b, "cond")
+    ab = float(model.schedule.ab[i])
+    kind = model.schedule.prediction_type
     if torch.is_tensor(scale):
-        if scale.numel() != b:
-            raise ValueError(f"cfg_scale has {scale.numel()} entries for a batch of {b}")
-        scale = scale.to(x.device, torch.float32).view(b, *([1] * (x.dim() - 1)))
+        scale = scale_on(scale, b, x.device) if scale.dim() != 4 else scale
     elif scale == 1.0 or uncond is None:
-        return model(x, t, cond)
+        return to_prediction(model.predict(x, i, cond), x, ab, kind)
     if uncond is None:
         raise ValueError("per-row cfg_scale needs an unconditional embedding")
     uncond = expand_rows(uncond, b, "uncond")
-    both = model(torch.cat([x, x]), t, torch.cat([uncond, cond.to(uncond.dtype)]))
-    eps_u, eps_c = both[:b], both[b:]
-    return eps_u + scale * (eps_c - eps_u)
+    both = model.predict(torch.cat([x, x]), i, torch.cat([uncond, cond.to(uncond.dtype)]))
+    out_u, out_c = both[:b], both[b:]
+    return to_prediction(out_u + scale * (out_c - out_u), x, ab, kind)
+
+
+def guided_eps(model, x, i, cond, uncond, scale) -> torch.Tensor:
+    """eps of `guided`."""
+    return guided(model, x, i, cond, uncond, scale).eps
 
 
 def as_eps_model(unet: Callable, schedule: Schedule, max_batch: int | None = None) -> EpsModel:
@@ -241,6 +311,7 @@ def draw_noise(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     batch_dim: int = 0,
+    leading: int | None = None,
 ) -> torch.Tensor:
     """Gaussian noise of an explicit shape (never `randn_like`, which keeps
     the memory layout of its argument and so draws different numbers for a
@@ -251,18 +322,54 @@ def draw_noise(
     generator, so results do not depend on how samples are batched. Noise is
     drawn on the generator's device and moved, so a CPU generator gives the
     same numbers on every device.
+
+    leading: keep only the first `leading` entries along dim 0 of the
+    shape (dim 0 must not be the batch dim). With CPU generators only those
+    are drawn, and they are bit-identical to the same entries of the full
+    draw (see `_randn_prefix`), so a caller that uses a prefix of the draw
+    no longer pays for the rest.
     """
     shape = list(shape)
+    if leading is not None:
+        if batch_dim == 0 or not 0 <= leading <= shape[0]:
+            raise ValueError(f"leading must be in [0, {shape[0]}] and dim 0 must not be the batch dim")
     if generator is None or isinstance(generator, torch.Generator):
-        gen_device = generator.device if generator is not None else torch.device("cpu")
-        out = torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32)
+        out = _randn_prefix(shape, leading, generator)
         return out.to(device=device, dtype=dtype).contiguous()
     gens = list(generator)
     if len(gens) != shape[batch_dim]:
         raise ValueError(f"got {len(gens)} generators for a batch of {shape[batch_dim]}")
     one = shape[:batch_dim] + shape[batch_dim + 1 :]
-    parts = [torch.randn(one, generator=g, device=g.device, dtype=torch.float32).to(device) for g in gens]
+    parts = [_randn_prefix(one, leading, g).to(device) for g in gens]
     return torch.stack(parts, dim=batch_dim).to(dtype=dtype).contiguous()
+
+
+# torch's CPU normal sampler (float32, contiguous, >= 16 values) fills the
+# tensor with uniforms in order, then Box-Muller-transforms blocks of 16; a
+# size that is not a multiple of 16 has its last 16 values redrawn.
+_NORMAL_BLOCK = 16
+
+
+def _randn_prefix(shape: list[int], leading: int | None, generator: torch.Generator | None) -> torch.Tensor:
+    """torch.randn(shape, generator)[:leading], drawing only what is kept
+    where that gives the same bits: a CPU generator's float32 draw of n
+    values is a prefix of a longer draw when n is a multiple of 16 and stays
+    clear of the longer draw's redrawn tail. Otherwise (other devices, tiny
+    shapes) the full shape is drawn and sliced."""
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    full = math.prod(shape)
+    if leading is None or leading == shape[0]:
+        return torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32)
+    inner = math.prod(shape[1:])
+    need = leading * inner
+    n = -(-need // _NORMAL_BLOCK) * _NORMAL_BLOCK
+    prefix_safe = gen_device.type == "cpu" and full >= _NORMAL_BLOCK and (
+        full % _NORMAL_BLOCK == 0 or n <= full - _NORMAL_BLOCK
+    )
+    if not prefix_safe or n >= full:
+        return torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32)[:leading]
+    flat = torch.randn(n, generator=generator, device=gen_device, dtype=torch.float32)
+    return flat[:need].view(leading, *shape[1:])
 
 
 # --------------------------------------------------------------------------
@@ -374,10 +481,31 @@ def empty_zs(x: torch.Tensor) -> torch.Tensor:
     return x.new_empty((0, *x.shape))
 
 
+def check_x0_defined(schedule: Schedule, first: int) -> None:
+    """Raise if step `first` has zero SNR (ab = 0, a zero-terminal-SNR
+    schedule's first step) and the model predicts epsilon: x0 = (x - eps) /
+    sqrt(ab) is then undefined. v_prediction and sample models give x0
+    directly and run such steps."""
+    if schedule.prediction_type == "epsilon" and float(schedule.ab[first]) <= 0.0:
+        raise ValueError(
+            f"timestep {int(schedule.timesteps[first])} has zero signal (alphas_cumprod = 0, a zero-terminal-SNR "
+            "schedule): an epsilon-prediction model cannot predict x0 there; use skip >= 1 or a v_prediction model"
+        )
+
+
 def prepare_inversion(scheduler: Any, x0: torch.Tensor, num_steps: int, skip: int) -> Schedule:
     """The checks every `invert` starts with, in one order (latents, steps,
-    skip), and the schedule they run on."""
+    skip, a defined x0 at the first step), and the schedule they run on."""
     check_latents(x0)
     schedule = Schedule.from_scheduler(scheduler, num_steps)
     check_skip(skip, num_steps)
+    check_x0_defined(schedule, skip)
+    return schedule
+
+
+def prepare_edit(scheduler: Any, code: "NoiseCode") -> Schedule:
+    """The checks every `edit` starts with and the schedule it runs on."""
+    schedule = Schedule.from_scheduler(scheduler, code.num_steps)
+    code.check_schedule(schedule)
+    check_x0_defined(schedule, code.skip)
     return schedule

@@ -29,17 +29,20 @@ from .common import (
     NoiseCode,
     as_eps_model,
     check_code_method,
-    ddim_mean,
     draw_noise,
-    guided_eps,
+    guided,
+    mean_from,
     predict_eps,
     prepare_inversion,
     q_sample,
+    scale_on,
 )
 
 METHOD = "cycle"
 # eta: sigma_t = eta * sqrt(posterior variance) of the chain and the sampler.
 DEFAULTS: dict = {"eta": 0.1}
+# Each seed draws its own chain: N seeds are N different codes.
+SEED_INDEPENDENT = False
 
 
 @torch.no_grad()
@@ -70,8 +73,8 @@ def invert(
                 "undefined; use a scheduler with steps_offset >= 1 or set_alpha_to_one=True"
             )
     model = as_eps_model(unet, schedule, max_batch)
-    ts = schedule.timesteps.tolist()
     x0 = x0.float().contiguous()
+    scale = scale_on(cfg_scale, x0.shape[0], x0.device)
     steps = num_steps - skip
     # noise[0] starts the chain at T[skip]; noise[j] is the posterior draw of
     # edit step j - 1 (the last step lands on x0 and draws nothing).
@@ -83,10 +86,12 @@ def invert(
         ab, ab_prev = float(schedule.ab[i]), float(schedule.ab_prev[i])
         sigma = schedule.sigma(i, eta)
         if i + 1 < num_steps:
-            x_prev = ddim_mean(x_t, predict_eps(x_t, x0, ab), ab, ab_prev, sigma) + sigma * noise[j + 1]
+            # the posterior given the true x0 (no division by sqrt(ab): finite at a zero-SNR first step)
+            x_prev = mean_from(x0, predict_eps(x_t, x0, ab), ab_prev, sigma) + sigma * noise[j + 1]
         else:
             x_prev = x0
-        mu = ddim_mean(x_t, guided_eps(model, x_t, ts[i], cond, uncond, cfg_scale), ab, ab_prev, sigma)
+        pred = guided(model, x_t, i, cond, uncond, scale)
+        mu = mean_from(pred.x0, pred.eps, ab_prev, sigma)
         zs[j] = (x_prev - mu) / sigma
         # continue from what the sampler will compute, so rounding never accumulates
         x_t = mu + sigma * zs[j]

@@ -30,12 +30,18 @@ from .common import (
     check_code_method,
     ddim_step,
     empty_zs,
-    guided_eps,
+    guided,
+    mean_from,
+    prepare_edit,
     prepare_inversion,
+    scale_on,
 )
 
 METHOD = "ddim"
 DEFAULTS: dict = {}
+# No noise is drawn: every seed gives the same code, so a batch engine
+# inverts and edits each image once and replicates the rows for its seeds.
+SEED_INDEPENDENT = True
 
 
 def invert_steps(
@@ -46,14 +52,16 @@ def invert_steps(
     last: int,
     cond: torch.Tensor,
     uncond: torch.Tensor | None,
-    cfg_scale: float,
+    cfg_scale: float | torch.Tensor,
 ) -> torch.Tensor:
     """Undo generative steps first, first - 1, ..., last (schedule indices,
     so timesteps ascend): `x` is at level ab_prev[first], the result at
-    level ab[last]. No steps when first < last."""
-    ts = schedule.timesteps.tolist()
+    level ab[last]. No steps when first < last. Only eps is used (x0 is
+    re-derived at the current level ab_prev[i] > 0), so a zero-SNR last
+    level (ab = 0) is reached finitely."""
+    scale = scale_on(cfg_scale, x.shape[0], x.device)
     for i in range(first, last - 1, -1):
-        eps = guided_eps(model, x, ts[i], cond, uncond, cfg_scale)
+        eps = guided(model, x, i, cond, uncond, scale).eps
         x = ddim_step(x, eps, float(schedule.ab_prev[i]), float(schedule.ab[i]))
     return x
 
@@ -65,13 +73,14 @@ def denoise_steps(
     first: int,
     cond: torch.Tensor,
     uncond: torch.Tensor | None,
-    cfg_scale: float,
+    cfg_scale: float | torch.Tensor,
 ) -> torch.Tensor:
-    """DDIM (eta = 0) generative steps first, ..., num_steps - 1."""
-    ts = schedule.timesteps.tolist()
+    """DDIM (eta = 0) generative steps first, ..., num_steps - 1, from the
+    model's (x0, eps)."""
+    scale = scale_on(cfg_scale, x.shape[0], x.device)
     for i in range(first, schedule.num_steps):
-        eps = guided_eps(model, x, ts[i], cond, uncond, cfg_scale)
-        x = ddim_step(x, eps, float(schedule.ab[i]), float(schedule.ab_prev[i]))
+        pred = guided(model, x, i, cond, uncond, scale)
+        x = mean_from(pred.x0, pred.eps, float(schedule.ab_prev[i]), 0.0)
     return x
 
 
@@ -108,14 +117,13 @@ def edit(
     cond: torch.Tensor,
     uncond: torch.Tensor | None,
     *,
-    cfg_scale: float = 7.5,
+    cfg_scale: float | torch.Tensor = 7.5,
     max_batch: int | None = None,
 ) -> torch.Tensor:
     """DDIM-sample (eta = 0) from `code.x_start` with the target prompt
     `cond` (1 row, or one per code latent). Reads codes of `ddim` and
     `ddim-forward`. Returns latents [B, C, H, W] in float32."""
     check_code_method(code, METHOD, "ddim-forward")
-    schedule = Schedule.from_scheduler(scheduler, code.num_steps)
-    code.check_schedule(schedule)
+    schedule = prepare_edit(scheduler, code)
     model = as_eps_model(unet, schedule, max_batch)
     return denoise_steps(model, schedule, code.x_start.float(), code.skip, cond, uncond, cfg_scale)

@@ -34,6 +34,8 @@ METHOD = "ddim-forward"
 # forward_steps: the K inversion steps replaced by the jump; None scales the
 # paper's 3 of 100 steps with the step count (see `default_forward_steps`).
 DEFAULTS: dict = {"forward_steps": None}
+# Each seed draws its own jump noise: N seeds are N different codes.
+SEED_INDEPENDENT = False
 
 
 def default_forward_steps(num_steps: int) -> int:

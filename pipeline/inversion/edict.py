@@ -5,17 +5,21 @@ Generative step i (t = T[i], a = sqrt(ab_prev / ab), b = sqrt(1 - ab_prev)
 - a sqrt(1 - ab)) updates x and y affinely, each with eps evaluated at the
 OTHER sequence, alternating which goes first (leapfrog), then mixes them:
 
-    i even:  x <- a x + b eps(y, t);  y <- a y + b eps(x, t)
-    i odd:   y <- a y + b eps(x, t);  x <- a x + b eps(y, t)
+    j even:  x <- a x + b eps(y, t);  y <- a y + b eps(x, t)
+    j odd:   y <- a y + b eps(x, t);  x <- a x + b eps(y, t)
     then     x <- p x + (1 - p) y;    y <- p y + (1 - p) x
+
+where j = i - skip counts the steps actually run, from 0 at the first one
+(as salesforce/EDICT and the diffusers community pipeline count it; an
+absolute index would make an odd `skip` a different method).
 
 Every update changes one sequence using only the other, so each is undone
 exactly by recomputing the same eps at the same input. Inversion starts
 from x = y = x0 and undoes steps num_steps - 1, ..., skip in exact reverse
-order; which update to undo first comes from the GENERATIVE index i of the
-step being undone (the diffusers community pipeline takes it from the
-inversion index and is exact only for even step counts). Reconstruction is
-exact up to float rounding for any step count; with `float64` the latents
+order; which update to undo first comes from the GENERATIVE parity j of the
+step being undone, so reconstruction is exact up to float rounding for any
+step count and any skip (taking it from the inversion's own loop index
+instead is exact only when the number of steps run is even); with `float64` the latents
 and coefficients are float64 (the UNet still runs in its own dtype: its
 inputs round to the same values in both directions, so the same eps comes
 back) and the error is about 1e-15 on the tiny model.
@@ -39,14 +43,19 @@ from .common import (
     as_eps_model,
     check_code_method,
     empty_zs,
-    guided_eps,
+    guided,
+    prepare_edit,
     prepare_inversion,
+    scale_on,
 )
 
 METHOD = "edict"
 # mix: p of the mixing layer (paper: 0.93); float64: latent math in float64
 # (the reference runs float64).
 DEFAULTS: dict = {"mix": 0.93, "float64": True}
+# No noise is drawn: every seed gives the same code, so a batch engine
+# inverts and edits each image once and replicates the rows for its seeds.
+SEED_INDEPENDENT = True
 
 
 def step_coefficients(ab: float, ab_prev: float) -> tuple[float, float]:
@@ -55,40 +64,44 @@ def step_coefficients(ab: float, ab_prev: float) -> tuple[float, float]:
     return a, math.sqrt(1.0 - ab_prev) - a * math.sqrt(1.0 - ab)
 
 
-def _step_parameters(schedule: Schedule, i: int) -> tuple[int, float, float]:
+def _check_signal(schedule: Schedule, first: int) -> None:
+    if float(schedule.ab[first]) <= 0.0:
+        raise ValueError(
+            f"timestep {int(schedule.timesteps[first])} has zero signal (alphas_cumprod = 0, a zero-terminal-SNR "
+            "schedule): EDICT's step divides by sqrt(alphas_cumprod) there; use skip >= 1"
+        )
+
+
+def _eps(model: EpsModel, v: torch.Tensor, i: int, cond, uncond, cfg_scale) -> torch.Tensor:
+    return guided(model, v, i, cond, uncond, cfg_scale).eps.to(v.dtype)
+
+
+def denoise_step(model, schedule, i, x, y, cond, uncond, cfg_scale, mix, first=0):
+    """Generative step i on the pair (x, y); `first` is the index of the
+    first step run (the leapfrog parity is that of i - first)."""
     a, b = step_coefficients(float(schedule.ab[i]), float(schedule.ab_prev[i]))
-    return int(schedule.timesteps[i]), a, b
-
-
-def _eps(model: EpsModel, v: torch.Tensor, t: int, cond, uncond, cfg_scale: float) -> torch.Tensor:
-    return guided_eps(model, v, t, cond, uncond, cfg_scale).to(v.dtype)
-
-
-def denoise_step(model, schedule, i, x, y, cond, uncond, cfg_scale, mix):
-    """Generative step i on the pair (x, y)."""
-    t, a, b = _step_parameters(schedule, i)
-    if i % 2 == 0:
-        x = a * x + b * _eps(model, y, t, cond, uncond, cfg_scale)
-        y = a * y + b * _eps(model, x, t, cond, uncond, cfg_scale)
+    if (i - first) % 2 == 0:
+        x = a * x + b * _eps(model, y, i, cond, uncond, cfg_scale)
+        y = a * y + b * _eps(model, x, i, cond, uncond, cfg_scale)
     else:
-        y = a * y + b * _eps(model, x, t, cond, uncond, cfg_scale)
-        x = a * x + b * _eps(model, y, t, cond, uncond, cfg_scale)
+        y = a * y + b * _eps(model, x, i, cond, uncond, cfg_scale)
+        x = a * x + b * _eps(model, y, i, cond, uncond, cfg_scale)
     x = mix * x + (1.0 - mix) * y
     y = mix * y + (1.0 - mix) * x
     return x, y
 
 
-def invert_step(model, schedule, i, x, y, cond, uncond, cfg_scale, mix):
-    """Exact inverse of `denoise_step` for the same i."""
-    t, a, b = _step_parameters(schedule, i)
+def invert_step(model, schedule, i, x, y, cond, uncond, cfg_scale, mix, first=0):
+    """Exact inverse of `denoise_step` for the same i and first."""
+    a, b = step_coefficients(float(schedule.ab[i]), float(schedule.ab_prev[i]))
     y = (y - (1.0 - mix) * x) / mix
     x = (x - (1.0 - mix) * y) / mix
-    if i % 2 == 0:
-        y = (y - b * _eps(model, x, t, cond, uncond, cfg_scale)) / a
-        x = (x - b * _eps(model, y, t, cond, uncond, cfg_scale)) / a
+    if (i - first) % 2 == 0:
+        y = (y - b * _eps(model, x, i, cond, uncond, cfg_scale)) / a
+        x = (x - b * _eps(model, y, i, cond, uncond, cfg_scale)) / a
     else:
-        x = (x - b * _eps(model, y, t, cond, uncond, cfg_scale)) / a
-        y = (y - b * _eps(model, x, t, cond, uncond, cfg_scale)) / a
+        x = (x - b * _eps(model, y, i, cond, uncond, cfg_scale)) / a
+        y = (y - b * _eps(model, x, i, cond, uncond, cfg_scale)) / a
     return x, y
 
 
@@ -117,12 +130,14 @@ def invert(
     2 guided UNet evaluations per step, num_steps - skip steps. The code's
     latents are float64 when `float64`, else float32."""
     schedule = prepare_inversion(scheduler, x0, num_steps, skip)
+    _check_signal(schedule, skip)
     _check_mix(mix)
     model = as_eps_model(unet, schedule, max_batch)
     x = x0.to(torch.float64 if float64 else torch.float32).contiguous()
     y = x
+    scale = scale_on(cfg_scale, x.shape[0], x.device)
     for i in range(num_steps - 1, skip - 1, -1):
-        x, y = invert_step(model, schedule, i, x, y, cond, uncond, cfg_scale, mix)
+        x, y = invert_step(model, schedule, i, x, y, cond, uncond, scale, mix, first=skip)
     return NoiseCode.from_schedule(schedule, skip, x, empty_zs(x), METHOD,
         {"mix": float(mix), "float64": bool(float64), "cfg_source": float(cfg_scale)}, extra={"y": y})
 
@@ -135,7 +150,7 @@ def edit(
     cond: torch.Tensor,
     uncond: torch.Tensor | None,
     *,
-    cfg_scale: float = 3.0,
+    cfg_scale: float | torch.Tensor = 3.0,
     max_batch: int | None = None,
 ) -> torch.Tensor:
     """Run the coupled sampler from the code's (x, y) with the target prompt
@@ -145,12 +160,13 @@ def edit(
     check_code_method(code, METHOD)
     if "y" not in code.extra:
         raise ValueError("EDICT code lacks its second sequence extra['y']")
-    schedule = Schedule.from_scheduler(scheduler, code.num_steps)
-    code.check_schedule(schedule)
+    schedule = prepare_edit(scheduler, code)
+    _check_signal(schedule, code.skip)
     model = as_eps_model(unet, schedule, max_batch)
     dtype = torch.float64 if code.params.get("float64", True) else torch.float32
     mix = float(code.params["mix"])
     x, y = code.x_start.to(dtype), code.extra["y"].to(code.x_start.device, dtype)
+    scale = scale_on(cfg_scale, x.shape[0], x.device)
     for i in range(code.skip, code.num_steps):
-        x, y = denoise_step(model, schedule, i, x, y, cond, uncond, cfg_scale, mix)
+        x, y = denoise_step(model, schedule, i, x, y, cond, uncond, scale, mix, first=code.skip)
     return x

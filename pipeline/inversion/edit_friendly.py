@@ -27,19 +27,24 @@ from .common import (
     Generator,
     NoiseCode,
     Schedule,
+    Prediction,
     as_eps_model,
-    ddim_mean,
     draw_noise,
-    guided_eps,
+    guided,
+    mean_from,
+    prepare_edit,
     prepare_inversion,
     q_sample,
+    scale_on,
 )
 
 METHOD = "edit-friendly"
 DEFAULTS: dict = {"eta": 1.0}
+# Each seed draws its own noise: N seeds are N different codes.
+SEED_INDEPENDENT = False
 
-# on_step(schedule_index, x_t, eps, z) -> replacement z or None (see `edit`)
-StepHook = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], "torch.Tensor | None"]
+# on_step(schedule_index, x_t, prediction, z) -> replacement z or None (see `edit`)
+StepHook = Callable[[int, torch.Tensor, Prediction, torch.Tensor], "torch.Tensor | None"]
 
 
 @torch.no_grad()
@@ -62,7 +67,9 @@ def invert(
 
     noise: optional Eq. 6 draws [num_steps, B, C, H, W]; index 0 belongs to
     the smallest timestep (t = 1) and the index grows with t. Without it the
-    draws come from `generator` (one generator, or one per batch element).
+    draws come from `generator` (one generator, or one per batch element):
+    only the num_steps - skip draws the steps from T[skip] use (indices
+    0 .. num_steps - skip - 1), bit-identical to those of the full draw.
     """
     schedule = prepare_inversion(scheduler, x0, num_steps, skip)
     if not eta > 0:
@@ -71,7 +78,7 @@ def invert(
     b = x0.shape[0]
     shape = (num_steps, b, *x0.shape[1:])
     if noise is None:
-        noise = draw_noise(shape, generator, device=x0.device, batch_dim=1)
+        noise = draw_noise(shape, generator, device=x0.device, batch_dim=1, leading=num_steps - skip)
     elif tuple(noise.shape) != shape:
         raise ValueError(f"noise must have shape {shape} (num_steps, B, C, H, W), got {tuple(noise.shape)}")
     noise = noise.to(device=x0.device, dtype=torch.float32)
@@ -83,7 +90,7 @@ def invert(
             )
 
     model = as_eps_model(unet, schedule, max_batch)
-    ts = schedule.timesteps.tolist()
+    scale = scale_on(cfg_scale, b, x0.device)
 
     def x_at(i: int) -> torch.Tensor:
         # schedule index i (descending) <-> noise index num_steps - 1 - i (ascending t)
@@ -93,11 +100,11 @@ def invert(
     x_t = x_start
     zs = torch.empty((num_steps - skip, *x0.shape), dtype=torch.float32, device=x0.device)
     for j, i in enumerate(range(skip, num_steps)):
-        ab, ab_prev = float(schedule.ab[i]), float(schedule.ab_prev[i])
+        ab_prev = float(schedule.ab_prev[i])
         sigma = schedule.sigma(i, eta)
         x_prev = x_at(i + 1) if i + 1 < num_steps else x0
-        eps = guided_eps(model, x_t, ts[i], cond, uncond, cfg_scale)
-        mu = ddim_mean(x_t, eps, ab, ab_prev, sigma)
+        pred = guided(model, x_t, i, cond, uncond, scale)
+        mu = mean_from(pred.x0, pred.eps, ab_prev, sigma)
         z = (x_prev - mu) / sigma
         zs[j] = z
         # Step from the value the sampler will actually compute, so rounding
@@ -125,9 +132,9 @@ def edit(
     and the target prompt embedding `cond` (1 row, or one per code latent).
     Returns the edited latents [B, C, H, W] in float32.
 
-    on_step(i, x_t, eps, z): called at every step, before the step is taken,
+    on_step(i, x_t, pred, z): called at every step, before the step is taken,
     with the schedule index i (timestep `Schedule.timesteps[i]`), the current
-    latent, the guided epsilon at it and the code's noise map for the step;
+    latent, the guided `Prediction` (x0, eps) at it and the code's noise map for the step;
     it may return a replacement z (a new tensor: z may be the code's own
     storage) or None to keep it. Manipulations that depend on the sampler's
     state (noise-space color strokes) hook in here.
@@ -135,20 +142,19 @@ def edit(
     eta defaults to the one the code was inverted with."""
     if eta is None:
         eta = float(code.params.get("eta", 1.0))
-    schedule = Schedule.from_scheduler(scheduler, code.num_steps)
-    code.check_schedule(schedule)
+    schedule = prepare_edit(scheduler, code)
     model = as_eps_model(unet, schedule, max_batch)
-    ts = schedule.timesteps.tolist()
     x = code.x_start.float()
+    scale = scale_on(cfg_scale, x.shape[0], x.device)
     for j, i in enumerate(range(code.skip, code.num_steps)):
-        ab, ab_prev = float(schedule.ab[i]), float(schedule.ab_prev[i])
+        ab_prev = float(schedule.ab_prev[i])
         sigma = schedule.sigma(i, eta)
-        eps = guided_eps(model, x, ts[i], cond, uncond, cfg_scale)
+        pred = guided(model, x, i, cond, uncond, scale)
         z = code.zs[j].to(x.device, torch.float32)
         if on_step is not None:
-            hooked = on_step(i, x, eps, z)
+            hooked = on_step(i, x, pred, z)
             z = z if hooked is None else hooked
-        x = ddim_mean(x, eps, ab, ab_prev, sigma) + sigma * z
+        x = mean_from(pred.x0, pred.eps, ab_prev, sigma) + sigma * z
     return x
 
 
