@@ -35,6 +35,7 @@ class Sample:
     orig_size: tuple[int, int] = (0, 0)  # (width, height) as decoded
     error: str = ""
     extras: dict = field(default_factory=dict)  # other entries of the sample (bytes), e.g. masks
+    meta: dict = field(default_factory=dict)  # the json's extra fields (all but source_prompt/target_prompts)
 
 
 # ---------------------------------------------------------------------------
@@ -136,7 +137,7 @@ def decode_sample(raw: dict, shard: str, spec_input, spec_image, resolution: int
             raise SampleError(raw["__error__"])
         if not key:
             raise SampleError("sample has no __key__")
-        sample.source_prompt, sample.target_prompts = _prompts(raw, spec_input, count_tokens)
+        sample.source_prompt, sample.target_prompts, sample.meta = _prompts(raw, spec_input, count_tokens)
         img_ext = next((e for e in IMAGE_EXTS if e in raw), None)
         if img_ext is None:
             raise SampleError(f"no image entry (expected one of {', '.join(IMAGE_EXTS)}; found {', '.join(_exts(raw)) or 'none'})")
@@ -159,7 +160,7 @@ def _exts(raw: dict) -> list[str]:
     return [k for k in raw if not k.startswith("__")]
 
 
-def _prompts(raw: dict, spec_input, count_tokens) -> tuple[str, list[str]]:
+def _prompts(raw: dict, spec_input, count_tokens) -> tuple[str, list[str], dict]:
     meta: dict = {}
     if "json" in raw:
         try:
@@ -196,7 +197,7 @@ def _prompts(raw: dict, spec_input, count_tokens) -> tuple[str, list[str]]:
                 raise SampleError(
                     f"prompt too long: {n} tokens > {spec_input.max_prompt_tokens} (input.max_prompt_tokens): {p[:60]!r}..."
                 )
-    return source, targets
+    return source, targets, {k: v for k, v in meta.items() if k not in ("source_prompt", "target_prompts")}
 
 
 def load_image(data: bytes, spec_image) -> Image.Image:
