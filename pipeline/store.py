@@ -133,8 +133,9 @@ class OutputStore:
         with `force`, move the previous spec's outputs aside), and sweep what
         crashed attempts left behind."""
         try:
-            for d in ("", *TABLES, DONE, FAILED):
-                self.fs.create_dir(self._p(d) if d else self.root, recursive=True)
+            if self.renames_atomically:  # object stores need no folders (pyarrow would add marker objects)
+                for d in ("", *TABLES, DONE, FAILED):
+                    self.fs.create_dir(self._p(d) if d else self.root, recursive=True)
             self.check_writable()
         except (OSError, pa.ArrowException) as exc:
             raise OutputError(f"output.path {self.root!r} is not writable: {one_line(exc)}") from None
@@ -155,7 +156,9 @@ class OutputStore:
             raise OutputError(f"output.path {self.root!r}: {one_line(exc)}") from None
 
     def check_writable(self) -> None:
-        probe = f"{STAGING}/write-test-{uuid.uuid4().hex}"
+        # Locally under _tmp/ (swept); on an object store at the root: pyarrow
+        # leaves an empty folder marker where it deletes a folder's last object.
+        probe = f"{STAGING + '/' if self.renames_atomically else '.'}write-test-{uuid.uuid4().hex}"
         self.write_bytes(probe, b"ok")
         self.delete(probe)
 
@@ -303,6 +306,7 @@ class OutputStore:
             if self.renames_atomically:
                 tmp = self._p(STAGING, uuid.uuid4().hex)
                 self.fs.create_dir(self._p(STAGING), recursive=True)
+                self.fs.create_dir(final.rsplit("/", 1)[0], recursive=True)
                 try:
                     with self.fs.open_output_stream(tmp) as fh:
                         fh.write(data)

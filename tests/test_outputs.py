@@ -209,7 +209,7 @@ def test_spec_hash_covers_only_what_changes_a_row(shards, tmp_path):
     differ = [{"edit": {"seeds": 3}}, {"edit": {"cfg_target": 9.0}}, {"inversion": {"skip": 2}},
               {"run": {"seed": 4}}, {"input": {"templates": ["{source}, sketch"]}}, {"image": {"resolution": 64}},
               {"output": {"image_format": "webp"}}, {"output": {"noise": False}}, {"model": {"dtype": "float16"}},
-              {"filter": {"keep_top_k": 1}}, {"score": {"enabled": True}}]
+              {"filter": {"write_rejected": True}}, {"score": {"recon_psnr": True}}]
     for change in differ:
         assert job(tmp_path / "o", shards[:1], **change).hash() != base, change
 

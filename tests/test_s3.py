@@ -82,6 +82,8 @@ def _bad_table_objects(client, out_prefix: str, checked: set) -> list[str]:
     bad = []
     for table in TABLES:
         for key in _keys(client, f"{out_prefix}/{table}/"):
+            if key.endswith("/"):
+                continue  # an empty "directory" marker pyarrow may keep; no glob returns it
             name = key.rsplit("/", 1)[1]
             parts = name.split(".")
             if len(parts) < 3 or parts[-1] != "parquet" or not (parts[-2].isdigit() and len(parts[-2]) == 5):
@@ -120,7 +122,7 @@ def test_s3_inputs_and_outputs_crash_mid_commit_then_rerun(s3, tmp_path):
     store = OutputStore.open(out)
     assert store.done_shards(spec.hash()) == {shard_name(urls[0])}
     assert len(read_table(out, "results")) == edits_of(3)
-    assert not _keys(s3, f"{out_prefix}/_tmp/")  # object stores never stage: uploads are atomic
+    assert not [k for k in _keys(s3, f"{out_prefix}/") if "_tmp" in k]  # object stores never stage: uploads are atomic
 
     # rerun, polling the listings the whole time
     seen_bad: list = []
