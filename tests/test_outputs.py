@@ -130,6 +130,22 @@ def test_parts_markers_and_done_shards(done_run, shards):
     check_no_partial_files(out)
 
 
+def test_done_shards_uses_listings_only(done_run, monkeypatch):
+    spec, out = done_run
+    store = OutputStore.open(str(out))
+    calls = {"list": 0, "open": 0}
+    real_list = OutputStore._list
+
+    def counting_list(self, rel, recursive=False):
+        calls["list"] += 1
+        return real_list(self, rel, recursive)
+
+    monkeypatch.setattr(OutputStore, "_list", counting_list)
+    monkeypatch.setattr(OutputStore, "read_text", lambda *a: calls.__setitem__("open", calls["open"] + 1))
+    assert len(store.done_shards(spec.hash())) == 2
+    assert calls == {"list": 4, "open": 0}  # _done/ and the three table folders, whatever the shard count
+
+
 def test_sources_hold_the_model_view_and_meta_is_carried(done_run):
     from PIL import Image
 
