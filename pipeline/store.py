@@ -30,7 +30,6 @@ Rules that make it safe on local disks and object stores alike:
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import re
@@ -50,7 +49,7 @@ STAGING = "_tmp"
 REPLACED = "_replaced"
 SPEC_FILE = "job.resolved.toml"
 META_FILE = "job.json"
-PART_BYTES = 64 * 2**20  # rows buffered per table before a part is written (Arrow bytes)
+PART_BYTES = 64 * 2**20  # rows buffered (all tables together, Arrow bytes) before a part is written
 _PART = re.compile(r"^(?P<shard>.+)\.(?P<part>\d{5})\.parquet$")
 
 
@@ -298,7 +297,7 @@ class OutputStore:
 
     # -- small files ----------------------------------------------------------
 
-    def write_bytes(self, rel: str, data: bytes) -> None:
+    def write_bytes(self, rel: str, data: bytes | pa.Buffer) -> None:
         """Write one complete file: staged and renamed where renames are
         atomic, uploaded in one request on object stores."""
         final = self._p(rel)
@@ -394,24 +393,23 @@ class ShardWriter:
     def add(self, table: str, rows: list[dict]) -> None:
         if not rows:
             return
-        batch = table_from_rows(table, rows, self.metadata)
-        buf = self._buffers.setdefault(table, [])
-        buf.append(batch)
-        if sum(b.nbytes for b in buf) >= self.part_bytes:
-            self.flush(table)
+        self._buffers.setdefault(table, []).append(table_from_rows(table, rows, self.metadata))
+        # One budget for all tables: the worker holds at most PART_BYTES of rows.
+        while sum(b.nbytes for bufs in self._buffers.values() for b in bufs) >= self.part_bytes:
+            self.flush(max(self._buffers, key=lambda t: sum(b.nbytes for b in self._buffers[t])))
 
     def flush(self, table: str) -> None:
         batches = self._buffers.pop(table, [])
         data = pa.concat_tables(batches) if batches else table_from_rows(table, [], self.metadata)
-        sink = io.BytesIO()
+        sink = pa.BufferOutputStream()
         pq.write_table(data, sink, compression="zstd", row_group_size=ROW_GROUP_ROWS[table])
         del data, batches
-        blob = sink.getvalue()
+        blob = sink.getvalue()  # a pyarrow Buffer: no second copy of the part
         part = self._parts.get(table, 0)
         rel = f"{table}/{part_name(self.shard, part)}"
         self.store.write_bytes(rel, blob)
         self._parts[table] = part + 1
-        self.files.append({"path": rel, "size": len(blob), "sha256": hashlib.sha256(blob).hexdigest()})
+        self.files.append({"path": rel, "size": blob.size, "sha256": hashlib.sha256(blob).hexdigest()})
 
     def commit(self, marker: dict, spec_hash: str) -> None:
         """Write the buffered rows (an empty part for a table with no rows,
