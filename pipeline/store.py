@@ -166,15 +166,17 @@ class OutputStore:
         `_replaced/<old hash>/` (a second time: `<old hash>.2`, ...), so the
         tables never mix specs. Parts are capped at PART_BYTES, so an object
         store's copy-based move stays far below its copy limit."""
-        entries = [(d, i) for d in (*TABLES, DONE, FAILED) for i in self._list(d)]
+        # markers first: from the first move on, no shard of the old spec counts as done
+        entries = [(d, i) for d in (DONE, FAILED, *TABLES) for i in self._list(d)]
         if not entries:
             return None
         dest, n = f"{REPLACED}/{old_hash}", 1
-        while self._list(dest):
+        while self._list(dest, recursive=True):
             n += 1
             dest = f"{REPLACED}/{old_hash}.{n}"
         for d, info in entries:
-            self.fs.create_dir(self._p(dest, d), recursive=True)
+            if self.renames_atomically:
+                self.fs.create_dir(self._p(dest, d), recursive=True)
             self.fs.move(info.path, self._p(dest, d, info.base_name))
         return dest
 

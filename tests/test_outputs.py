@@ -253,9 +253,11 @@ def test_force_moves_the_previous_spec_aside(done_run, shards, tmp_path):
     res = pq.read_table(out / "results").to_pylist()  # the table holds the new spec's rows only
     assert len(res) == edits_of(3) // SEEDS and {r["seed_index"] for r in res} == {0}
     assert {pq.read_schema(p).metadata[b"imprint.spec_hash"] for p in (out / "results").iterdir()} == {new.hash().encode()}
-    # --force again with the same spec: moved aside under a second name
+    # --force again, twice, with the same spec: moved aside under new names each time
     run_job(new, force=True, progress=False)
-    assert (out / REPLACED / f"{new.hash()}").is_dir()
+    run_job(new, force=True, progress=False)
+    for name in (new.hash(), f"{new.hash()}.2"):
+        assert len(list((out / REPLACED / name / "results").glob("*.parquet"))) == 1, name
     check_readers(out, edits_of(3) // SEEDS)
 
 
