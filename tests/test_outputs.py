@@ -234,7 +234,28 @@ def test_adding_shards_processes_only_the_new_ones(done_run, shards, tmp_path):
     _, src_out = done_run
     out = tmp_path / "out"
     shutil.copytree(src_out, out)
-    report = run_job(job(out, shards, batch={"images": 3}), progress=False)
+    # poll the table folders while the job runs: complete Parquet files only
+    import threading
+
+    errors, stop = [], threading.Event()
+
+    def poll():
+        while not stop.is_set():
+            try:
+                check_no_partial_files(out)
+            except FileNotFoundError:
+                pass  # a part swept between listing and reading
+            except Exception as exc:  # noqa: BLE001 - report any other failure
+                errors.append(repr(exc))
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    try:
+        report = run_job(job(out, shards, batch={"images": 3}), progress=False)
+    finally:
+        stop.set()
+        poller.join()
+    assert errors == []
     assert report.skipped == 2 and report.done == 1 and report.total == 3
     check_readers(out, edits_of(3) + edits_of(4) + edits_of(2))
 
