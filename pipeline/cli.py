@@ -145,6 +145,25 @@ def status(
 
 
 @app.command()
+def export(
+    out: str = typer.Argument(..., help="Output path of a job (local or URL)."),
+    dest: Path = typer.Argument(..., help="Local folder to write into."),
+    format_: str = typer.Option("webdataset", "--format", help="webdataset | files"),
+    maxcount: int = typer.Option(1000, help="Edits per WebDataset shard."),
+    rejected: bool = typer.Option(False, help="Also export rejected edits whose images were written."),
+) -> None:
+    """Export the kept edits (edit, pixel-aligned source, prompts, seed, parameters,
+    scores, carried metadata) as WebDataset shards or image files with a manifest."""
+    from .export import export as run_export
+
+    try:
+        done = run_export(out, str(dest), format_, maxcount=maxcount, include_rejected=rejected)
+    except ValueError as exc:
+        _die(str(exc))
+    typer.echo(f"imprint: exported {done['edits']} edits to {dest} ({len(done['files'])} file(s))")
+
+
+@app.command()
 def schemas(
     write: Optional[Path] = typer.Option(None, help="Write the table schemas as JSON into this folder."),
 ) -> None:

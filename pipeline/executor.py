@@ -108,7 +108,11 @@ def plan(spec: JobSpec, force: bool = False) -> tuple[OutputStore, list[str], li
         store.prepare(to_toml(spec), h, force=force)
     except OutputError as exc:
         raise JobError(str(exc)) from None
-    pending = shards if force else [s for s in shards if not store.is_done(shard_name(s), h)]
+    try:
+        done = set() if force else store.done_shards(h)
+    except OSError as exc:
+        raise JobError(f"output.path {spec.output.path!r}: {exc}") from None
+    pending = [s for s in shards if shard_name(s) not in done]
     return store, shards, pending
 
 
@@ -142,8 +146,12 @@ def _record(report: JobReport, summary: dict) -> None:
 
 
 def _fail(store: OutputStore, report: JobReport, url: str, attempts: int, reason: str) -> None:
+    reason = " ".join(reason.split())  # one line in _failed/, the summary and the log
     report.failed[url] = reason
-    store.mark_failed(shard_name(url), {"shard": url, "attempts": attempts, "error": reason, "time": time.time()})
+    if not store.mark_failed(shard_name(url), {"shard": url, "attempts": attempts, "error": reason, "time": time.time()}):
+        # Not even a failure record can be written: the output itself is
+        # unusable (disk full, permission lost), so stop with one message.
+        raise JobError(f"output.path {store.root!r} is no longer writable; shard {url} failed: {reason}")
 
 
 def _run_inline(spec: JobSpec, store: OutputStore, pending: list[str], report: JobReport, bar: Progress,

@@ -101,7 +101,7 @@ def load_run(path: str) -> Run:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from .store import DONE, FAILED, META_FILE, SPEC_FILE, OutputStore
+    from .store import FAILED, META_FILE, SPEC_FILE, OutputStore
     from .tables import RESULTS, SOURCES
 
     store = OutputStore.open(path)
@@ -148,7 +148,7 @@ def load_run(path: str) -> Run:
 
     results, result_files = read("results", RESULTS, _LIGHT_COLUMNS)
     sources, source_files = read("sources", SOURCES, None, exclude=("image",))
-    done = {k: v for k, v in store.markers(DONE).items() if v.get("spec_hash") == job.get("spec_hash")}
+    done = store.done_markers(job.get("spec_hash"))
     failed = {k: v for k, v in store.markers(FAILED).items() if k not in done}
     return Run(path=path, store=store, spec_hash=str(job.get("spec_hash", "")), spec_text=spec_text, spec=spec,
                meta=meta, results=results, result_files=result_files, sources=sources, source_files=source_files,
@@ -353,6 +353,8 @@ def edit_images(run: Run, keys: list[tuple[str, str]]) -> dict[tuple, tuple[byte
     only from the result files that hold the shown inputs."""
     import pyarrow.parquet as pq
 
+    from .tables import image_bytes
+
     rows = rows_of(run.results.select(["key", "shard", "_file"]), keys)
     out = {}
     for i in sorted({r["_file"] for r in rows}):
@@ -362,7 +364,7 @@ def edit_images(run: Run, keys: list[tuple[str, str]]) -> dict[tuple, tuple[byte
                           filters=[("key", "in", names)])
         for r in t.to_pylist():
             if r["image"] is not None:
-                out[(r["shard"], r["key"], r["target_index"], r["seed_index"], r["method"])] = (r["image"], r["image_format"] or "png")
+                out[(r["shard"], r["key"], r["target_index"], r["seed_index"], r["method"])] = (image_bytes(r["image"]), r["image_format"] or "png")
     return out
 
 

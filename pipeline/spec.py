@@ -165,13 +165,22 @@ class JobSpec:
         return dataclasses.asdict(self)
 
     def hash(self) -> str:
-        """Hash of everything that changes what a shard's output contains.
-        Execution settings (executor, workers, threads, address, attempts,
-        prefetch) and the output path do not change results and are left out."""
+        """Hash of what changes an output row: model (id, revision, dtype),
+        method parameters, seeds, prompts and templates, image geometry,
+        manipulations, scorer and filter settings, output format. Left out,
+        so that they can change between runs of one output: which shards
+        (`input.shards`/`input.codes`: adding shards to a finished output
+        processes only the new ones), batching, `model.compile`, the device,
+        the scorer's batch size, every execution setting (`[run]` except the
+        seed) and the output path."""
         d = self.to_dict()
-        for k in ("executor", "workers", "threads", "ray_address", "max_attempts"):
-            d["run"].pop(k)
-        d["batch"].pop("prefetch")
+        for k in ("shards", "codes", "allow_pipe"):
+            d["input"].pop(k, None)
+        d.pop("batch")
+        for k in ("compile", "device"):
+            d["model"].pop(k, None)
+        d["score"].pop("batch_size", None)
+        d["run"] = {"seed": d["run"]["seed"]}
         d["output"].pop("path")
         blob = json.dumps(d, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import tomllib
 
 from .data import expand_shards, shard_name
-from .store import DONE, FAILED, META_FILE, SPEC_FILE, OutputStore
+from .store import FAILED, META_FILE, SPEC_FILE, OutputStore
 
 
 def job_status(out: str) -> dict:
@@ -24,7 +24,7 @@ def job_status(out: str) -> dict:
             shards = expand_shards(spec["input"]["shards"], allow_pipe=spec["input"].get("allow_pipe", False))
     except (OSError, KeyError, ValueError, tomllib.TOMLDecodeError):
         shards = []
-    done = {k: v for k, v in store.markers(DONE).items() if v.get("spec_hash") == spec_hash}
+    done = store.done_markers(spec_hash)
     failed = {k: v for k, v in store.markers(FAILED).items() if k not in done}
     left = [s for s in shards if shard_name(s) not in done and shard_name(s) not in failed]
     return {

@@ -7,11 +7,15 @@ import json
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"  # 2: image columns are {bytes, path} structs; sources.image; meta columns
 STAGES = ("read", "vae_encode", "invert", "edit", "vae_decode", "score", "encode", "write")
 SCORES = ("clip_text", "clip_direction", "clip_image", "lpips", "diversity")
 
 _timing = [pa.field(f"time_{s}_s", pa.float64()) for s in STAGES]
+# Hugging Face `datasets`' Image storage: an encoded image is a struct of its
+# bytes and an optional path, so `load_dataset("parquet", ...)` decodes it.
+IMAGE = pa.struct([pa.field("bytes", pa.binary()), pa.field("path", pa.string())])
+IMAGE_COLUMNS = ("image",)
 
 RESULTS = pa.schema(
     [
@@ -29,7 +33,7 @@ RESULTS = pa.schema(
         pa.field("cfg_target", pa.float32()),
         pa.field("params", pa.string()),  # JSON: every method parameter
         pa.field("model_id", pa.string()),
-        pa.field("image", pa.binary()),  # encoded edit (null when rejected and not written)
+        pa.field("image", IMAGE),  # {bytes: encoded edit, path: null}; null when rejected and not written
         pa.field("image_format", pa.string()),
         pa.field("width", pa.int32()),
         pa.field("height", pa.int32()),
@@ -37,6 +41,7 @@ RESULTS = pa.schema(
         pa.field("kept", pa.bool_()),  # passed the job's filters
         pa.field("status", pa.string()),  # ok | rejected
         *_timing,
+        pa.field("meta", pa.string()),  # JSON: the input sample's extra json fields (url, license, ...)
     ]
 )
 
@@ -59,6 +64,9 @@ SOURCES = pa.schema(
         pa.field("status", pa.string()),  # ok | error
         pa.field("error", pa.string()),
         *_timing,
+        pa.field("image", IMAGE),  # the source as the model saw it (cropped, resized): pixel-aligned with its edits
+        pa.field("image_format", pa.string()),
+        pa.field("meta", pa.string()),  # JSON: the input sample's extra json fields (url, license, ...)
     ]
 )
 
@@ -93,10 +101,29 @@ TABLES = {"results": RESULTS, "sources": SOURCES, "noise": NOISE}
 ROW_GROUP_ROWS = {"results": 256, "sources": 1024, "noise": 16}  # noise rows are ~1 MiB each
 
 
+def hf_features(name: str) -> dict:
+    """Hugging Face `datasets` feature metadata (the `huggingface` key of the
+    Arrow schema): image columns are `Image`, the rest follow the Arrow types."""
+    return {"info": {"features": {c: {"_type": "Image"} for c in IMAGE_COLUMNS if c in TABLES[name].names}}}
+
+
+def image_value(data: bytes | None) -> dict | None:
+    return None if data is None else {"bytes": data, "path": None}
+
+
+def image_bytes(value) -> bytes | None:
+    """The encoded bytes of an image cell, as read back by pyarrow/pandas."""
+    return value.get("bytes") if isinstance(value, dict) else value
+
+
 def table_from_rows(name: str, rows: list[dict], metadata: dict[str, str]) -> pa.Table:
     schema = TABLES[name]
     cols = {f.name: [r.get(f.name) for r in rows] for f in schema}
-    meta = {b"imprint.schema_version": SCHEMA_VERSION.encode(), b"imprint.table": name.encode()}
+    for c in IMAGE_COLUMNS:
+        if c in cols:
+            cols[c] = [image_value(v) if isinstance(v, bytes) else v for v in cols[c]]
+    meta = {b"imprint.schema_version": SCHEMA_VERSION.encode(), b"imprint.table": name.encode(),
+            b"huggingface": json.dumps(hf_features(name)).encode()}
     meta.update({f"imprint.{k}".encode(): str(v).encode() for k, v in metadata.items()})
     return pa.Table.from_pydict(cols, schema=schema.with_metadata(meta))
 
@@ -106,7 +133,8 @@ def schema_json(name: str) -> dict:
     return {
         "table": name,
         "schema_version": SCHEMA_VERSION,
-        "format": "Parquet (zstd), one file per input shard: <out>/" + name + "/<shard>.parquet",
+        "format": "Parquet (zstd), one or more parts per input shard: <out>/" + name + "/<shard>.<part>.parquet; "
+        "committed when <out>/_done/<shard>.<spec hash>.<digest>.json lists them",
         "columns": [{"name": f.name, "type": str(f.type), "nullable": f.nullable} for f in schema],
     }
 

@@ -5,6 +5,7 @@ scorers once and keeps them for every shard it is given."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import queue
@@ -21,7 +22,7 @@ from .inversion.common import NoiseCode
 from .models import load_models
 from .spec import JobSpec, filter_config, score_config
 from .store import OutputStore
-from .tables import STAGES, table_from_rows
+from .tables import STAGES
 
 _END = object()
 
@@ -132,17 +133,24 @@ class ShardWorker:
     # -- the shard -----------------------------------------------------------
 
     def process(self, url: str) -> dict:
+        """Run one shard: the model thread reads batches and runs the engine
+        and scorers; a writer thread encodes images, builds rows and streams
+        them into part files, so the next batch's UNet work never waits for
+        WebP encoding or uploads. Memory stays bounded: rows leave the worker
+        per part (PART_BYTES) instead of at the end of the shard."""
         spec = self.spec
         name = shard_name(url)
         summary = ShardSummary(shard=url, name=name)
         t_start = time.perf_counter()
         calls0 = self.engine.unet_calls
         timings0 = dict(self.engine.timings)
+        tables = ["results", "sources"] + (["noise"] if spec.output.noise else [])
+        out = self.store.shard_writer(name, tables, self.metadata())
+        writer = BackgroundWriter(maxsize=2)
         q: queue.Queue = queue.Queue(maxsize=spec.batch.prefetch)
         stop = threading.Event()
         reader = threading.Thread(target=self._reader, args=(url, q, stop), daemon=True)
         reader.start()
-        results, sources, noise = [], [], []
         # batches of one shape each, across the whole shard (see batching.py)
         buckets = ShapeBuckets(spec.batch.images, key=lambda unit_read: unit_shape(unit_read[0]))
         seen_keys: set[str] = set()
@@ -156,17 +164,29 @@ class ShardWorker:
                     unit, t_read = item
                     sample = unit.sample if isinstance(unit, CodeItem) else unit
                     if sample.key in seen_keys and not sample.error:
-                        sample.error = f"duplicate key {sample.key!r} in shard"
+                        sample.error, sample.error_type = f"duplicate key {sample.key!r} in shard", "duplicate_key"
                     seen_keys.add(sample.key)
                     if sample.error:
-                        sources.append(self._error_row(sample, t_read))
+                        writer.submit(out.add, "sources", [self._error_row(sample, t_read)])
                         summary.errors += 1
                     else:
                         ready = buckets.add((unit, t_read))
                 for batch in buckets.flush() if item is _END else ready:
-                    self._run_batch(batch, results, sources, noise, summary)
+                    self._run_batch(batch, out, writer, summary)
                 if item is _END:
                     break
+            writer.close()  # every row is in a part or in the writer's buffers
+            t0 = time.perf_counter()
+            summary.unet_calls = self.engine.unet_calls - calls0
+            summary.seconds = time.perf_counter() - t_start
+            summary.timings = {k: v - timings0.get(k, 0.0) for k, v in self.engine.timings.items()}
+            marker = {**summary.to_dict(), "finished": time.time(), "pid": os.getpid()}
+            out.commit(marker, spec.hash())
+            summary.timings["write"] = time.perf_counter() - t0
+        except BaseException:
+            writer.abort()
+            out.abort()  # a failed attempt leaves no parts under the table folders
+            raise
         finally:
             # Unblock a reader waiting on a full queue so it sees `stop` and
             # exits (a long-lived actor must not keep one thread per failed shard).
@@ -177,20 +197,10 @@ class ShardWorker:
                     q.get(timeout=0.1)
                 except queue.Empty:
                     pass
-        t0 = time.perf_counter()
-        meta = self.metadata()
-        tables = {"results": table_from_rows("results", results, meta), "sources": table_from_rows("sources", sources, meta)}
-        if spec.output.noise:
-            tables["noise"] = table_from_rows("noise", noise, meta)
-        summary.unet_calls = self.engine.unet_calls - calls0
-        summary.seconds = time.perf_counter() - t_start
-        summary.timings = {k: v - timings0.get(k, 0.0) for k, v in self.engine.timings.items()}
-        marker = {**summary.to_dict(), "spec_hash": spec.hash(), "finished": time.time(), "pid": os.getpid()}
-        self.store.commit_shard(name, tables, marker)
-        summary.timings["write"] = time.perf_counter() - t0
         return summary.to_dict()
 
-    def _run_batch(self, batch, results, sources, noise, summary) -> None:
+    def _run_batch(self, batch, out, writer: "BackgroundWriter", summary: ShardSummary) -> None:
+        """Model work for one batch on this thread; the rest goes to the writer."""
         spec = self.spec
         units = [u for u, _ in batch]
         before = dict(self.engine.timings)
@@ -203,11 +213,26 @@ class ShardWorker:
         scores, keep, t_score = self._score(outs)
         stage = {k: self.engine.timings[k] - before.get(k, 0.0) for k in self.engine.timings}
         stage["score"] = t_score
+        row_i = 0
+        for o in outs:
+            kept_here = sum(bool(k) for k in keep[row_i: row_i + len(o.edits)])
+            row_i += len(o.edits)
+            summary.images += 1
+            summary.edits += len(o.edits)
+            summary.kept += kept_here
+        writer.submit(self._write_batch, out, outs, scores, keep, stage, read_time)
+
+    def _write_batch(self, out, outs: list[SampleOut], scores: dict, keep: list, stage: dict, read_time: dict) -> None:
+        """The CPU stages after the model (writer thread): encode the images,
+        build the rows, hand them to the shard's part writer."""
+        spec = self.spec
         n_rows = max(1, sum(len(o.edits) for o in outs))
         t0 = time.perf_counter()
+        results, sources, noise = [], [], []
         row_i = 0
         for o in outs:
             s = o.sample
+            meta = _meta_json(s)
             kept_here = 0
             for e in o.edits:
                 sc = {k: v[row_i] for k, v in scores.items()}
@@ -229,17 +254,18 @@ class ShardWorker:
                     "width": int(e.image.shape[2]), "height": int(e.image.shape[1]),
                     **sc, "kept": bool(kept), "status": "ok" if kept else "rejected",
                     **{f"time_{k}_s": stage.get(k, 0.0) / n_rows for k in STAGES if k not in ("read", "encode", "write")},
-                    "time_read_s": read_time[id(s)],
+                    "time_read_s": read_time[id(s)], "meta": meta,
                 })
-            summary.images += 1
-            summary.edits += len(o.edits)
-            summary.kept += kept_here
             sources.append(self._source_row(o, kept_here, read_time[id(s)], stage, n_rows))
             for code in o.codes.values():
                 noise.extend(self._noise_rows(o, code))
         t_enc = time.perf_counter() - t0
-        for r in results[-row_i:] if row_i else []:
+        for r in results:
             r["time_encode_s"] = t_enc / n_rows
+        out.add("results", results)
+        out.add("sources", sources)
+        if spec.output.noise:
+            out.add("noise", noise)
 
     def _score(self, outs: list[SampleOut]):
         n = sum(len(o.edits) for o in outs)
@@ -271,6 +297,8 @@ class ShardWorker:
             "status": "ok", "error": None,
             "time_read_s": t_read,
             **{f"time_{k}_s": v * per_img / n_rows for k, v in stage.items()},
+            "image": encode_image(s.image, self.spec.output.image_format, self.spec.output.quality),
+            "image_format": self.spec.output.image_format, "meta": _meta_json(s),
         }
 
     def _error_row(self, s: Sample, t_read: float) -> dict:
@@ -279,12 +307,69 @@ class ShardWorker:
             "target_prompts": s.target_prompts or None,
             "orig_width": s.orig_size[0] or None, "orig_height": s.orig_size[1] or None,
             "num_edits": 0, "num_kept": 0, "status": "error", "error": s.error, "time_read_s": t_read,
+            "meta": _meta_json(s),
         }
 
     def _noise_rows(self, o: SampleOut, code: NoiseCode) -> list[dict]:
         from .codes import code_to_rows
 
         return code_to_rows(code, o.sample, o.seeds, self.models, self.spec.output.noise_dtype)
+
+
+def _meta_json(sample: Sample) -> str:
+    """The input json's extra fields (url, license, ...) as a JSON object."""
+    return json.dumps(getattr(sample, "meta", None) or {}, sort_keys=True, ensure_ascii=False, default=str)
+
+
+class BackgroundWriter:
+    """One thread that runs submitted calls in order (a shard's CPU stages
+    after the model). The queue is bounded, so the model runs at most
+    `maxsize` batches ahead of the writes and memory stays bounded; the first
+    error is re-raised in the submitting thread (and fails the shard)."""
+
+    def __init__(self, maxsize: int = 2):
+        self._q: queue.Queue = queue.Queue(maxsize=maxsize)
+        self._error: BaseException | None = None
+        self._aborted = False
+        self._thread = threading.Thread(target=self._loop, name="imprint-writer", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            call = self._q.get()
+            if call is _END:
+                return
+            if self._error is not None or self._aborted:
+                continue  # drain without running
+            try:
+                call()
+            except BaseException as exc:
+                self._error = exc
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def submit(self, fn, *args) -> None:
+        self._check()
+        call = functools.partial(fn, *args)
+        while True:
+            try:
+                self._q.put(call, timeout=0.1)
+                return
+            except queue.Full:
+                self._check()
+
+    def close(self) -> None:
+        """Wait for every submitted call; raise the first error."""
+        self._q.put(_END)
+        self._thread.join()
+        self._check()
+
+    def abort(self) -> None:
+        self._aborted = True
+        self._q.put(_END)  # the loop drains without running, so this never blocks for long
+        self._thread.join(timeout=60)
 
 
 def score_outs(scorers, outs: list[SampleOut], device) -> tuple[dict[str, list[float]], list[int]]:

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from helpers_data import bad_samples, good_samples, write
+from pipeline.data import shard_name
 from pipeline.executor import JobError, run_job
 from pipeline.spec import SpecError, load_spec
 from pipeline.store import OutputStore
@@ -47,6 +48,10 @@ def shards(tmp_path_factory):
     return [a, b]
 
 
+def spec_hash(path):
+    return load_spec(path).hash()
+
+
 def rows(out, table):
     return OutputStore.open(str(out)).read_table(table).to_pylist()
 
@@ -77,7 +82,7 @@ def test_inline_end_to_end_with_bad_samples(inline_run):
     assert len(res) == N_EDITS
     assert len({edit_key(r) for r in res}) == len(res)
     for r in res:
-        assert r["image"].startswith(b"\x89PNG") and r["method"] == "edit-friendly"
+        assert r["image"]["bytes"].startswith(b"\x89PNG") and r["method"] == "edit-friendly"
         assert json.loads(r["params"])["eta"] == 1.0 and r["num_steps"] == STEPS and r["skip"] == SKIP
         assert r["time_edit_s"] > 0 and r["time_invert_s"] > 0
         for col in ("clip_text", "clip_direction", "clip_image", "lpips", "diversity"):
@@ -89,7 +94,7 @@ def test_inline_end_to_end_with_bad_samples(inline_run):
     assert len(noise) == 6 * SEEDS
     assert noise[0]["zs_shape"][0] == STEPS - SKIP and noise[0]["dtype"] == "float16"
     meta = pq.read_schema(OutputStore.open(str(out)).table_files("results")[0]).metadata
-    assert meta[b"imprint.schema_version"] == b"1"
+    assert meta[b"imprint.schema_version"] == b"2"
     assert meta[b"imprint.model_random_weights"] == b"true"
     assert b"not meaningful" in meta[b"imprint.note"]
 
@@ -117,8 +122,8 @@ def test_determinism_same_bytes(inline_run, shards, tmp_path):
     spec, _, out = inline_run
     second = job(tmp_path, shards)
     run_job(second, progress=False)
-    a = {edit_key(r): r["image"] for r in rows(out, "results")}
-    b = {edit_key(r): r["image"] for r in rows(tmp_path / "out", "results")}
+    a = {edit_key(r): r["image"]["bytes"] for r in rows(out, "results")}
+    b = {edit_key(r): r["image"]["bytes"] for r in rows(tmp_path / "out", "results")}
     assert a == b
 
 
@@ -135,8 +140,8 @@ def test_seeds_do_not_depend_on_batching(inline_run, shards, tmp_path):
     for r in rows(tmp_path / "out", "results"):
         ref = a[edit_key(r)]
         assert r["seed"] == ref["seed"]
-        x = np.asarray(Image.open(io.BytesIO(r["image"])), dtype=float)
-        y = np.asarray(Image.open(io.BytesIO(ref["image"])), dtype=float)
+        x = np.asarray(Image.open(io.BytesIO(r["image"]["bytes"])), dtype=float)
+        y = np.asarray(Image.open(io.BytesIO(ref["image"]["bytes"])), dtype=float)
         assert np.abs(x - y).max() <= 2  # same code; batch size only changes float rounding
 
 
@@ -165,7 +170,7 @@ def test_crash_mid_shard_then_rerun_gives_every_row_once(shards, tmp_path):
     crashed = subprocess.run([sys.executable, "-c", crash], capture_output=True, text=True)
     assert crashed.returncode == 17, crashed.stderr[-2000:]
     store = OutputStore.open(str(tmp_path / "out"))
-    assert len(store.markers("_done")) == 1  # first shard committed, second died mid-way
+    assert len(store.done_shards(spec_hash(spec_path))) == 1  # first shard committed, second died mid-way
     cmd = [sys.executable, "-m", "pipeline.cli", "run", str(spec_path), "--executor", "inline", "--no-progress"]
     done = subprocess.run(cmd, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -251,8 +256,8 @@ def test_ray_equals_inline_and_survives_a_killed_worker(ray_cluster, inline_run,
     report = run_job(spec, progress=False, worker_cls=helpers_fault.crashing_worker(4, str(tmp_path / "fired")))
     assert (tmp_path / "fired").exists(), "the fault was never injected"
     assert report.done == 2 and not report.failed
-    a = {edit_key(r): r["image"] for r in rows(inline_out, "results")}
-    b = {edit_key(r): r["image"] for r in rows(tmp_path / "out", "results")}
+    a = {edit_key(r): r["image"]["bytes"] for r in rows(inline_out, "results")}
+    b = {edit_key(r): r["image"]["bytes"] for r in rows(tmp_path / "out", "results")}
     assert a == b  # every row exactly once, same bytes as inline
     assert len(rows(tmp_path / "out", "results")) == len(a)
 
@@ -301,9 +306,9 @@ def test_output_to_a_non_local_filesystem(shards, tmp_path):
     store = OutputStore.open(url)
     res = store.read_table("results").to_pylist()
     assert len(res) == sum(2 * SEEDS if i % 2 == 0 else SEEDS for i in range(3))
-    assert len(store.markers("_done")) == 1 and store.read_json("job.json")["spec_hash"] == spec.hash()
+    assert store.done_shards(spec.hash()) == {shard_name(shards[0])} and store.read_json("job.json")["spec_hash"] == spec.hash()
     mem = fsspec.filesystem("memory")
-    leftovers = [p for p in mem.find(f"/imprint-test-{os.getpid()}") if "/.tmp-" in p]
+    leftovers = [p for p in mem.find(f"/imprint-test-{os.getpid()}") if "/.tmp-" in p or "/_tmp/" in p]
     assert leftovers == []
     assert run_job(spec, progress=False).skipped == 1  # resume works there too
 
