@@ -46,17 +46,15 @@ def expand_shards(patterns: list[str], *, allow_pipe: bool = False) -> list[str]
     """Brace-expand shard patterns, keeping order and dropping duplicates."""
     from braceexpand import braceexpand
 
-    out: list[str] = []
+    out: dict[str, None] = {}  # insertion-ordered set: O(n) de-duplication
     for pat in patterns:
         if pat == DEMO:
-            out.extend(demo_shards())
+            out.update(dict.fromkeys(demo_shards()))
             continue
         if pat.startswith("pipe:") and not allow_pipe:
             raise ValueError(f"input.shards: {pat!r} is a pipe: command; set input.allow_pipe = true to allow it")
-        for s in braceexpand(pat):
-            if s not in out:
-                out.append(s)
-    return out
+        out.update(dict.fromkeys(braceexpand(pat)))
+    return list(out)
 
 
 def is_local(url: str) -> bool:

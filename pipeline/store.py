@@ -21,6 +21,7 @@ from .tables import ROW_GROUP_ROWS, TABLES
 
 DONE = "_done"
 FAILED = "_failed"
+STATS = "_stats"  # per-shard counts (samples, bad samples per error type, edits), written by the driver
 SPEC_FILE = "job.resolved.toml"
 META_FILE = "job.json"
 
@@ -58,7 +59,7 @@ class OutputStore:
         """Create the layout, prove it is writable, and refuse to mix jobs:
         an output path that holds another spec's shards is an error."""
         try:
-            for d in ("", *TABLES, DONE, FAILED):
+            for d in ("", *TABLES, DONE, FAILED, STATS):
                 self.fs.create_dir(self._p(d) if d else self.root, recursive=True)
             probe = self._p(f".write-test-{uuid.uuid4().hex}")
             with self.fs.open_output_stream(probe) as fh:
@@ -80,6 +81,21 @@ class OutputStore:
     def is_done(self, shard: str, spec_hash: str) -> bool:
         marker = self.read_json(f"{DONE}/{shard}.json")
         return bool(marker) and marker.get("spec_hash") == spec_hash
+
+    def done_shards(self, spec_hash: str) -> set[str]:
+        """Names of the shards done under `spec_hash`, from one listing of
+        `_done/`. Placeholder until the markers carry the hash in their names:
+        the listed markers are read concurrently to check their hash."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        try:
+            infos = self.fs.get_file_info(pafs.FileSelector(self._p(DONE), allow_not_found=True))
+        except (OSError, pa.ArrowException):
+            return set()
+        names = [i.base_name[:-5] for i in infos if i.base_name.endswith(".json") and not i.base_name.startswith(".")]
+        with ThreadPoolExecutor(16) as pool:
+            hashes = pool.map(lambda n: (self.read_json(f"{DONE}/{n}.json") or {}).get("spec_hash"), names)
+            return {n for n, h in zip(names, hashes) if h == spec_hash}
 
     def commit_shard(self, shard: str, tables: dict[str, pa.Table], marker: dict) -> None:
         """Write each table under a temporary name, move it into place, then

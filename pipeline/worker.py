@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import os
 import queue
+import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -36,6 +38,7 @@ class ShardSummary:
     unet_calls: int = 0
     seconds: float = 0.0
     timings: dict = field(default_factory=dict)
+    error_types: dict = field(default_factory=dict)  # Sample.error_type -> bad samples of that kind
 
     def to_dict(self) -> dict:
         return self.__dict__.copy()
@@ -57,6 +60,11 @@ class ShardWorker:
         self.store = OutputStore.open(spec.output.path)
         self.resolution = spec.image.resolution or self.models.resolution
         self._samples_seen = 0
+        self.placement = placement()
+        # Progress inside the running shard, read from another thread (the Ray
+        # actor's monitor group, the inline progress line): replaced whole,
+        # never mutated, so a reader always sees one consistent state.
+        self.live = {"shard": "", "samples": 0, "edits": 0, "started": 0.0}
 
     # -- metadata written into every Parquet file --------------------------
 
@@ -142,6 +150,7 @@ class ShardWorker:
         results, sources, noise = [], [], []
         batch: list[tuple[Sample | CodeItem, float]] = []
         seen_keys: set[str] = set()
+        self.live = {"shard": url, "samples": 0, "edits": 0, "started": time.time()}
         try:
             while True:
                 item = q.get()
@@ -157,11 +166,15 @@ class ShardWorker:
                     if sample.error:
                         sources.append(self._error_row(sample, t_read))
                         summary.errors += 1
+                        kind = getattr(sample, "error_type", "") or "other"
+                        summary.error_types[kind] = summary.error_types.get(kind, 0) + 1
+                        self._publish_live(url, summary)
                     else:
                         batch.append((unit, t_read))
                 if batch and (len(batch) >= spec.batch.images or item is _END):
                     self._run_batch(batch, results, sources, noise, summary)
                     batch = []
+                    self._publish_live(url, summary)
                 if item is _END:
                     break
         finally:
@@ -182,10 +195,14 @@ class ShardWorker:
         summary.unet_calls = self.engine.unet_calls - calls0
         summary.seconds = time.perf_counter() - t_start
         summary.timings = {k: v - timings0.get(k, 0.0) for k, v in self.engine.timings.items()}
-        marker = {**summary.to_dict(), "spec_hash": spec.hash(), "finished": time.time(), "pid": os.getpid()}
+        marker = {**summary.to_dict(), "spec_hash": spec.hash(), "finished": time.time(), **self.placement}
         self.store.commit_shard(name, tables, marker)
         summary.timings["write"] = time.perf_counter() - t0
         return summary.to_dict()
+
+    def _publish_live(self, url: str, summary: ShardSummary) -> None:
+        self.live = {"shard": url, "samples": summary.images + summary.errors, "edits": summary.edits,
+                     "started": self.live["started"]}
 
     def _run_batch(self, batch, results, sources, noise, summary) -> None:
         spec = self.spec
@@ -297,6 +314,18 @@ class ShardWorker:
             with open(flag, "w") as fh:
                 fh.write(str(os.getpid()))
             os._exit(17)
+
+
+def placement() -> dict:
+    """Where this worker runs, for the shard markers: host, process, and the
+    Ray node and actor when it runs inside Ray (None inline)."""
+    info = {"host": socket.gethostname(), "pid": os.getpid(), "node_id": None, "actor_id": None}
+    ray = sys.modules.get("ray")  # only when Ray is already loaded: inline runs never import it
+    if ray is not None and ray.is_initialized():
+        ctx = ray.get_runtime_context()
+        info["node_id"] = ctx.get_node_id()
+        info["actor_id"] = ctx.get_actor_id()
+    return info
 
 
 def score_outs(scorers, outs: list[SampleOut], device) -> tuple[dict[str, list[float]], list[int]]:

@@ -150,11 +150,9 @@ def test_status_command(inline_run):
 
 def test_crash_mid_shard_then_rerun_gives_every_row_once(shards, tmp_path):
     spec_path = tmp_path / "job.toml"
-    import tomli_w
+    from pipeline.spec import to_toml
 
-    raw = job(tmp_path, shards).to_dict()
-    raw["filter"] = {k: v for k, v in raw["filter"].items() if v is not None}
-    spec_path.write_text(tomli_w.dumps(raw))
+    spec_path.write_text(to_toml(job(tmp_path, shards)))
     env = {**os.environ, "IMPRINT_FAULT_AFTER": "5", "IMPRINT_FAULT_FLAG": str(tmp_path / "fired")}
     cmd = [sys.executable, "-m", "pipeline.cli", "run", str(spec_path), "--executor", "inline", "--no-progress"]
     crashed = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -240,7 +238,7 @@ def test_ray_equals_inline_and_survives_a_killed_worker(ray_cluster, inline_run,
     import ray
 
     ray.get(ray.remote(lambda: None).remote())  # cluster is up
-    spec = job(tmp_path, shards, run={"executor": "ray", "workers": 1})
+    spec = job(tmp_path, shards, run={"executor": "ray", "max_workers": 1})
     # the actor reads the fault variables from its runtime env
     from pipeline import executor
 
