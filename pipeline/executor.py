@@ -428,7 +428,8 @@ def _placement(spec: JobSpec, ray, started_local: bool) -> tuple[float, bool, in
 def _autoscaler_view(ray) -> tuple[int | None, bool]:
     """GPUs the cluster can reach with its autoscaler (from the cluster config
     the autoscaler publishes: autoscaler v2, KubeRay), and whether an
-    autoscaler runs at all (the v1 autoscaler publishes only its status).
+    autoscaler that can add nodes runs at all (the v1 autoscaler publishes
+    only its status, with the node types of the nodes it runs).
     Both are private Ray APIs, so any failure means "unknown"."""
     reach = None
     try:
@@ -444,7 +445,12 @@ def _autoscaler_view(ray) -> tuple[int | None, bool]:
         try:
             from ray.experimental.internal_kv import _internal_kv_get
 
-            running = _internal_kv_get("__autoscaling_status") is not None
+            status = json.loads(_internal_kv_get("__autoscaling_status") or "{}")
+            node_types = ((status.get("autoscaler_report") or {}).get("node_type_mapping") or {}).values()
+            # Every head runs the v1 monitor; without a cluster config it has a
+            # read-only provider whose "node types" are just "node_<id>" per
+            # node, and it can add nothing.
+            running = any(not t.startswith("node_") for t in node_types)
         except Exception:
             running = False
     return reach, running
