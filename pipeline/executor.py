@@ -75,6 +75,7 @@ class JobReport:
     images: int = 0
     errors: int = 0
     error_types: Counter = field(default_factory=Counter)  # bad samples per Sample.error_type
+    attempts: Counter = field(default_factory=Counter)  # shard url -> failed attempts charged to it
     edits: int = 0
     unet_calls: int = 0
     seconds: float = 0.0
@@ -290,9 +291,10 @@ def _shard_succeeded(store: OutputStore, report: JobReport, bar: Progress, summa
 
 
 def _shard_charged(spec: JobSpec, store: OutputStore, report: JobReport, bar: Progress, queue: deque,
-                   attempts: Counter, url: str, failure: dict, where: dict) -> None:
+                   url: str, failure: dict, where: dict) -> None:
     """One attempt of `url` failed: retry it at the back of the queue, or
     record it as failed once its attempts are spent."""
+    attempts = report.attempts
     attempts[url] += 1
     if attempts[url] < spec.run.max_attempts:
         queue.append(url)
@@ -324,7 +326,7 @@ def _run_inline(spec, store, pending, report, bar, worker_cls) -> None:
 
     watcher = threading.Thread(target=show_live, daemon=True)
     watcher.start()
-    queue, attempts = deque(pending), Counter()
+    queue = deque(pending)
     try:
         while queue:
             url = queue.popleft()
@@ -332,7 +334,7 @@ def _run_inline(spec, store, pending, report, bar, worker_cls) -> None:
             if "summary" in result:
                 _shard_succeeded(store, report, bar, result["summary"], worker.placement)
             else:
-                _shard_charged(spec, store, report, bar, queue, attempts, url, result["failure"], worker.placement)
+                _shard_charged(spec, store, report, bar, queue, url, result["failure"], worker.placement)
     finally:
         stop.set()
         watcher.join()
@@ -518,7 +520,7 @@ def _drive(ray, spec, store, pending, report, bar, worker_cls, started_local, wo
     gpus, expect_cuda, reach, autoscaler = _placement(spec, ray, started_local)
     actor_cls = ray.remote(num_gpus=gpus, num_cpus=spec.run.cpus_per_worker, max_restarts=0, max_task_retries=0,
                            concurrency_groups={"monitor": 1})(_ShardActor)
-    queue, attempts = deque(pending), Counter()
+    queue = deque(pending)
     lost_before_start = 0
     cap, cap_checked, waiting_said = 1, 0.0, 0.0
 
@@ -535,7 +537,7 @@ def _drive(ray, spec, store, pending, report, bar, worker_cls, started_local, wo
             queue.appendleft(url)
             bar.shard_stopped(url)
         if current is not None and charge is not None:
-            _shard_charged(spec, store, report, bar, queue, attempts, current, charge, w.where)
+            _shard_charged(spec, store, report, bar, queue, current, charge, w.where)
 
     def feed(w: _Worker) -> None:
         while queue and len(w.running) < 1 + QUEUED_PER_WORKER:
@@ -616,7 +618,7 @@ def _drive(ray, spec, store, pending, report, bar, worker_cls, started_local, wo
                     _shard_succeeded(store, report, bar, result["summary"], w.where)
                     feed(w)
                 else:
-                    _shard_charged(spec, store, report, bar, queue, attempts, what, result["failure"], w.where)
+                    _shard_charged(spec, store, report, bar, queue, what, result["failure"], w.where)
                     if _is_cuda_error(result["failure"]):
                         drop(w, None)  # the device may be broken for this process: a fresh worker
                     else:

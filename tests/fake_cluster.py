@@ -90,22 +90,17 @@ class FakeCluster:
     env: dict  # environment for drivers joining this cluster
 
     def node_raylets(self) -> dict[str, int]:
-        """node id -> raylet PID of the worker nodes the autoscaler started."""
+        """node id -> raylet PID of the worker nodes the autoscaler started
+        (the head's raylet has --head)."""
         out = {}
         for pid in pids_under(str(self.tmp)):
             try:
                 args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if not args or not args[0].endswith(b"/raylet"):
-                continue
-            opts = dict(a.decode().split("=", 1) for a in args if a.startswith(b"--") and b"=" in a)
-            if opts.get("--head") == "true" or "--node_id" not in opts and "--node-id" not in opts:
-                # the head's raylet: not a worker node
-                if "GPU" not in opts.get("--resource_resource_instances", opts.get("--static_resource_list", "")):
-                    continue
-            node = opts.get("--node_id") or opts.get("--node-id") or str(pid)
-            out[node] = pid
+            if args and args[0].endswith(b"/raylet") and b"--head" not in args:
+                opts = dict(a.decode().split("=", 1) for a in args if a.startswith(b"--node_id="))
+                out[opts["--node_id"]] = pid
         return out
 
 
