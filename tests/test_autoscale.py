@@ -38,6 +38,19 @@ def cluster(tmp_path_factory):
         fake_cluster.stop(c)
 
 
+@pytest.fixture
+def gpu_nodes(cluster):
+    """Both GPU nodes up (added by the autoscaler for two placeholder GPU
+    actors, unless an earlier test's job already made it add them), so that
+    timings measure the job, not the launch of nodes."""
+    if len(cluster.node_raylets()) < 2:
+        code = ("import ray; ray.init(logging_level='error'); A = ray.remote(num_gpus=1, num_cpus=0.5)(type('A', (), {'f': lambda self: 1}));"
+                " a = [A.remote() for _ in range(2)]; ray.get([x.f.remote() for x in a], timeout=120)")
+        subprocess.run([sys.executable, "-c", code], env=cluster.env, check=True, timeout=180, capture_output=True)
+    assert len(cluster.node_raylets()) == 2
+    return cluster
+
+
 def make_shards(d: Path, n_shards: int, per_shard: int) -> list[str]:
     samples = good_samples("s", n_shards * per_shard)
     return [write(d / f"part-{i:03d}.tar", samples[i * per_shard:(i + 1) * per_shard]) for i in range(n_shards)]
@@ -101,7 +114,8 @@ def test_job_scales_from_zero_to_two_gpu_nodes(cluster, tmp_path):
     assert all(s["samples"] == 2 and s["error_types"] == {} for s in stats)
 
 
-def test_node_lost_mid_shard_every_row_once(cluster, tmp_path):
+def test_node_lost_mid_shard_every_row_once(gpu_nodes, tmp_path):
+    cluster = gpu_nodes
     per_shard = 4
     shards = make_shards(tmp_path, 4, per_shard)
     proc = imprint(cluster, str(job_file(tmp_path, shards)), "--no-progress")
@@ -142,7 +156,8 @@ def _nodes_running_shards(cluster) -> list[str]:
     return found
 
 
-def test_model_that_cannot_load_stops_the_job_with_its_message(cluster, tmp_path):
+def test_model_that_cannot_load_stops_the_job_with_its_message(gpu_nodes, tmp_path):
+    cluster = gpu_nodes
     shards = make_shards(tmp_path, 2, 1)
     t0 = time.monotonic()
     proc = imprint(cluster, str(job_file(tmp_path, shards, model={"id": "imprint-test/no-such-model"})), "--no-progress")
