@@ -52,7 +52,9 @@ def autoscaling_config(gcs_port: int, max_gpu_nodes: int = 2) -> dict:
 
 
 def pids_under(marker: str) -> list[int]:
-    """Live processes whose command line contains `marker` (our temp dir)."""
+    """Live processes whose command line or environment contains `marker`
+    (our temp dir): Ray's workers replace their command line with a title
+    (ray::_ShardActor.process) but inherit the environment of their raylet."""
     found = []
     for d in Path("/proc").iterdir():
         if not d.name.isdigit() or int(d.name) == os.getpid():
@@ -60,13 +62,30 @@ def pids_under(marker: str) -> list[int]:
         try:
             cmd = (d / "cmdline").read_bytes()
             stat = (d / "stat").read_text()
+            env = (d / "environ").read_bytes() if marker.encode() not in cmd else b""
         except OSError:
             continue
         if stat[stat.rindex(")") + 2] == "Z":
             continue
-        if marker.encode() in cmd:
+        if marker.encode() in cmd or marker.encode() in env:
             found.append(int(d.name))
     return found
+
+
+def children_titled(parents: set[int], title: bytes) -> dict[int, int]:
+    """pid -> parent of the live children of `parents` whose title starts with `title`."""
+    out = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+            ppid = int(stat[stat.rindex(")") + 2:].split()[1])
+            if ppid in parents and (d / "cmdline").read_bytes().startswith(title):
+                out[int(d.name)] = ppid
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
 
 
 def stop_pids_under(marker: str, grace: float = 5.0) -> list[int]:
@@ -113,6 +132,7 @@ def start(tmp_root: Path, env: dict | None = None, max_gpu_nodes: int = 2) -> Fa
     base.update(PATH=f"{BIN}{os.pathsep}{base.get('PATH', '')}", RAY_AUTH_MODE="disabled",
                 RAY_USAGE_STATS_ENABLED="0")
     head_env = {**base, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
+                "IMPRINT_TEST_RAY_TMP": str(ray_tmp),  # inherited by every process of the cluster
                 # a lost node is noticed in seconds, not the default ~30 s
                 "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3",
                 "RAY_health_check_timeout_ms": "1000"}

@@ -141,19 +141,12 @@ def test_node_lost_mid_shard_every_row_once(gpu_nodes, tmp_path):
 
 
 def _nodes_running_shards(cluster) -> list[str]:
-    """Worker nodes where a shard worker process has loaded its model and
-    runs a shard (its process title is set by Ray to the running method)."""
-    found = []
-    for node, raylet in cluster.node_raylets().items():
-        for pid in fake_cluster.pids_under(str(cluster.tmp)):
-            try:
-                title = Path(f"/proc/{pid}/cmdline").read_bytes()
-                ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            if ppid == raylet and title.startswith(b"ray::_ShardActor.process"):
-                found.append(node)
-    return found
+    """Worker nodes where a shard worker runs a shard (Ray titles the
+    process with the method it runs)."""
+    raylets = cluster.node_raylets()
+    by_pid = {pid: node for node, pid in raylets.items()}
+    busy = fake_cluster.children_titled(set(by_pid), b"ray::_ShardActor.process")
+    return sorted({by_pid[ppid] for ppid in busy.values()})
 
 
 def test_model_that_cannot_load_stops_the_job_with_its_message(gpu_nodes, tmp_path):
@@ -190,8 +183,8 @@ class CrashOnShard:
 
 
 def test_only_the_running_shard_is_charged_when_its_worker_dies(cluster, tmp_path, monkeypatch):
-    import cloudpickle
-    import ray
+    from ray import cloudpickle
+    import ray  # noqa: I001
 
     from pipeline.executor import run_job
 
@@ -235,8 +228,8 @@ def test_sigterm_stops_the_job_and_its_local_cluster(tmp_path):
                             text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 120
-        while not any(Path(f"/proc/{p}/cmdline").read_bytes().startswith(b"ray::_ShardActor.process")
-                      for p in _live(fake_cluster.pids_under(ray_tmp))):
+        while not [p for p in _live(fake_cluster.pids_under(ray_tmp))
+                   if Path(f"/proc/{p}/cmdline").read_bytes().startswith(b"ray::_ShardActor.process")]:
             assert proc.poll() is None, proc.communicate()[1][-3000:]
             assert time.monotonic() < deadline, "no shard started"
             time.sleep(0.2)
