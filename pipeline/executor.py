@@ -61,8 +61,11 @@ class JobInterrupted(RuntimeError):
         super().__init__(signal.Signals(signum).name)
 
 
-class _Terminated(BaseException):
-    """Raised by the SIGTERM handler in the driver's main thread."""
+class _Stopped(BaseException):
+    """Ctrl-C or SIGTERM reached the driver (see _StopSignals)."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
 
 
 @dataclass
@@ -234,45 +237,56 @@ def run_job(spec: JobSpec, *, executor: str | None = None, force: bool = False, 
     bar = Progress(len(shards), report.skipped, progress)
     t0 = time.perf_counter()
     try:
-        with _sigterm_raises():
+        with _StopSignals(raise_at_once=mode == "inline") as stop:
             if pending and mode == "inline":
                 _run_inline(spec, store, pending, report, bar, worker_cls)
             elif pending:
-                _run_ray(spec, store, pending, report, bar, worker_cls)
+                _run_ray(spec, store, pending, report, bar, worker_cls, stop)
     except WorkerStartError as exc:
         store.write_json(JOB_ERROR_FILE, {"error": str(exc), **exc.info, "time": time.time()})
         raise
-    except (KeyboardInterrupt, _Terminated) as exc:
-        signum = signal.SIGTERM if isinstance(exc, _Terminated) else signal.SIGINT
+    except (_Stopped, KeyboardInterrupt) as exc:
         report.seconds = time.perf_counter() - t0
-        raise JobInterrupted(signum, report) from None
+        raise JobInterrupted(getattr(exc, "signum", signal.SIGINT), report) from None
     finally:
         bar.close()
     report.seconds = time.perf_counter() - t0
     return report
 
 
-class _sigterm_raises:
-    """SIGTERM in the driver raises _Terminated, so the same cleanup as for
-    Ctrl-C runs (Ray's own driver handler would just exit)."""
+class _StopSignals:
+    """Ctrl-C and SIGTERM in the driver stop the job through the same cleanup
+    (workers killed, a local cluster shut down). Inline, the handler raises at
+    once; on Ray it only records the signal and the driver loop raises, since
+    an exception raised inside Ray's C calls (ray.wait) corrupts them."""
 
-    def __enter__(self):
-        self.previous = None
+    def __init__(self, raise_at_once: bool):
+        self.raise_at_once = raise_at_once
+        self.signum = 0
+        self.previous: dict = {}
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+        if self.raise_at_once:
+            raise _Stopped(signum)
+
+    def install(self) -> None:
+        """Also after ray.init, which installs its own SIGTERM handler."""
         if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGTERM, self._raise)
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous.setdefault(sig, signal.signal(sig, self._handle))
 
-    @staticmethod
-    def _raise(signum, frame):
-        raise _Terminated()
+    def check(self) -> None:
+        if self.signum:
+            raise _Stopped(self.signum)
 
-    def reinstall(self) -> None:
-        """After ray.init, which installs its own SIGTERM handler."""
-        if self.previous is not None:
-            signal.signal(signal.SIGTERM, self._raise)
+    def __enter__(self) -> "_StopSignals":
+        self.install()
+        return self
 
-    def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGTERM, self.previous)
+    def __exit__(self, *exc) -> bool:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
         return False
 
 
@@ -478,7 +492,7 @@ def _worker_cap(spec: JobSpec, gpus_per_worker: float, cluster_gpus: float, reac
     return max(1, slots(cluster_gpus))
 
 
-def _connect(ray, spec: JobSpec, guard: _sigterm_raises) -> bool:
+def _connect(ray, spec: JobSpec, stop: _StopSignals) -> bool:
     """Join the cluster named by run.ray_address (--ray-address), else by
     RAY_ADDRESS (set for the driver of a `ray job submit` job), else start a
     local one. Returns whether this driver started it (and must stop it)."""
@@ -491,30 +505,27 @@ def _connect(ray, spec: JobSpec, guard: _sigterm_raises) -> bool:
         workers = spec.run.max_workers or 1
         ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(workers * spec.run.cpus_per_worker)),
                  _temp_dir=os.environ.get("IMPRINT_RAY_TMPDIR"), **kwargs)
-    guard.reinstall()
+    stop.install()
     return not address
 
 
-def _run_ray(spec, store, pending, report, bar, worker_cls) -> None:
+def _run_ray(spec, store, pending, report, bar, worker_cls, stop: _StopSignals) -> None:
     import ray
 
-    guard = _sigterm_raises()
-    guard.__enter__()
     started = False
     if not ray.is_initialized():
-        started = _connect(ray, spec, guard)
+        started = _connect(ray, spec, stop)
     workers: list[_Worker] = []
     try:
-        _drive(ray, spec, store, pending, report, bar, worker_cls, started, workers)
+        _drive(ray, spec, store, pending, report, bar, worker_cls, started, workers, stop)
     finally:
         for w in workers:
             ray.kill(w.handle, no_restart=True)
         if started:
             ray.shutdown()  # stops the local cluster's processes too
-        guard.__exit__()
 
 
-def _drive(ray, spec, store, pending, report, bar, worker_cls, started_local, workers) -> None:
+def _drive(ray, spec, store, pending, report, bar, worker_cls, started_local, workers, stop) -> None:
     from ray.exceptions import GetTimeoutError, RayActorError
 
     gpus, expect_cuda, reach, autoscaler = _placement(spec, ray, started_local)
@@ -547,6 +558,7 @@ def _drive(ray, spec, store, pending, report, bar, worker_cls, started_local, wo
             w.running.append((w.handle.process.remote(url), url))
 
     while queue or any(w.running for w in workers):
+        stop.check()
         now = time.monotonic()
         if now - cap_checked > 2.0:
             cap = _worker_cap(spec, gpus, ray.cluster_resources().get("GPU", 0), reach, autoscaler)
