@@ -127,6 +127,7 @@ class Progress:
         self.tty = sys.stderr.isatty()
         self.every = 15.0
         self._last_line = 0.0
+        self._last_state: tuple = ()
         self._lock = threading.Lock()
         self.bar = tqdm(total=None, unit="img", desc="[imprint]", file=sys.stderr, smoothing=0,
                         dynamic_ncols=True, disable=not (enabled and self.tty))
@@ -180,6 +181,9 @@ class Progress:
             self._last_line = now
             meter = self.format_meter(samples, max(est, samples) if est is not None else None, elapsed,
                                       unit="img", prefix="[imprint]", postfix=post, ncols=0)
+            if (samples, post) == self._last_state and line:
+                return  # nothing new since the last line (e.g. the final one right after a shard)
+            self._last_state = (samples, post)
             sys.stderr.write(meter + "\n")
             sys.stderr.flush()
 

@@ -216,10 +216,11 @@ def test_only_the_running_shard_is_charged_when_its_worker_dies(cluster, tmp_pat
     assert [json.loads(p.read_text())["shard"] for p in (tmp_path / "out" / "_done").glob("*.json")] == [healthy]
 
 
+@pytest.mark.slow
 def test_sigterm_stops_the_job_and_its_local_cluster(tmp_path):
     """A local cluster started by `imprint run` (no address anywhere): SIGTERM
     prints what is done, exits 143 and leaves no Ray process behind."""
-    shards = make_shards(tmp_path, 2, 6)
+    shards = make_shards(tmp_path, 2, 3)
     ray_tmp = tempfile.mkdtemp(prefix="imprint-st-", dir="/tmp")
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(RAY_AUTH_MODE="disabled", IMPRINT_RAY_TMPDIR=ray_tmp, OMP_NUM_THREADS="1")
