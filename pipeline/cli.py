@@ -62,7 +62,7 @@ def run(
     )
     if report.error_types:
         typer.echo("imprint: bad samples by kind: " + ", ".join(f"{k} {n}" for k, n in report.error_types.most_common()))
-    for url, record in report.failed.items():
+    for url, record in report.failures.items():
         typer.echo(f"imprint: shard failed after {record['attempts']} attempt(s): {url}: {record['error']}", err=True)
         for line in record.get("traceback", []):
             typer.echo(f"    {line}", err=True)

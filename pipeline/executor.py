@@ -74,7 +74,8 @@ class JobReport:
     total: int
     skipped: int = 0
     done: int = 0
-    failed: dict = field(default_factory=dict)  # shard url -> failure record (error, traceback, ...)
+    failed: dict = field(default_factory=dict)  # shard url -> "Type: message"
+    failures: dict = field(default_factory=dict)  # shard url -> its _failed/ record (type, message, traceback, ...)
     images: int = 0
     errors: int = 0
     error_types: Counter = field(default_factory=Counter)  # bad samples per Sample.error_type
@@ -320,7 +321,8 @@ def _shard_charged(spec: JobSpec, store: OutputStore, report: JobReport, bar: Pr
         return
     record = {"shard": url, "attempts": attempts[url], "error": f"{failure['type']}: {failure['message']}",
               **failure, **{k: where.get(k) for k in ("host", "node_id", "actor_id")}, "time": time.time()}
-    report.failed[url] = record
+    report.failed[url] = record["error"]
+    report.failures[url] = record
     store.mark_failed(shard_name(url), record)
     bar.shard_failed(url)
 

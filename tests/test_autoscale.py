@@ -209,7 +209,7 @@ def test_only_the_running_shard_is_charged_when_its_worker_dies(cluster, tmp_pat
         cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
     assert report.done == 1 and list(report.failed) == [crash]
     assert report.attempts == {crash: 2}, report.attempts  # the healthy shard was never charged
-    record = report.failed[crash]
+    record = report.failures[crash]
     assert record["attempts"] == 2 and "worker lost" in record["message"] and record["type"]
     failed = json.loads(next((tmp_path / "out" / "_failed").glob("*.json")).read_text())
     assert failed["shard"] == crash and failed["traceback"] is not None
