@@ -166,6 +166,63 @@ def test_model_that_cannot_load_stops_the_job_with_its_message(gpu_nodes, tmp_pa
     assert st.returncode == 0 and "last run stopped" in st.stdout and "no-such-model" in st.stdout, st.stdout
 
 
+def test_cuda_expected_but_absent_stops_the_job_with_the_workers_message(gpu_nodes, tmp_path):
+    """model.device = "auto" on a GPU worker expects CUDA; the fake GPU nodes
+    have none, so the first worker says so and the job stops."""
+    cluster = gpu_nodes
+    shards = make_shards(tmp_path, 2, 1)
+    proc = imprint(cluster, str(job_file(tmp_path, shards, model={"device": "auto"})), "--no-progress")
+    code, out, err = finish(proc, timeout=120)
+    assert code == 1, err[-5000:]
+    assert "a worker could not start" in err and "expects CUDA" in err and "sees no CUDA device" in err, err[-5000:]
+    assert not list((tmp_path / "out" / "_failed").glob("*.json"))
+
+
+class HangOnShard:
+    """A ShardWorker that never finishes a shard named hang-* (a stuck read,
+    a CUDA hang)."""
+
+    def __new__(cls, spec):
+        from pipeline.worker import ShardWorker
+
+        class Hanging(ShardWorker):
+            def process(self, url):
+                if "hang" in os.path.basename(url):
+                    time.sleep(3600)
+                return super().process(url)
+
+        return Hanging(spec)
+
+
+def test_shard_deadline_kills_the_worker_and_charges_the_shard(gpu_nodes, tmp_path, monkeypatch):
+    from ray import cloudpickle
+    import ray  # noqa: I001
+
+    from pipeline.executor import run_job
+
+    hang = write(tmp_path / "hang-000.tar", good_samples("s", 1))
+    raw = {"input": {"shards": [hang], "templates": ["{source}, oil painting"]},
+           "output": {"path": str(tmp_path / "out"), "image_format": "png"}}
+    for part in (QUICK, GPU_ON_CPU, {"run": {"max_workers": 1, "max_attempts": 1, "shard_timeout_s": 4}}):
+        for sec, vals in part.items():
+            raw.setdefault(sec, {}).update(vals)
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    ray.init(address=gpu_nodes.address, logging_level="warning", log_to_driver=False)
+    try:
+        report = run_job(load_spec(raw=raw), progress=False, worker_cls=HangOnShard)
+        record = report.failures[hang]
+        assert record["type"] == "TimeoutError" and "run.shard_timeout_s = 4 s" in record["message"]
+        # the job came back; its worker is gone, not left holding a GPU on the hung shard
+        deadline = time.monotonic() + 20
+        while fake_cluster.children_titled(set(gpu_nodes.node_raylets().values()), b"ray::_ShardActor"):
+            assert time.monotonic() < deadline, "the hung worker is still alive"
+            time.sleep(0.2)
+    finally:
+        ray.shutdown()
+        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+
+
 class CrashOnShard:
     """A ShardWorker whose process exits when given a shard named crash-*:
     a worker killed by its shard (a segfault, an OOM kill)."""

@@ -77,3 +77,21 @@ def test_bad_run_fields_stop_with_one_message(field, value, msg):
 
 def test_placement_fields_do_not_change_the_spec_hash():
     assert spec().hash() == spec(max_workers=7, gpus_per_worker=0.5, cpus_per_worker=2, shard_timeout_s=60).hash()
+
+
+def test_failure_records_and_cuda_errors():
+    from pipeline.executor import _is_cuda_error, failure_info
+
+    def boom():
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    try:
+        boom()
+    except RuntimeError as exc:
+        info = failure_info(exc)
+    assert info["type"] == "RuntimeError" and info["message"].startswith("CUDA error")
+    assert info["traceback"][-1] == "RuntimeError: CUDA error: an illegal memory access was encountered"
+    assert any("in boom" in line for line in info["traceback"])
+    assert _is_cuda_error(info)  # its worker is replaced
+    assert not _is_cuda_error({"type": "ValueError", "message": "cannot read shard"})
+    assert _is_cuda_error({"type": "OutOfMemoryError", "message": "tried to allocate 2 GiB"})
