@@ -124,6 +124,7 @@ class Progress:
         self.total, self.skipped, self.enabled = total, skipped, enabled
         self.done = self.failed = self.samples = self.edits = 0
         self.live: dict[str, dict] = {}  # running shard -> its worker's live counters
+        self.finished: set[str] = set()  # a late counter read of these must not count them twice
         self.t0 = time.monotonic()
         self.tty = sys.stderr.isatty()
         self.every = 15.0
@@ -140,12 +141,14 @@ class Progress:
             self.samples += summary["images"] + summary["errors"]
             self.edits += summary["edits"]
             self.live.pop(summary["shard"], None)
+            self.finished.add(summary["shard"])
         self.refresh(line=True)
 
     def shard_failed(self, url: str) -> None:
         with self._lock:
             self.failed += 1
             self.live.pop(url, None)
+            self.finished.add(url)
         self.refresh(line=True)
 
     def shard_stopped(self, url: str) -> None:
@@ -154,7 +157,7 @@ class Progress:
             self.live.pop(url, None)
 
     def set_live(self, live: dict) -> None:
-        if live.get("shard"):
+        if live.get("shard") and live["shard"] not in self.finished:
             with self._lock:
                 self.live[live["shard"]] = live
 

@@ -114,41 +114,6 @@ def test_job_scales_from_zero_to_two_gpu_nodes(cluster, tmp_path):
     assert all(s["samples"] == 2 and s["error_types"] == {} for s in stats)
 
 
-def test_node_lost_mid_shard_every_row_once(gpu_nodes, tmp_path):
-    cluster = gpu_nodes
-    per_shard = 4
-    shards = make_shards(tmp_path, 4, per_shard)
-    proc = imprint(cluster, str(job_file(tmp_path, shards)), "--no-progress")
-    # Wait until both GPU nodes run a worker, then kill one node's raylet: a
-    # node lost as Ray sees it, with the shard its worker was running.
-    deadline = time.monotonic() + 120
-    victim = None
-    while victim is None:
-        assert proc.poll() is None, proc.communicate()[1][-5000:]
-        assert time.monotonic() < deadline, "no worker node came up"
-        busy = _nodes_running_shards(cluster)
-        done = list((tmp_path / "out" / "_done").glob("*.json")) if (tmp_path / "out" / "_done").is_dir() else []
-        assert len(done) < 4, "the job finished before a node could be lost"
-        if busy:
-            victim = busy[0]
-        time.sleep(0.2)
-    os.kill(cluster.node_raylets()[victim], signal.SIGKILL)
-    code, out, err = finish(proc)
-    assert code == 0, err[-5000:]
-    check_every_row_once(tmp_path / "out", shards, per_shard)
-    # The shard the lost node was running was charged and redone elsewhere.
-    assert "worker lost" in err or list((tmp_path / "out" / "_failed").glob("*.json")) == [], err[-3000:]
-
-
-def _nodes_running_shards(cluster) -> list[str]:
-    """Worker nodes where a shard worker runs a shard (Ray titles the
-    process with the method it runs)."""
-    raylets = cluster.node_raylets()
-    by_pid = {pid: node for node, pid in raylets.items()}
-    busy = fake_cluster.children_titled(set(by_pid), b"ray::_ShardActor.process")
-    return sorted({by_pid[ppid] for ppid in busy.values()})
-
-
 def test_model_that_cannot_load_stops_the_job_with_its_message(gpu_nodes, tmp_path):
     cluster = gpu_nodes
     shards = make_shards(tmp_path, 2, 1)
@@ -271,6 +236,42 @@ def test_only_the_running_shard_is_charged_when_its_worker_dies(cluster, tmp_pat
     failed = json.loads(next((tmp_path / "out" / "_failed").glob("*.json")).read_text())
     assert failed["shard"] == crash and failed["traceback"] is not None
     assert [json.loads(p.read_text())["shard"] for p in (tmp_path / "out" / "_done").glob("*.json")] == [healthy]
+
+
+# Last of the tests on the shared cluster: it loses a node.
+def test_node_lost_mid_shard_every_row_once(gpu_nodes, tmp_path):
+    cluster = gpu_nodes
+    per_shard = 4
+    shards = make_shards(tmp_path, 4, per_shard)
+    proc = imprint(cluster, str(job_file(tmp_path, shards)), "--no-progress")
+    # Wait until both GPU nodes run a worker, then kill one node's raylet: a
+    # node lost as Ray sees it, with the shard its worker was running.
+    deadline = time.monotonic() + 120
+    victim = None
+    while victim is None:
+        assert proc.poll() is None, proc.communicate()[1][-5000:]
+        assert time.monotonic() < deadline, "no worker node came up"
+        busy = _nodes_running_shards(cluster)
+        done = list((tmp_path / "out" / "_done").glob("*.json")) if (tmp_path / "out" / "_done").is_dir() else []
+        assert len(done) < 4, "the job finished before a node could be lost"
+        if busy:
+            victim = busy[0]
+        time.sleep(0.2)
+    os.kill(cluster.node_raylets()[victim], signal.SIGKILL)
+    code, out, err = finish(proc)
+    assert code == 0, err[-5000:]
+    check_every_row_once(tmp_path / "out", shards, per_shard)
+    # The shard the lost node was running was charged and redone elsewhere.
+    assert "worker lost" in err or list((tmp_path / "out" / "_failed").glob("*.json")) == [], err[-3000:]
+
+
+def _nodes_running_shards(cluster) -> list[str]:
+    """Worker nodes where a shard worker runs a shard (Ray titles the
+    process with the method it runs)."""
+    raylets = cluster.node_raylets()
+    by_pid = {pid: node for node, pid in raylets.items()}
+    busy = fake_cluster.children_titled(set(by_pid), b"ray::_ShardActor.process")
+    return sorted({by_pid[ppid] for ppid in busy.values()})
 
 
 @pytest.mark.slow

@@ -95,3 +95,32 @@ def test_failure_records_and_cuda_errors():
     assert _is_cuda_error(info)  # its worker is replaced
     assert not _is_cuda_error({"type": "ValueError", "message": "cannot read shard"})
     assert _is_cuda_error({"type": "OutOfMemoryError", "message": "tried to allocate 2 GiB"})
+
+
+def test_progress_counts_samples_inside_running_shards(capsys, monkeypatch):
+    """A log gets plain lines (no carriage returns) that count the images of
+    running shards, so the ETA moves within a shard; a late counter read of a
+    finished shard is not counted twice."""
+    from pipeline.executor import Progress
+
+    clock = [100.0]
+    monkeypatch.setattr(executor.time, "monotonic", lambda: clock[0])
+    bar = Progress(total=3, skipped=0, enabled=True)
+    assert not bar.tty  # pytest captures stderr
+    summary = {"shard": "a", "images": 3, "errors": 1, "edits": 6}
+    clock[0] += 10
+    bar.shard_done(summary)
+    bar.set_live({"shard": "a", "samples": 4, "edits": 6})  # stale read after it finished
+    bar.set_live({"shard": "b", "samples": 2, "edits": 3})
+    clock[0] += 20
+    bar.refresh(line=True)
+    first, second = capsys.readouterr().err.strip().splitlines()
+    assert "\r" not in first + second
+    assert " 4/12 " in first and "shards 1/3 done" in first  # 12 = 3 shards x 4 samples seen per shard
+    assert " 6/12 " in second and "1 running" in second and "0.30 edits/s" in second  # 9 edits in 30 s
+    clock[0] += 10  # two more images of b, at the same pace
+    bar.set_live({"shard": "b", "samples": 4, "edits": 6})
+    bar.refresh(line=True)
+    third = capsys.readouterr().err.strip()
+    eta = lambda line: line.split("<")[1].split(",")[0]  # noqa: E731
+    assert " 8/12 " in third and eta(third) < eta(second)  # the ETA counts down within shard b
