@@ -30,7 +30,7 @@ def run(
     progress: bool = typer.Option(True, help="Show the live progress line."),
 ) -> None:
     """Invert every image of the input shards and write N edits per target prompt."""
-    from .executor import JobError, JobInterrupted, WorkerStartError, run_job
+    from .executor import JobError
     from .spec import SpecError, load_spec
 
     overrides = list(set_)
@@ -40,21 +40,9 @@ def run(
         overrides.append(f'run.ray_address="{ray_address}"')
     try:
         spec = load_spec(job, overrides)
-        report = run_job(spec, force=force, progress=progress)
+        report = _run_job(spec, force=force, progress=progress)
     except (SpecError, JobError) as exc:
         _die(str(exc))
-    except WorkerStartError as exc:
-        typer.echo(f"imprint: error: {exc}", err=True)
-        for line in exc.info.get("traceback", []):
-            typer.echo(f"    {line}", err=True)
-        typer.echo(f"imprint: the job stopped before charging any shard; `imprint status {spec.output.path}` "
-                   "keeps this message", err=True)
-        raise typer.Exit(1)
-    except JobInterrupted as exc:
-        r = exc.report
-        typer.echo(f"imprint: interrupted ({exc}): {r.done + r.skipped} of {r.total} shards done "
-                   f"({r.done} in this run); run the same command again to resume", err=True)
-        raise typer.Exit(128 + exc.signum)
     out = os.path.abspath(spec.output.path) if "://" not in spec.output.path else spec.output.path
     typer.echo(
         f"imprint: {report.done} shard(s) processed, {report.skipped} already done, {len(report.failed)} failed; "
@@ -71,6 +59,27 @@ def run(
         raise typer.Exit(1)
 
 
+def _run_job(spec, **kwargs):
+    """run_job, with the two ways a job stops early turned into messages and
+    exit codes: a worker that cannot start (1) and Ctrl-C / SIGTERM (130 / 143)."""
+    from .executor import JobInterrupted, WorkerStartError, run_job
+
+    try:
+        return run_job(spec, **kwargs)
+    except WorkerStartError as exc:
+        typer.echo(f"imprint: error: {exc}", err=True)
+        for line in exc.info.get("traceback", []):
+            typer.echo(f"    {line}", err=True)
+        typer.echo(f"imprint: the job stopped before charging any shard; `imprint status {spec.output.path}` "
+                   "keeps this message", err=True)
+        raise typer.Exit(1)
+    except JobInterrupted as exc:
+        r = exc.report
+        typer.echo(f"imprint: interrupted ({exc}): {r.done + r.skipped} of {r.total} shards done "
+                   f"({r.done} in this run); run the same command again to resume", err=True)
+        raise typer.Exit(128 + exc.signum)
+
+
 @app.command("edit-codes")
 def edit_codes(
     codes: str = typer.Argument(..., help="A job's output folder or its noise/ folder."),
@@ -80,7 +89,7 @@ def edit_codes(
     progress: bool = typer.Option(True, help="Show the live progress line."),
 ) -> None:
     """Edit stored noise codes with new target prompts, without inverting again."""
-    from .executor import JobError, run_job
+    from .executor import JobError
     from .spec import SpecError, load_raw, load_spec
 
     try:
@@ -88,7 +97,7 @@ def edit_codes(
         raw.setdefault("input", {}).pop("shards", None)
         raw["input"]["codes"] = codes
         spec = load_spec(raw=raw, overrides=list(set_) + ([f"run.executor={executor}"] if executor else []))
-        report = run_job(spec, progress=progress)
+        report = _run_job(spec, progress=progress)
     except (SpecError, JobError) as exc:
         _die(str(exc))
     typer.echo(f"imprint: {report.images} codes re-edited into {report.edits} edits "
