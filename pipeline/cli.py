@@ -23,12 +23,14 @@ def run(
     job: Path = typer.Argument(..., help="Job spec (TOML)."),
     set_: list[str] = typer.Option([], "--set", help="Override a field, e.g. --set edit.seeds=8 (repeatable)."),
     executor: Optional[str] = typer.Option(None, help="ray | inline (default: run.executor of the job)."),
-    ray_address: Optional[str] = typer.Option(None, help="Join this Ray cluster instead of starting a local one."),
+    ray_address: Optional[str] = typer.Option(
+        None, help="Join this Ray cluster (\"auto\", host:port, ray://...). Default: run.ray_address, else "
+                   "$RAY_ADDRESS (set inside `ray job submit`), else a local cluster."),
     force: bool = typer.Option(False, help="Redo every shard, even those done under this or another spec."),
     progress: bool = typer.Option(True, help="Show the live progress line."),
 ) -> None:
     """Invert every image of the input shards and write N edits per target prompt."""
-    from .executor import JobError, run_job
+    from .executor import JobError
     from .spec import SpecError, load_spec
 
     overrides = list(set_)
@@ -38,7 +40,7 @@ def run(
         overrides.append(f'run.ray_address="{ray_address}"')
     try:
         spec = load_spec(job, overrides)
-        report = run_job(spec, force=force, progress=progress)
+        report = _run_job(spec, force=force, progress=progress)
     except (SpecError, JobError) as exc:
         _die(str(exc))
     out = os.path.abspath(spec.output.path) if "://" not in spec.output.path else spec.output.path
@@ -46,11 +48,36 @@ def run(
         f"imprint: {report.done} shard(s) processed, {report.skipped} already done, {len(report.failed)} failed; "
         f"{report.images} images, {report.errors} bad samples, {report.edits} edits in {report.seconds:.1f} s"
     )
-    for url, reason in report.failed.items():
-        typer.echo(f"imprint: shard failed: {url}: {reason}", err=True)
+    if report.error_types:
+        typer.echo("imprint: bad samples by kind: " + ", ".join(f"{k} {n}" for k, n in report.error_types.most_common()))
+    for url, record in report.failures.items():
+        typer.echo(f"imprint: shard failed after {record['attempts']} attempt(s): {url}: {record['error']}", err=True)
+        for line in record.get("traceback", []):
+            typer.echo(f"    {line}", err=True)
     typer.echo(f"imprint: results in {out}/results, sources in {out}/sources" + (f", noise in {out}/noise" if spec.output.noise else ""))
     if report.failed:
         raise typer.Exit(1)
+
+
+def _run_job(spec, **kwargs):
+    """run_job, with the two ways a job stops early turned into messages and
+    exit codes: a worker that cannot start (1) and Ctrl-C / SIGTERM (130 / 143)."""
+    from .executor import JobInterrupted, WorkerStartError, run_job
+
+    try:
+        return run_job(spec, **kwargs)
+    except WorkerStartError as exc:
+        typer.echo(f"imprint: error: {exc}", err=True)
+        for line in exc.info.get("traceback", []):
+            typer.echo(f"    {line}", err=True)
+        typer.echo(f"imprint: the job stopped before charging any shard; `imprint status {spec.output.path}` "
+                   "keeps this message", err=True)
+        raise typer.Exit(1)
+    except JobInterrupted as exc:
+        r = exc.report
+        typer.echo(f"imprint: interrupted ({exc}): {r.done + r.skipped} of {r.total} shards done "
+                   f"({r.done} in this run); run the same command again to resume", err=True)
+        raise typer.Exit(128 + exc.signum)
 
 
 @app.command("edit-codes")
@@ -62,7 +89,7 @@ def edit_codes(
     progress: bool = typer.Option(True, help="Show the live progress line."),
 ) -> None:
     """Edit stored noise codes with new target prompts, without inverting again."""
-    from .executor import JobError, run_job
+    from .executor import JobError
     from .spec import SpecError, load_raw, load_spec
 
     try:
@@ -70,7 +97,7 @@ def edit_codes(
         raw.setdefault("input", {}).pop("shards", None)
         raw["input"]["codes"] = codes
         spec = load_spec(raw=raw, overrides=list(set_) + ([f"run.executor={executor}"] if executor else []))
-        report = run_job(spec, progress=progress)
+        report = _run_job(spec, progress=progress)
     except (SpecError, JobError) as exc:
         _die(str(exc))
     typer.echo(f"imprint: {report.images} codes re-edited into {report.edits} edits "
@@ -136,8 +163,16 @@ def status(
     typer.echo(f"output: {st['output']}  (spec hash {st['spec_hash']})")
     typer.echo(f"shards: {st['total']} total, {len(st['done'])} done, {len(st['failed'])} failed, {len(st['left'])} left")
     typer.echo(f"images: {st['images']}  bad samples: {st['errors']}  edits: {st['edits']} (kept {st['kept']})")
+    if st["error_types"]:
+        typer.echo("bad samples by kind: " + ", ".join(f"{k} {n}" for k, n in st["error_types"].items()))
+    if st["stopped"]:
+        typer.echo(f"last run stopped: {st['stopped'].get('error')}")
+        for line in st["stopped"].get("traceback", []):
+            typer.echo(f"    {line}")
     for name, info in st["failed"].items():
         typer.echo(f"  failed {name}: {info.get('error')} (after {info.get('attempts')} attempts)")
+        for line in info.get("traceback", [])[-3:]:
+            typer.echo(f"      {line}")
     for url in st["left"][:20]:
         typer.echo(f"  left   {url}")
     if len(st["left"]) > 20:

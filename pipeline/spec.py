@@ -139,9 +139,20 @@ class FilterSpec:
 @dataclass
 class RunSpec:
     seed: int = 0
-    workers: int = 0  # 0 = one per GPU, or 1 without GPUs
     executor: str = "ray"
-    ray_address: str = ""  # "" = start a local cluster; "auto" or ray://... to join one
+    # "" = $RAY_ADDRESS (set inside `ray job submit` jobs) if set, else start a
+    # local cluster; "auto", host:port or ray://... joins that cluster.
+    ray_address: str = ""
+    # Workers (Ray actors) at most; 0 = one per GPU slot the cluster has or its
+    # autoscaler can add (1 worker on a cluster without GPUs), never more than
+    # the shards left.
+    max_workers: int = 0
+    # GPUs each worker asks Ray for; unset = 1 when the model runs on CUDA
+    # (model.device cuda, or auto on a cluster that has or can add GPUs), else 0.
+    # Fractions (0.5, 0.25) pack several workers onto one GPU.
+    gpus_per_worker: float | None = None
+    cpus_per_worker: float = 0.5  # fractional: leaves room for Ray's own tasks
+    shard_timeout_s: float = 14400.0  # one shard's deadline; its worker is replaced after it
     max_attempts: int = 3
     threads: int = 0  # torch threads per worker; 0 = leave torch's default
 
@@ -400,7 +411,13 @@ def validate(spec: JobSpec) -> JobSpec:
     need(1 <= out.quality <= 100, "output.quality", "must be in [1, 100]")
     need(out.noise_dtype in ("float16", "float32"), "output.noise_dtype", "must be float16 or float32")
     need(spec.run.executor in EXECUTORS, "run.executor", f"must be one of {', '.join(EXECUTORS)}")
-    need(spec.run.workers >= 0, "run.workers", "must be >= 0")
+    need(spec.run.max_workers >= 0, "run.max_workers", "must be >= 0 (0 = one per GPU)")
+    need(spec.run.gpus_per_worker is None or 0 <= spec.run.gpus_per_worker <= 64, "run.gpus_per_worker",
+         "must be in [0, 64] (fractions pack several workers onto one GPU)")
+    need(spec.run.gpus_per_worker is None or spec.run.gpus_per_worker <= 1 or spec.run.gpus_per_worker.is_integer(),
+         "run.gpus_per_worker", "above 1 must be a whole number of GPUs")
+    need(spec.run.cpus_per_worker > 0, "run.cpus_per_worker", "must be > 0")
+    need(spec.run.shard_timeout_s > 0, "run.shard_timeout_s", "must be > 0 seconds")
     need(spec.run.max_attempts >= 1, "run.max_attempts", "must be >= 1")
     need(spec.run.threads >= 0, "run.threads", "must be >= 0")
     need(0 <= spec.run.seed < 2**63, "run.seed", "must be in [0, 2^63)")

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import tomllib
+from collections import Counter
 
 from .data import expand_shards, shard_name
+from .executor import JOB_ERROR_FILE
 from .store import FAILED, META_FILE, SPEC_FILE, OutputStore
 
 
@@ -27,6 +29,9 @@ def job_status(out: str) -> dict:
     done = store.done_markers(spec_hash)
     failed = {k: v for k, v in store.markers(FAILED).items() if k not in done}
     left = [s for s in shards if shard_name(s) not in done and shard_name(s) not in failed]
+    error_types: Counter = Counter()
+    for v in done.values():
+        error_types.update(v.get("error_types") or {})
     return {
         "output": out,
         "spec_hash": spec_hash,
@@ -38,4 +43,7 @@ def job_status(out: str) -> dict:
         "errors": sum(v.get("errors", 0) for v in done.values()),
         "edits": sum(v.get("edits", 0) for v in done.values()),
         "kept": sum(v.get("kept", 0) for v in done.values()),
+        "error_types": dict(error_types.most_common()),
+        # why the last run stopped (a worker that could not start), until a run starts again
+        "stopped": store.read_json(JOB_ERROR_FILE),
     }

@@ -47,6 +47,7 @@ DONE = "_done"
 FAILED = "_failed"
 STAGING = "_tmp"
 REPLACED = "_replaced"
+STATS = "_stats"  # per-shard counts (samples, bad samples per error type, edits), written by the driver
 SPEC_FILE = "job.resolved.toml"
 META_FILE = "job.json"
 PART_BYTES = 64 * 2**20  # rows buffered (all tables together, Arrow bytes) before a part is written
@@ -133,7 +134,7 @@ class OutputStore:
         crashed attempts left behind."""
         try:
             if self.renames_atomically:  # object stores need no folders (pyarrow would add marker objects)
-                for d in ("", *TABLES, DONE, FAILED):
+                for d in ("", *TABLES, DONE, FAILED, STATS):
                     self.fs.create_dir(self._p(d) if d else self.root, recursive=True)
             self.check_writable()
         except (OSError, pa.ArrowException) as exc:

@@ -9,6 +9,8 @@ import functools
 import json
 import os
 import queue
+import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -38,6 +40,7 @@ class ShardSummary:
     unet_calls: int = 0
     seconds: float = 0.0
     timings: dict = field(default_factory=dict)
+    error_types: dict = field(default_factory=dict)  # Sample.error_type -> bad samples of that kind
 
     def to_dict(self) -> dict:
         return self.__dict__.copy()
@@ -58,6 +61,11 @@ class ShardWorker:
             self.scorers = Scorers.load(score_config(spec), self.models.device, self.models.dtype)
         self.store = OutputStore.open(spec.output.path)
         self.resolution = spec.image.resolution or self.models.resolution
+        self.placement = placement()
+        # Progress inside the running shard, read from another thread (the Ray
+        # actor's monitor group, the inline progress line): replaced whole,
+        # never mutated, so a reader always sees one consistent state.
+        self.live = {"shard": "", "samples": 0, "edits": 0, "started": 0.0}
 
     # -- metadata written into every Parquet file --------------------------
 
@@ -154,6 +162,7 @@ class ShardWorker:
         # batches of one shape each, across the whole shard (see batching.py)
         buckets = ShapeBuckets(spec.batch.images, key=lambda unit_read: unit_shape(unit_read[0]))
         seen_keys: set[str] = set()
+        self.live = {"shard": url, "samples": 0, "edits": 0, "started": time.time()}
         try:
             while True:
                 item = q.get()
@@ -169,10 +178,14 @@ class ShardWorker:
                     if sample.error:
                         writer.submit(out.add, "sources", [self._error_row(sample, t_read)])
                         summary.errors += 1
+                        kind = getattr(sample, "error_type", "") or "other"
+                        summary.error_types[kind] = summary.error_types.get(kind, 0) + 1
+                        self._publish_live(url, summary)
                     else:
                         ready = buckets.add((unit, t_read))
                 for batch in buckets.flush() if item is _END else ready:
                     self._run_batch(batch, out, writer, summary)
+                    self._publish_live(url, summary)
                 if item is _END:
                     break
             writer.close()  # every row is in a part or in the writer's buffers
@@ -180,7 +193,7 @@ class ShardWorker:
             summary.unet_calls = self.engine.unet_calls - calls0
             summary.seconds = time.perf_counter() - t_start
             summary.timings = {k: v - timings0.get(k, 0.0) for k, v in self.engine.timings.items()}
-            marker = {**summary.to_dict(), "finished": time.time(), "pid": os.getpid()}
+            marker = {**summary.to_dict(), "finished": time.time(), **self.placement}
             out.commit(marker, spec.hash())
             summary.timings["write"] = time.perf_counter() - t0
         except BaseException:
@@ -198,6 +211,10 @@ class ShardWorker:
                 except queue.Empty:
                     pass
         return summary.to_dict()
+
+    def _publish_live(self, url: str, summary: ShardSummary) -> None:
+        self.live = {"shard": url, "samples": summary.images + summary.errors, "edits": summary.edits,
+                     "started": self.live["started"]}
 
     def _run_batch(self, batch, out, writer: "BackgroundWriter", summary: ShardSummary) -> None:
         """Model work for one batch on this thread; the rest goes to the writer."""
@@ -370,6 +387,18 @@ class BackgroundWriter:
         self._aborted = True
         self._q.put(_END)  # the loop drains without running, so this never blocks for long
         self._thread.join(timeout=60)
+
+
+def placement() -> dict:
+    """Where this worker runs, for the shard markers: host, process, and the
+    Ray node and actor when it runs inside Ray (None inline)."""
+    info = {"host": socket.gethostname(), "pid": os.getpid(), "node_id": None, "actor_id": None}
+    ray = sys.modules.get("ray")  # only when Ray is already loaded: inline runs never import it
+    if ray is not None and ray.is_initialized():
+        ctx = ray.get_runtime_context()
+        info["node_id"] = ctx.get_node_id()
+        info["actor_id"] = ctx.get_actor_id()
+    return info
 
 
 def score_outs(scorers, outs: list[SampleOut], device) -> tuple[dict[str, list[float]], list[int]]:

@@ -288,5 +288,24 @@ def test_job_survives_its_worker_killed_mid_run(head):
     assert dead["state"] == "DEAD"
 
 
+def test_plain_ray_job_submit_needs_no_flags(head):
+    """`ray job submit -- imprint run JOB` with nothing else: the driver finds
+    the cluster through the RAY_ADDRESS Ray sets for a submitted job's
+    entrypoint (no --ray-address, no --executor), joins it, and its worker
+    runs there (the marker's node is the head's node)."""
+    out = head.tmp / "plain"
+    sets = [a for s in [*QUICK, f"output.path={out}"] for a in ("--set", s)]
+    env = {k: v for k, v in head.env.items() if k != "RAY_ADDRESS"}
+    runtime_env = json.dumps({"working_dir": str(REPO), "excludes": [".git", ".venv", ".cache"]})
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", head.url, "--runtime-env-json", runtime_env,
+           "--", "imprint", "run", "jobs/demo.toml", *sets]
+    r = subprocess.run(cmd, env=env, cwd=head.tmp, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "succeeded" in r.stdout, explain(r)
+    markers = check_output(head, out)
+    actors = {a["actor_id"]: a for a in shard_actors(head)}
+    assert all(m["actor_id"] in actors for m in markers), "the shards ran in actors of another cluster"
+    assert all(m["node_id"] == actors[m["actor_id"]]["node_id"] and m["host"] for m in markers)
+
+
 def _done_markers(out: Path) -> list[Path]:
     return sorted((out / "_done").glob("*.json")) if (out / "_done").is_dir() else []

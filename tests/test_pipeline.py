@@ -151,15 +151,20 @@ def test_status_command(inline_run):
     assert res.returncode == 0, res.stderr
     st = json.loads(res.stdout)
     assert st["total"] == 2 and len(st["done"]) == 2 and not st["left"] and st["errors"] == len(bad_samples())
+    # bad samples counted per kind (Sample.error_type; "other" where none is set)
+    assert sum(st["error_types"].values()) == st["errors"]
+    stats = [json.loads(p.read_text()) for p in sorted((out / "_stats").glob("*.json"))]
+    assert len(stats) == 2 and sum(sum(x["error_types"].values()) for x in stats) == st["errors"]
+    assert all(x["samples"] == x["images"] + x["errors"] and x["host"] for x in stats)
+    markers = [json.loads(p.read_text()) for p in sorted((out / "_done").glob("*.json"))]
+    assert all(m["host"] and m["pid"] and m["node_id"] is None for m in markers)  # inline: no Ray node
 
 
 def test_crash_mid_shard_then_rerun_gives_every_row_once(shards, tmp_path):
     spec_path = tmp_path / "job.toml"
-    import tomli_w
+    from pipeline.spec import to_toml
 
-    raw = job(tmp_path, shards).to_dict()
-    raw["filter"] = {k: v for k, v in raw["filter"].items() if v is not None}
-    spec_path.write_text(tomli_w.dumps(raw))
+    spec_path.write_text(to_toml(job(tmp_path, shards)))
     # The first run's worker kills its process after 5 samples (the second
     # shard's second); the rerun is the plain CLI.
     crash = (f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); "
@@ -272,8 +277,13 @@ def test_unreadable_shard_fails_after_its_attempts_and_the_job_goes_on(shards, t
     failed = OutputStore.open(str(tmp_path / "out")).markers("_failed")
     (info,) = failed.values()
     assert info["attempts"] == 2 and "cannot read shard" in info["error"]
+    # the exception's type, message and where it was raised, not just a word
+    assert info["type"] and info["message"] in info["error"] and info["traceback"]
+    assert any(line.lstrip().startswith("File ") for line in info["traceback"]), info["traceback"]
+    assert info["traceback"][-1].startswith(info["type"])
     res = subprocess.run([sys.executable, "-m", "pipeline.cli", "status", str(tmp_path / "out")], capture_output=True, text=True)
     assert "1 failed" in res.stdout and "cannot read shard" in res.stdout
+    assert info["traceback"][-1] in res.stdout  # the traceback's last lines too
 
 
 def test_filters_keep_top_k_and_recon_psnr(shards, tmp_path):
