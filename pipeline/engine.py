@@ -144,16 +144,21 @@ class Engine:
         outs = [SampleOut(sample=s, seeds=seeds[g]) for g, s in enumerate(group)]
         x0_rep = x0.repeat_interleave(n_seeds, dim=0)
         src_rows = [texts.row[s.source_prompt] for s in group for _ in range(n_seeds)]
+        codes: dict[tuple, NoiseCode] = {}  # variants that differ only in their edit control share an inversion
         for vi, v in enumerate(self.variants):
-            gens = [torch.Generator("cpu").manual_seed(sd) for per in seeds for sd in per]
-            code = get_method(v.method).invert(
-                self.unet, m.scheduler, x0_rep, texts.emb[src_rows], texts.uncond,
-                num_steps=v.steps, skip=v.skip, cfg_scale=v.cfg_source,
-                generator=gens, max_batch=mb, **v.params,
-            )
-            code = self._manipulate(code)
-            t0 = self._timed("invert", t0)
-            self._edit_and_decode(outs, code, vi, v, texts, x0, strokes, decode_recon and vi == 0)
+            key = v.inversion_key()
+            first_use = key not in codes
+            if first_use:
+                gens = [torch.Generator("cpu").manual_seed(sd) for per in seeds for sd in per]
+                code = get_method(v.method).invert(
+                    self.unet, m.scheduler, x0_rep, texts.emb[src_rows], texts.uncond,
+                    num_steps=v.steps, skip=v.skip, cfg_scale=v.cfg_source,
+                    generator=gens, max_batch=mb, **v.params,
+                )
+                codes[key] = self._manipulate(code)
+                t0 = self._timed("invert", t0)
+            self._edit_and_decode(outs, codes[key], vi, v, texts, x0, strokes, decode_recon and vi == 0,
+                                  keep_codes=first_use)
             t0 = time.perf_counter()
         return outs
 
@@ -174,8 +179,10 @@ class Engine:
             first = group[0].code
             params = {k: v for k, v in first.params.items() if k not in ("cfg_source", "manipulations")}
             over = self.spec.inversion.per_method.get(first.method, {})
+            control = self.spec.edit.controls[0]  # validation allows one control when editing stored codes
             variant = Variant(first.method, first.num_steps, first.skip, float(first.params.get("cfg_source", 1.0)),
-                              float(over.get("cfg_target", self.spec.edit.cfg_target)), params)
+                              float(over.get("cfg_target", self.spec.edit.cfg_target)), params, control=control,
+                              p2p=self.spec.edit.p2p() if control == "p2p" else None)
             outs = [SampleOut(sample=it.sample, seeds=it.seeds) for it in group]
             code = self._manipulate(NoiseCode.cat([it.code for it in group]))
             texts = self._texts([it.sample for it in group])
@@ -204,31 +211,43 @@ class Engine:
             code = noise_space.flip(code, horizontal=mp.flip == "horizontal")
         return code
 
-    def _edit_and_decode(self, outs, code, vi, v: Variant, texts, x0, strokes, decode_recon, n_per=None) -> None:
+    def _edit_and_decode(self, outs, code, vi, v: Variant, texts, x0, strokes, decode_recon, n_per=None,
+                         keep_codes=True) -> None:
         """One edit chain for all (image, target, seed) rows plus, per image,
         one reconstruction row (its first code, source prompt, cfg_source);
-        then decode the edits (and the reconstructions when asked)."""
+        then decode the edits (and the reconstructions when asked). Under
+        P2P control every (image, seed) has its source row (the code with
+        the source prompt), whose attention its target rows receive."""
         spec, m, mb = self.spec, self.models, self.spec.batch.max_unet_batch
         n_per = n_per or [spec.edit.seeds] * len(outs)
         starts = [sum(n_per[:g]) for g in range(len(outs))]
         t0 = time.perf_counter()
         code_idx, cond_idx, cfgs, plan = [], [], [], []
+
+        def add(kind, g, k, n, prompt, cfg):
+            code_idx.append(starts[g] + n)
+            cond_idx.append(texts.row[prompt])
+            cfgs.append(cfg)
+            plan.append((kind, g, k, n))
+
         for g, o in enumerate(outs):
+            if v.control == "p2p":
+                for n in range(n_per[g]):
+                    add("recon" if n == 0 else "source", g, 0, n, o.sample.source_prompt, v.cfg_source)
+                    for k, tp in enumerate(o.sample.target_prompts):
+                        add("edit", g, k, n, tp, v.cfg_target)
+                continue
             for k, tp in enumerate(o.sample.target_prompts):
                 for n in range(n_per[g]):
-                    code_idx.append(starts[g] + n)
-                    cond_idx.append(texts.row[tp])
-                    cfgs.append(v.cfg_target)
-                    plan.append(("edit", g, k, n))
+                    add("edit", g, k, n, tp, v.cfg_target)
             if spec.output.reconstruction_check or decode_recon:
-                code_idx.append(starts[g])
-                cond_idx.append(texts.row[o.sample.source_prompt])
-                cfgs.append(v.cfg_source)
-                plan.append(("recon", g, 0, 0))
+                add("recon", g, 0, 0, o.sample.source_prompt, v.cfg_source)
         scale = cfgs[0] if len(set(cfgs)) == 1 else torch.tensor(cfgs)
         rows = code[code_idx]
         cond = texts.emb[torch.tensor(cond_idx)]
-        if strokes is not None:
+        if v.control == "p2p":
+            latents = self._p2p_chain(v, rows, cond, texts, plan, outs, torch.tensor(cfgs))
+        elif strokes is not None:
             from .noise_space import edit_with_strokes
 
             mask, stroke = strokes
@@ -264,9 +283,41 @@ class Engine:
                 o.recon_errors[vi] = (float(err.max()), float(err.mean()))
             if decode_recon:
                 o.recon_image = decoded[i]
-        if spec.output.noise:
+        if spec.output.noise and keep_codes:
             for g, o in enumerate(outs):
                 o.codes[vi] = code[list(range(starts[g], starts[g] + n_per[g]))].to("cpu")
+
+    def _p2p_chain(self, v: Variant, rows: NoiseCode, cond, texts, plan, outs, cfgs: torch.Tensor) -> torch.Tensor:
+        """The edit chain under Prompt-to-Prompt control. Each (image, seed)
+        group (its source row, then its target rows) must share UNet calls
+        with its source, so rows run as whole groups, as many groups per
+        chain as fit batch.max_unet_batch (halved: guidance doubles rows)."""
+        from . import p2p
+
+        row_prompts, source_of, group_starts = [], [], []
+        for r, (kind, g, k, _) in enumerate(plan):
+            if kind != "edit":
+                group_starts.append(r)
+            row_prompts.append(outs[g].sample.target_prompts[k] if kind == "edit" else outs[g].sample.source_prompt)
+            source_of.append(group_starts[-1])
+        ends = group_starts[1:] + [len(plan)]
+        cap = max(1, self.spec.batch.max_unet_batch // 2)
+        method = get_method(v.method)
+        chunks, a = [], 0
+        for e in ends:  # pack whole groups up to the cap (a group larger than the cap runs alone)
+            if chunks and chunks[-1][1] == a and e - chunks[-1][0] <= cap:
+                chunks[-1] = (chunks[-1][0], e)
+            else:
+                chunks.append((a, e))
+            a = e
+        parts = []
+        for a, b in chunks:
+            idx = list(range(a, b))
+            parts.append(p2p.edit(method, self.unet, self.models.scheduler, rows[idx], cond[idx], texts.uncond,
+                                  prompts=[row_prompts[i] for i in idx], source_of=[source_of[i] - a for i in idx],
+                                  tokenizer=self.models.tokenizer, config=v.p2p, cfg_scale=cfgs[idx],
+                                  **self.spec.edit.params))
+        return torch.cat(parts)
 
     def _strokes(self, group: list[Sample], latent_hw) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample (mask [1, h, w] on the latent grid, stroke latent [C, h, w])

@@ -254,3 +254,82 @@ def test_works_with_every_methods_codes(setup, tiny):
 def test_compiled_or_foreign_unets_are_refused():
     with pytest.raises(ValueError, match="diffusers UNet"):
         p2p.raw_unet(lambda x, t, e: x)
+
+
+# -- jobs ------------------------------------------------------------------------
+
+
+def test_job_compares_none_and_p2p_in_one_table(tmp_path):
+    import json
+
+    from helpers_data import good_samples, write
+    from pipeline.executor import run_job
+    from pipeline.spec import load_spec
+    from pipeline.store import OutputStore
+
+    samples = good_samples("p", 2)
+    shard = write(tmp_path / "p-000.tar", samples)
+    raw = {
+        "input": {"shards": [str(shard)], "templates": ["{source} outdoors"]},
+        "inversion": {"steps": 5, "skip": 1},
+        "edit": {"seeds": 2, "control": ["none", "p2p"], "mode": "refine", "cross_until": 0.8, "self_until": 0.4},
+        "output": {"path": str(tmp_path / "out"), "noise": True, "image_format": "png"},
+        "score": {"enabled": False},
+        "run": {"executor": "inline", "threads": 2},
+    }
+    report = run_job(load_spec(raw=raw), progress=False)
+    assert report.done == 1 and not report.failed
+    store = OutputStore.open(str(tmp_path / "out"))
+    res = store.read_table("results").to_pylist()
+    by = {}
+    for r in res:
+        by.setdefault(r["method"], []).append(r)
+    n_targets = sum(len(s.get("json", {}).get("target_prompts", [])) + 1 for s in samples)
+    assert {k: len(v) for k, v in by.items()} == {"edit-friendly": n_targets * 2, "edit-friendly+p2p": n_targets * 2}
+    p = json.loads(by["edit-friendly+p2p"][0]["params"])
+    assert p["control"] == "p2p" and p["cross_until"] == 0.8 and p["mode"] == "refine"
+    assert p["inversion_method"] == "edit-friendly"
+    assert "control" not in json.loads(by["edit-friendly"][0]["params"])
+    # one inversion serves both controls: one code per (image, seed) is stored, not two
+    assert store.read_table("noise").num_rows == len(samples) * 2
+    src = store.read_table("sources").to_pylist()
+    errs = json.loads(src[0]["recon_errors"])
+    assert set(errs) == {"edit-friendly", "edit-friendly+p2p"} and max(errs.values()) < 1e-3
+    # same image, prompt and seed: the p2p edit differs from the plain one
+    key = lambda r: (r["key"], r["target_prompt"], r["seed_index"])  # noqa: E731
+    plain = {key(r): r["image"] for r in by["edit-friendly"]}
+    assert sum(plain[key(r)] != r["image"] for r in by["edit-friendly+p2p"]) > 0
+
+
+@pytest.mark.parametrize("field,value,msg", [
+    ("control", "p2p-ish", "edit.control"), ("cross_until", 1.5, "edit.cross_until"),
+    ("mode", "swap", "edit.mode"), ("reweight", {"two words": 2.0}, "edit.reweight"),
+])
+def test_spec_errors_name_the_field(field, value, msg, tmp_path):
+    from pipeline.spec import SpecError, load_spec
+
+    raw = {"input": {"shards": ["x.tar"]}, "edit": {"control": "p2p", field: value}}
+    with pytest.raises(SpecError, match=msg):
+        load_spec(raw=raw)
+
+
+def test_readme_p2p_example_runs_after_the_api_example():
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    api = next(b for b in blocks if "ef.invert" in b).replace("num_steps=100, skip=36", "num_steps=6, skip=2")
+    example = next(b for b in blocks if "p2p.edit" in b)
+    scope: dict = {}
+    exec(compile(api + example, "README.md", "exec"), scope)
+    assert scope["lat"].shape == (6, *scope["x0"].shape[1:]) and torch.isfinite(scope["lat"]).all()
+
+
+def test_shipped_p2p_job_is_valid():
+    from pipeline.spec import load_spec
+
+    spec = load_spec("jobs/p2p.toml")
+    assert [v.label for v in spec.variants()] == ["edit-friendly", "edit-friendly+p2p"]
+    assert spec.inversion.skip == 12 and spec.edit.cfg_target == 9.0
+    assert round(spec.edit.cross_until * 88) == 60 and round(spec.edit.self_until * 88) == 20
