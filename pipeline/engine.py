@@ -204,23 +204,28 @@ class Engine:
         texts = self._texts(group)  # counted in the invert stage
         seeds = [[derive_seed(spec.run.seed, s.key, n) for n in range(n_seeds)] for s in group]
         outs = [SampleOut(sample=s, seeds=seeds[g]) for g, s in enumerate(group)]
+        codes: dict[tuple, NoiseCode] = {}  # variants that differ only in their edit control share an inversion
         for vi, v in enumerate(self.variants):
             method = get_method(v.method)
             # a seed-independent method gives the same code for every seed: invert (and edit) once per image
             codes_per_image = 1 if method.SEED_INDEPENDENT else n_seeds
-            x0_rep = x0.repeat_interleave(codes_per_image, dim=0)
-            src_rows = torch.tensor([texts.row[s.source_prompt] for s in group for _ in range(codes_per_image)],
-                                    device=texts.emb.device)
-            gens = [torch.Generator("cpu").manual_seed(sd) for per in seeds for sd in per[:codes_per_image]]
-            raw = method.invert(
-                self.unet, m.scheduler, x0_rep, texts.emb[src_rows], texts.uncond,
-                num_steps=v.steps, skip=v.skip, cfg_scale=v.cfg_source,
-                generator=gens, max_batch=mb, **v.params,
-            )
-            t0 = self._timed("invert", t0)
+            key = v.inversion_key()
+            first_use = key not in codes
+            if first_use:
+                x0_rep = x0.repeat_interleave(codes_per_image, dim=0)
+                src_rows = torch.tensor([texts.row[s.source_prompt] for s in group for _ in range(codes_per_image)],
+                                        device=texts.emb.device)
+                gens = [torch.Generator("cpu").manual_seed(sd) for per in seeds for sd in per[:codes_per_image]]
+                codes[key] = method.invert(
+                    self.unet, m.scheduler, x0_rep, texts.emb[src_rows], texts.uncond,
+                    num_steps=v.steps, skip=v.skip, cfg_scale=v.cfg_source,
+                    generator=gens, max_batch=mb, **v.params,
+                )
+                t0 = self._timed("invert", t0)
+            raw = codes[key]
             self._edit_and_decode(outs, self._manipulate(raw), vi, v, texts, x0, strokes, decode_recon and vi == 0,
                                   n_per=[codes_per_image] * len(group), recon_code=raw,
-                                  recon_apart=method.SEED_INDEPENDENT)
+                                  recon_apart=method.SEED_INDEPENDENT, keep_codes=first_use)
             t0 = time.perf_counter()
         return outs
 
@@ -240,8 +245,10 @@ class Engine:
             first = group[0].code
             params = {k: v for k, v in first.params.items() if k not in ("cfg_source", "manipulations")}
             over = self.spec.inversion.per_method.get(first.method, {})
+            control = self.spec.edit.controls[0]  # validation allows one control when editing stored codes
             variant = Variant(first.method, first.num_steps, first.skip, float(first.params.get("cfg_source", 1.0)),
-                              float(over.get("cfg_target", self.spec.edit.cfg_target)), params)
+                              float(over.get("cfg_target", self.spec.edit.cfg_target)), params, control=control,
+                              p2p=self.spec.edit.p2p() if control == "p2p" else None)
             outs = [SampleOut(sample=it.sample, seeds=it.seeds) for it in group]
             # stored codes are read on the CPU; the chain runs where the model is
             raw = NoiseCode.cat([it.code for it in group]).to(self.models.device)
@@ -273,7 +280,7 @@ class Engine:
         return code
 
     def _edit_and_decode(self, outs, code, vi, v: Variant, texts, x0, strokes, decode_recon, n_per,
-                         recon_code: NoiseCode, recon_apart: bool = False) -> None:
+                         recon_code: NoiseCode, recon_apart: bool = False, keep_codes: bool = True) -> None:
         """One edit chain for all (image, target, code) rows plus, per image,
         one reconstruction row (its first code before any manipulation, the
         source prompt, cfg_source); then decode the edits (and the
@@ -282,7 +289,11 @@ class Engine:
         method: one code), each edit stands for every seed. `recon_apart`:
         run the reconstruction rows in their own chain (one row per image, as
         a seed-independent method's inversion ran) instead of riding along
-        with the edits."""
+        with the edits. Under P2P control every (image, code) has a source
+        row (the code with the source prompt at cfg_source) whose attention
+        its target rows receive; the first doubles as the reconstruction row
+        when it reads the unmanipulated code. `keep_codes`: hand the codes to
+        the noise output (once per inversion, not once per control)."""
         spec, m, mb = self.spec, self.models, self.spec.batch.max_unet_batch
         starts = [sum(n_per[:g]) for g in range(len(outs))]
         # the reconstruction rows read the unmanipulated code: a shifted or
@@ -293,23 +304,36 @@ class Engine:
             code = NoiseCode.cat([code, recon_code[starts]])
         t0 = time.perf_counter()
         code_idx, cond_idx, cfgs, plan = [], [], [], []
+
+        def add(kind, g, k, n, code_row, prompt, cfg):
+            code_idx.append(code_row)
+            cond_idx.append(texts.row[prompt])
+            cfgs.append(cfg)
+            plan.append((kind, g, k, n))
+
+        want_recon = spec.output.reconstruction_check or decode_recon
         for g, o in enumerate(outs):
+            if v.control == "p2p":
+                for n in range(n_per[g]):
+                    first_is_recon = n == 0 and want_recon and recon_rows[g] == starts[g]
+                    add("recon" if first_is_recon else "source", g, 0, n, starts[g] + n, o.sample.source_prompt, v.cfg_source)
+                    for k, tp in enumerate(o.sample.target_prompts):
+                        add("edit", g, k, n, starts[g] + n, tp, v.cfg_target)
+                if want_recon and recon_rows[g] != starts[g]:  # a manipulated code: reconstruct from the original
+                    add("recon", g, 0, 0, recon_rows[g], o.sample.source_prompt, v.cfg_source)
+                continue
             for k, tp in enumerate(o.sample.target_prompts):
                 for n in range(n_per[g]):
-                    code_idx.append(starts[g] + n)
-                    cond_idx.append(texts.row[tp])
-                    cfgs.append(v.cfg_target)
-                    plan.append(("edit", g, k, n))
-            if spec.output.reconstruction_check or decode_recon:
-                code_idx.append(recon_rows[g])
-                cond_idx.append(texts.row[o.sample.source_prompt])
-                cfgs.append(v.cfg_source)
-                plan.append(("recon", g, 0, 0))
+                    add("edit", g, k, n, starts[g] + n, tp, v.cfg_target)
+            if want_recon:
+                add("recon", g, 0, 0, recon_rows[g], o.sample.source_prompt, v.cfg_source)
         device = code.x_start.device
         scale = cfgs[0] if len(set(cfgs)) == 1 else torch.tensor(cfgs, device=device)
         rows = code[code_idx]
         cond = texts.emb[torch.tensor(cond_idx, device=texts.emb.device)]
-        if strokes is not None:
+        if v.control == "p2p":
+            latents = self._p2p_chain(v, rows, cond, texts, plan, outs, torch.tensor(cfgs, device=device))
+        elif strokes is not None:
             from .noise_space import edit_with_strokes
 
             mask, stroke = strokes
@@ -368,12 +392,44 @@ class Engine:
                 o.recon_errors[vi] = tuple(recon_err[i])
             if decode_recon:
                 o.recon_image = decoded[i]
-        if spec.output.noise:
+        if spec.output.noise and keep_codes:
             for g, o in enumerate(outs):
                 rows_g = list(range(starts[g], starts[g] + n_per[g]))
                 if n_per[g] < len(o.seeds):  # one code for all seeds: store it once per seed, as before
                     rows_g = rows_g[:1] * len(o.seeds)
                 o.codes[vi] = code[rows_g].to("cpu")
+
+    def _p2p_chain(self, v: Variant, rows: NoiseCode, cond, texts, plan, outs, cfgs: torch.Tensor) -> torch.Tensor:
+        """The edit chain under Prompt-to-Prompt control. Each (image, seed)
+        group (its source row, then its target rows) must share UNet calls
+        with its source, so rows run as whole groups, as many groups per
+        chain as fit batch.max_unet_batch (halved: guidance doubles rows)."""
+        from . import p2p
+
+        row_prompts, source_of, group_starts = [], [], []
+        for r, (kind, g, k, _) in enumerate(plan):
+            if kind != "edit":
+                group_starts.append(r)
+            row_prompts.append(outs[g].sample.target_prompts[k] if kind == "edit" else outs[g].sample.source_prompt)
+            source_of.append(group_starts[-1])
+        ends = group_starts[1:] + [len(plan)]
+        cap = max(1, self.spec.batch.max_unet_batch // 2)
+        method = get_method(v.method)
+        chunks, a = [], 0
+        for e in ends:  # pack whole groups up to the cap (a group larger than the cap runs alone)
+            if chunks and chunks[-1][1] == a and e - chunks[-1][0] <= cap:
+                chunks[-1] = (chunks[-1][0], e)
+            else:
+                chunks.append((a, e))
+            a = e
+        parts = []
+        for a, b in chunks:
+            idx = list(range(a, b))
+            parts.append(p2p.edit(method, self.unet, self.models.scheduler, rows[idx], cond[idx], texts.uncond,
+                                  prompts=[row_prompts[i] for i in idx], source_of=[source_of[i] - a for i in idx],
+                                  tokenizer=self.models.tokenizer, config=v.p2p, cfg_scale=cfgs[idx],
+                                  **self.spec.edit.params))
+        return torch.cat(parts)
 
     def _strokes(self, group: list[Sample], latent_hw) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample (mask [1, h, w] on the latent grid, stroke latent [C, h, w])

@@ -75,6 +75,22 @@ class EditSpec:
     cfg_target: float = 15.0
     seeds: int = 1  # N diverse codes (and edits) per target prompt
     params: dict = field(default_factory=dict)  # method-specific edit parameters
+    # attention control: "none", "p2p" (Prompt-to-Prompt), or a list to compare them in one table
+    control: str | list[str] = "none"
+    cross_until: float = 0.6  # p2p: fraction of the edit's steps with cross-attention injected
+    self_until: float = 0.2  # p2p: fraction of the edit's steps with self-attention injected
+    mode: str = "replace"  # p2p: "replace" (same number of words) | "refine" (any prompts, token alignment)
+    reweight: dict = field(default_factory=dict)  # p2p: {target word = attention factor}
+
+    @property
+    def controls(self) -> list[str]:
+        return [self.control] if isinstance(self.control, str) else list(self.control)
+
+    def p2p(self):
+        from .p2p import P2PConfig
+
+        return P2PConfig(cross_until=self.cross_until, self_until=self.self_until, mode=self.mode,
+                         reweight=dict(self.reweight))
 
 
 @dataclass
@@ -201,12 +217,15 @@ class JobSpec:
         inv, out = self.inversion, []
         for name in inv.methods:
             over = inv.per_method.get(name, {})
-            out.append(Variant(
-                method=name, steps=inv.steps, skip=int(over.get("skip", inv.skip)),
-                cfg_source=float(over.get("cfg_source", inv.cfg_source)),
-                cfg_target=float(over.get("cfg_target", self.edit.cfg_target)),
-                params=dict(over.get("params", inv.params if len(inv.methods) == 1 else {})),
-            ))
+            for control in self.edit.controls:
+                out.append(Variant(
+                    method=name, steps=inv.steps, skip=int(over.get("skip", inv.skip)),
+                    cfg_source=float(over.get("cfg_source", inv.cfg_source)),
+                    cfg_target=float(over.get("cfg_target", self.edit.cfg_target)),
+                    params=dict(over.get("params", inv.params if len(inv.methods) == 1 else {})),
+                    control=control,
+                    p2p=self.edit.p2p() if control == "p2p" else None,
+                ))
         return out
 
 
@@ -218,6 +237,18 @@ class Variant:
     cfg_source: float
     cfg_target: float
     params: dict
+    control: str = "none"  # attention control of the edit chain: "none" | "p2p"
+    p2p: Any = None  # P2PConfig when control == "p2p"
+
+    @property
+    def label(self) -> str:
+        """The `method` column: the inversion method, plus the control when
+        there is one ("edit-friendly+p2p"), so one table compares both."""
+        return self.method if self.control == "none" else f"{self.method}+{self.control}"
+
+    def inversion_key(self) -> tuple:
+        """Variants with equal keys share one inversion (they differ only in how they edit)."""
+        return (self.method, self.steps, self.skip, self.cfg_source, json.dumps(self.params, sort_keys=True))
 
     def row_params(self, edit_params: dict | None = None) -> dict:
         """Every parameter that defines an edit, for the output rows."""
@@ -225,9 +256,10 @@ class Variant:
 
         defaults = dict(getattr(get_method(self.method), "DEFAULTS", {}))
         return {
-            "method": self.method, "num_steps": self.steps, "skip": self.skip,
+            "method": self.label, "num_steps": self.steps, "skip": self.skip,
             "cfg_source": self.cfg_source, "cfg_target": self.cfg_target,
             **{**defaults, **self.params}, **({"edit": edit_params} if edit_params else {}),
+            **({"inversion_method": self.method, **self.p2p.as_params()} if self.p2p is not None else {}),
         }
 
 
@@ -399,6 +431,7 @@ def validate(spec: JobSpec) -> JobSpec:
     need(spec.edit.cfg_target >= 0, "edit.cfg_target", "must be >= 0")
     _check_edit_params(inv.methods, spec.edit.params)
     _check_device_name(spec.model.device)
+    _validate_control(spec)
     need(1 <= spec.edit.seeds <= 1024, "edit.seeds", "must be in [1, 1024]")
     need(spec.batch.images >= 1, "batch.images", "must be >= 1")
     need(spec.batch.max_unet_batch >= 1, "batch.max_unet_batch", "must be >= 1")
@@ -451,6 +484,34 @@ def _check_param_value(path: str, name: str, value: Any, default: Any, rules: di
     rule = rules.get(name)
     if rule and not rule[0](value):
         raise SpecError(f"{path}: {rule[1]}, got {value!r}")
+def _validate_control(spec: JobSpec) -> None:
+    from .p2p import CONTROLS
+
+    ed = spec.edit
+    for c in ed.controls:
+        if c not in CONTROLS:
+            raise SpecError(f"edit.control: unknown control {c!r}; expected one of {', '.join(CONTROLS)}")
+    if len(set(ed.controls)) != len(ed.controls):
+        raise SpecError("edit.control: a control is listed twice")
+    if spec.input.codes and len(ed.controls) > 1:
+        raise SpecError("edit.control: editing stored codes takes one control; run edit-codes once per control")
+    if "p2p" not in ed.controls:
+        return
+    for name in ("cross_until", "self_until"):
+        v = getattr(ed, name)
+        if not 0.0 <= v <= 1.0:
+            raise SpecError(f"edit.{name}: must be a fraction of the edit's steps in [0, 1], got {v!r}")
+    try:
+        ed.p2p().check()
+    except ValueError as exc:
+        field_name = "edit.reweight" if "reweight" in str(exc) else "edit.mode"
+        raise SpecError(f"{field_name}: {exc}") from None
+    if spec.model.compile:
+        raise SpecError("model.compile: p2p attention control runs the eager UNet; set model.compile = false")
+    if spec.batch.pad_rows > 1:
+        raise SpecError("batch.pad_rows: p2p needs each chain's rows unpadded in its UNet calls; leave pad_rows at 0")
+    if spec.manipulate.strokes:
+        raise SpecError("edit.control: p2p cannot be combined with manipulate.strokes (both steer the same chain)")
 
 
 def _check_method_params(method: str, params: dict, path: str) -> None:

@@ -77,7 +77,7 @@ class ShardWorker:
             "model_random_weights": str(self.models.random_weights).lower(),
             "scores_random_weights": str(bool(scorers and scorers.random_weights)).lower(),
             "scorers": json.dumps(getattr(scorers, "description", {}) if scorers else {}),
-            "method": ",".join(v.method for v in self.engine.variants),
+            "method": ",".join(v.label for v in self.engine.variants),
             "params": json.dumps([self.engine.params(i) for i in range(len(self.engine.variants))], sort_keys=True),
             "note": ("made with randomly initialised weights: images and scores are not meaningful"
                      if self.models.random_weights or (scorers and scorers.random_weights) else ""),
@@ -308,7 +308,7 @@ class ShardWorker:
             "width": int(s.image.shape[2]), "height": int(s.image.shape[1]),
             "num_edits": len(o.edits), "num_kept": kept,
             "recon_error_max": o.recon_error_max, "recon_error_mean": o.recon_error_mean,
-            "recon_errors": json.dumps({self.engine.variants[v].method: e[0] for v, e in o.recon_errors.items()})
+            "recon_errors": json.dumps({self.engine.variants[v].label: e[0] for v, e in o.recon_errors.items()})
             if len(self.engine.variants) > 1 else None,
             "recon_psnr": o.recon_psnr,
             "status": "ok", "error": None,

@@ -1,0 +1,335 @@
+"""Prompt-to-Prompt attention control: token alignment, injection at the
+processor level, and chains on the tiny model (control off = today's
+edits; full injection with the source prompt = the reconstruction; nothing
+left installed on the model)."""
+
+import pytest
+import torch
+
+from pipeline import p2p
+from pipeline.inversion import get_method
+
+SRC = "a red circle on a white background"
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from pipeline.models import clip_tokenizer
+
+    return clip_tokenizer()
+
+
+def _ids(tok, text):
+    return tok(text).input_ids
+
+
+# -- token alignment ----------------------------------------------------------
+
+
+def test_replace_same_words_is_token_identity_with_swapped_word_in_place(tok):
+    tm = p2p.replace_map(tok, SRC, "a green circle on a white background")
+    n = len(_ids(tok, SRC))
+    assert torch.equal(tm.weights[:n, :n], torch.eye(n))
+    # end token and padding map to the source's end token and padding
+    assert torch.equal(tm.weights[n:, n:], torch.eye(77 - n))
+    assert torch.all(tm.alpha == 1) and torch.all(tm.equalizer == 1)
+
+
+def test_replace_spreads_a_word_of_another_token_count(tok):
+    # find a target word with two tokens where the source word has one
+    src, tgt = "a red circle", "a chartreuse circle"
+    nt = len(tok("chartreuse", add_special_tokens=False).input_ids)
+    assert nt == 3 and len(tok("red", add_special_tokens=False).input_ids) == 1
+    tm = p2p.replace_map(tok, src, tgt)
+    # "chartreuse" tokens (positions 2..2+nt) each draw fully on "red" (position 2)
+    assert torch.equal(tm.weights[2 : 2 + nt, 2], torch.ones(nt))
+    assert tm.weights[2 : 2 + nt].sum().item() == nt
+    # "circle" moves from source position 3 to target position 2 + nt; end tokens follow
+    assert tm.weights[2 + nt, 3] == 1 and tm.weights[3 + nt, 4] == 1
+    # every row of the map is a distribution over source tokens
+    assert torch.allclose(tm.weights.sum(1), torch.ones(77))
+
+
+def test_replace_refuses_prompts_with_different_word_counts(tok):
+    with pytest.raises(ValueError, match="refine"):
+        p2p.replace_map(tok, SRC, "a big red circle on a white background")
+
+
+def test_refine_aligns_tokens_and_frees_new_ones(tok):
+    tgt = "a big red circle on a white background"
+    tm = p2p.refine_map(tok, SRC, tgt)
+    s, t = _ids(tok, SRC), _ids(tok, tgt)
+    big = t.index(tok("big", add_special_tokens=False).input_ids[0])
+    assert tm.alpha[big] == 0 and tm.weights[big].sum() == 0  # a new word keeps its own attention
+    for j, tid in enumerate(t):
+        if j == big:
+            continue
+        (i,) = tm.weights[j].nonzero().flatten().tolist()
+        assert s[i] == tid  # every other target token reads the same token of the source
+    assert tm.weights[len(t), len(s)] == 1  # padding aligned from the ends
+
+
+def test_align_tokens_global_alignment():
+    assert p2p.align_tokens([1, 2, 3], [1, 9, 2, 3]) == [0, -1, 1, 2]
+    assert p2p.align_tokens([1, 2, 3], [1, 3]) == [0, 2]
+    assert p2p.align_tokens([5, 6], [7, 8]) == [-1, -1]
+
+
+def test_reweight_scales_the_words_tokens(tok):
+    cfg = p2p.P2PConfig(reweight={"green": 2.5})
+    tm = p2p.token_map(cfg, tok, SRC, "a green circle on a white background")
+    pos = _ids(tok, "a green circle").index(tok("green", add_special_tokens=False).input_ids[0])
+    assert tm.equalizer[pos] == 2.5 and (tm.equalizer == 1).sum() == 76
+    with pytest.raises(ValueError, match="not in the target prompt"):
+        p2p.token_map(p2p.P2PConfig(reweight={"blue": 2.0}), tok, SRC, "a green circle on a white background")
+
+
+@pytest.mark.parametrize("bad", [dict(cross_until=1.5), dict(self_until=-0.1), dict(mode="swap"),
+                                 dict(reweight={"two words": 2.0}), dict(reweight={"x": float("inf")})])
+def test_config_errors(bad):
+    with pytest.raises(ValueError):
+        p2p.P2PConfig(**bad).check()
+
+
+# -- the processor --------------------------------------------------------------
+
+
+def _attention(cross: bool):
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+    torch.manual_seed(0)
+    attn = Attention(query_dim=16, cross_attention_dim=12 if cross else None, heads=2, dim_head=8).eval()
+    attn.set_processor(AttnProcessor2_0())
+    return attn
+
+
+def _plan(rows_src, weights=None, alpha=None, eq=None, size=5):
+    src = torch.tensor(rows_src)
+    n_t = int((src != torch.arange(len(rows_src))).sum())
+    eye = torch.eye(size).expand(n_t, size, size)
+    return p2p.P2PPlan(src, eye if weights is None else weights, torch.ones(n_t, size) if alpha is None else alpha,
+                       torch.ones(n_t, size) if eq is None else eq, {10: 0, 5: 1}, cross_steps=1, self_steps=1,
+                       self_max_tokens=64)
+
+
+@torch.no_grad()
+def test_cross_injection_uses_source_probabilities_with_target_values():
+    attn = _attention(cross=True)
+    x = torch.randn(2, 6, 16)
+    ctx = torch.randn(2, 5, 12)
+    swap = torch.zeros(1, 5, 5)
+    swap[0, torch.arange(5), torch.tensor([0, 2, 1, 3, 4])] = 1  # target token 1 reads source token 2 and back
+    plan = _plan([0, 0], weights=swap)
+    state = p2p._State(plan)
+    proc = p2p.P2PAttnProcessor(state, attn.processor, cross=True)
+    state.step = 0
+    out = proc(attn, x, ctx)
+    # by hand: source row's probabilities, columns permuted, times the target row's values
+    q = attn.head_to_batch_dim(attn.to_q(x))
+    k, v = attn.head_to_batch_dim(attn.to_k(ctx)), attn.head_to_batch_dim(attn.to_v(ctx))
+    probs = attn.get_attention_scores(q, k).view(2, 2, 6, 5)
+    want_probs = probs[0][..., [0, 2, 1, 3, 4]]
+    vt = v.view(2, 2, 5, 8)[1]
+    want = attn.to_out[0](attn.batch_to_head_dim(torch.bmm(want_probs, vt)))
+    assert torch.allclose(out[1], want[0], atol=1e-6)
+    # the source row is untouched: same as the layer's own processor
+    assert torch.allclose(out[0], attn.processor(attn, x, ctx)[0], atol=1e-6)
+    # past the window the layer's own processor runs, bit for bit
+    state.step = 1
+    assert torch.equal(proc(attn, x, ctx), attn.processor(attn, x, ctx))
+
+
+@torch.no_grad()
+def test_self_injection_copies_maps_and_only_at_small_maps():
+    attn = _attention(cross=False)
+    x = torch.randn(4, 6, 16)  # a guided call: [uncond (2 rows); cond (2 rows)]
+    plan = _plan([0, 0])
+    state = p2p._State(plan)
+    state.step = 0
+    proc = p2p.P2PAttnProcessor(state, attn.processor, cross=False)
+    out = proc(attn, x)
+    own = attn.processor(attn, x)
+    assert torch.allclose(out[:3], own[:3], atol=1e-6)  # uncond half and the source row unchanged
+    assert not torch.allclose(out[3], own[3], atol=1e-3)
+    plan.self_max_tokens = 5  # 6 positions > 5: not injected
+    assert torch.equal(proc(attn, x), own)
+
+
+def test_a_call_with_other_rows_is_refused():
+    attn = _attention(cross=False)
+    state = p2p._State(_plan([0, 0]))
+    state.step = 0
+    with pytest.raises(ValueError, match="max_unet_batch"):
+        p2p.P2PAttnProcessor(state, attn.processor, cross=False)(attn, torch.randn(3, 6, 16))
+
+
+# -- chains on the tiny model -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def setup(tiny):
+    m = tiny
+    torch.manual_seed(3)
+    x0 = m.encode_images(torch.rand(3, 3, 64, 64) * 2 - 1)
+    prompts = ["a red circle on a white background", "a blue square on a black background", "a green triangle on a gray background"]
+    emb = m.encode_text(prompts + ["a yellow circle on a white background", ""])
+    gens = [torch.Generator().manual_seed(s) for s in range(6)]
+    ef = get_method("edit-friendly")
+    code = ef.invert(m.unet, m.scheduler, x0.repeat_interleave(2, 0), emb[[0, 0, 1, 1, 2, 2]], emb[-1:],
+                     num_steps=6, skip=1, cfg_scale=3.5, generator=gens)
+    return m, prompts, emb, code
+
+
+def _unet_state(unet):
+    return {k: type(v) for k, v in unet.attn_processors.items()}, dict(unet._forward_pre_hooks)
+
+
+def test_control_with_empty_windows_equals_plain_edit_and_leaves_nothing_installed(setup):
+    m, prompts, emb, code = setup
+    ef = get_method("edit-friendly")
+    before = _unet_state(m.unet)
+    rows = [0, 2, 4, 0, 2, 4]
+    src_rows = code[rows]
+    cond = emb[[0, 1, 2, 3, 1, 2]]
+    plain = ef.edit(m.unet, m.scheduler, src_rows, cond, emb[-1:], cfg_scale=7.0)
+    cfg = p2p.P2PConfig(cross_until=0.0, self_until=0.0, mode="refine")
+    text = prompts + [prompts[0].replace("red", "yellow"), prompts[1], prompts[2]]
+    ctl = p2p.edit(ef, m.unet, m.scheduler, src_rows, cond, emb[-1:], prompts=text, source_of=[0, 1, 2, 0, 1, 2],
+                   tokenizer=m.tokenizer, config=cfg, cfg_scale=7.0)
+    assert torch.equal(plain, ctl)
+    assert _unet_state(m.unet) == before
+
+
+def test_full_injection_with_the_source_prompt_reproduces_the_reconstruction(setup):
+    m, prompts, emb, code = setup
+    ef = get_method("edit-friendly")
+    # rows: 6 sources (3 images x 2 seeds) then their targets, shuffled, with the source prompt as target
+    order = [5, 0, 3, 1, 4, 2]
+    rows = list(range(6)) + order
+    text = [prompts[r // 2] for r in rows]
+    cond = emb[[r // 2 for r in rows]]
+    cfg = p2p.P2PConfig(cross_until=1.0, self_until=1.0, self_max_tokens=10_000)
+    out = p2p.edit(ef, m.unet, m.scheduler, code[rows], cond, emb[-1:], prompts=text,
+                   source_of=list(range(6)) + order, tokenizer=m.tokenizer, config=cfg, cfg_scale=3.5)
+    recon = out[:6]
+    assert torch.allclose(out[6:], recon[order], atol=1e-5)
+
+
+def test_injection_changes_edits_and_the_pairing_matters(setup):
+    m, prompts, emb, code = setup
+    ef = get_method("edit-friendly")
+    # targets differ from sources; with the control on, the edit moves toward the reconstruction
+    rows = [0, 2, 0, 2]
+    text = [prompts[0], prompts[1], "a yellow circle on a white background", prompts[1].replace("blue", "yellow")]
+    cond = m.encode_text(text)
+    plain = ef.edit(m.unet, m.scheduler, code[rows], cond, emb[-1:], cfg_scale=9.0)
+    cfg = p2p.P2PConfig(cross_until=1.0, self_until=1.0, self_max_tokens=10_000)
+    ctl = p2p.edit(ef, m.unet, m.scheduler, code[rows], cond, emb[-1:], prompts=text, source_of=[0, 1, 0, 1],
+                   tokenizer=m.tokenizer, config=cfg, cfg_scale=9.0)
+    # source rows are not controlled (explicit attention instead of SDPA: equal to rounding)
+    assert torch.allclose(ctl[:2], plain[:2], atol=1e-4)
+    assert not torch.allclose(ctl[2:], plain[2:], atol=1e-3)  # the injected maps change the edits
+    crossed = p2p.edit(ef, m.unet, m.scheduler, code[rows], cond, emb[-1:], prompts=text, source_of=[0, 1, 1, 0],
+                       tokenizer=m.tokenizer, config=cfg, cfg_scale=9.0)
+    assert not torch.allclose(crossed[2:], ctl[2:], atol=1e-4)  # the pairing matters
+
+
+def test_works_with_every_methods_codes(setup, tiny):
+    m, prompts, emb, _ = setup
+    torch.manual_seed(1)
+    x0 = m.encode_images(torch.rand(1, 3, 64, 64) * 2 - 1)
+    text = [prompts[0], prompts[0].replace("red", "yellow")]
+    cond = m.encode_text(text)
+    cfg = p2p.P2PConfig(cross_until=0.5, self_until=0.25)
+    for name in ("edit-friendly", "ddim", "edict", "ddim-forward", "cycle"):
+        meth = get_method(name)
+        code = meth.invert(m.unet, m.scheduler, x0, cond[:1], emb[-1:], num_steps=4, skip=1, cfg_scale=2.0,
+                           generator=[torch.Generator().manual_seed(0)])
+        out = p2p.edit(meth, m.unet, m.scheduler, code[[0, 0]], cond, emb[-1:], prompts=text, source_of=[0, 0],
+                       tokenizer=m.tokenizer, config=cfg, cfg_scale=2.0)
+        assert out.shape == (2, *x0.shape[1:]) and torch.isfinite(out).all(), name
+        assert (out[0].float() - x0[0]).abs().max() < 1e-3 or name in ("ddim", "ddim-forward"), name
+
+
+def test_compiled_or_foreign_unets_are_refused():
+    with pytest.raises(ValueError, match="diffusers UNet"):
+        p2p.raw_unet(lambda x, t, e: x)
+
+
+# -- jobs ------------------------------------------------------------------------
+
+
+def test_job_compares_none_and_p2p_in_one_table(tmp_path):
+    import json
+
+    from helpers_data import good_samples, write
+    from pipeline.executor import run_job
+    from pipeline.spec import load_spec
+    from pipeline.store import OutputStore
+
+    samples = good_samples("p", 2)
+    shard = write(tmp_path / "p-000.tar", samples)
+    raw = {
+        "input": {"shards": [str(shard)], "templates": ["{source} outdoors"]},
+        "inversion": {"steps": 5, "skip": 1},
+        "edit": {"seeds": 2, "control": ["none", "p2p"], "mode": "refine", "cross_until": 0.8, "self_until": 0.4},
+        "output": {"path": str(tmp_path / "out"), "noise": True, "image_format": "png"},
+        "score": {"enabled": False},
+        "run": {"executor": "inline", "threads": 2},
+    }
+    report = run_job(load_spec(raw=raw), progress=False)
+    assert report.done == 1 and not report.failed
+    store = OutputStore.open(str(tmp_path / "out"))
+    res = store.read_table("results").to_pylist()
+    by = {}
+    for r in res:
+        by.setdefault(r["method"], []).append(r)
+    n_targets = sum(len(s.get("json", {}).get("target_prompts", [])) + 1 for s in samples)
+    assert {k: len(v) for k, v in by.items()} == {"edit-friendly": n_targets * 2, "edit-friendly+p2p": n_targets * 2}
+    p = json.loads(by["edit-friendly+p2p"][0]["params"])
+    assert p["control"] == "p2p" and p["cross_until"] == 0.8 and p["mode"] == "refine"
+    assert p["inversion_method"] == "edit-friendly"
+    assert "control" not in json.loads(by["edit-friendly"][0]["params"])
+    # one inversion serves both controls: one code per (image, seed) is stored, not two
+    assert store.read_table("noise").num_rows == len(samples) * 2
+    src = store.read_table("sources").to_pylist()
+    errs = json.loads(src[0]["recon_errors"])
+    assert set(errs) == {"edit-friendly", "edit-friendly+p2p"} and max(errs.values()) < 1e-3
+    # same image, prompt and seed: the p2p edit differs from the plain one
+    key = lambda r: (r["key"], r["target_prompt"], r["seed_index"])  # noqa: E731
+    plain = {key(r): r["image"] for r in by["edit-friendly"]}
+    assert sum(plain[key(r)] != r["image"] for r in by["edit-friendly+p2p"]) > 0
+
+
+@pytest.mark.parametrize("field,value,msg", [
+    ("control", "p2p-ish", "edit.control"), ("cross_until", 1.5, "edit.cross_until"),
+    ("mode", "swap", "edit.mode"), ("reweight", {"two words": 2.0}, "edit.reweight"),
+])
+def test_spec_errors_name_the_field(field, value, msg, tmp_path):
+    from pipeline.spec import SpecError, load_spec
+
+    raw = {"input": {"shards": ["x.tar"]}, "edit": {"control": "p2p", field: value}}
+    with pytest.raises(SpecError, match=msg):
+        load_spec(raw=raw)
+
+
+def test_readme_p2p_example_runs_after_the_api_example():
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    api = next(b for b in blocks if "ef.invert" in b).replace("num_steps=100, skip=36", "num_steps=6, skip=2")
+    example = next(b for b in blocks if "p2p.edit" in b)
+    scope: dict = {}
+    exec(compile(api + example, "README.md", "exec"), scope)
+    assert scope["lat"].shape == (6, *scope["x0"].shape[1:]) and torch.isfinite(scope["lat"]).all()
+
+
+def test_shipped_p2p_job_is_valid():
+    from pipeline.spec import load_spec
+
+    spec = load_spec("jobs/p2p.toml")
+    assert [v.label for v in spec.variants()] == ["edit-friendly", "edit-friendly+p2p"]
+    assert spec.inversion.skip == 12 and spec.edit.cfg_target == 9.0
+    assert round(spec.edit.cross_until * 88) == 60 and round(spec.edit.self_until * 88) == 20
