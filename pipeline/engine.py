@@ -388,6 +388,8 @@ class Engine:
                 for seed_index in range(len(o.seeds)) if n_per[g] < len(o.seeds) else (n,):
                     o.edits.append(EditOut(vi, k, o.sample.target_prompts[k], seed_index, o.seeds[seed_index], decoded[i]))
                 continue
+            if kind == "source":  # a P2P source branch that is not the reconstruction row: nothing to report
+                continue
             if i in recon_err:
                 o.recon_errors[vi] = tuple(recon_err[i])
             if decode_recon:

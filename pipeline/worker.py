@@ -109,15 +109,16 @@ class ShardWorker:
             yield s, time.perf_counter() - t0
 
     def _code_items(self, url: str):
-        """Stored codes of one noise/ file, one item per sample (its N seeds).
+        """Stored codes of one noise/ file, one item per sample and method
+        (its N seeds; a job that compared methods stored a code of each).
         The file is untrusted: a code that fails its checks becomes an error
         row for its sample, and the other samples of the file go on."""
         from .codes import check_code_rows, read_code_rows, row_to_code
 
-        by_key: dict[str, list[dict]] = {}
+        by_key: dict[tuple, list[dict]] = {}
         for row in read_code_rows(url):
-            by_key.setdefault(str(row.get("key") or ""), []).append(row)
-        for key, rows in by_key.items():
+            by_key.setdefault((str(row.get("key") or ""), str(row.get("method")), str(row.get("params"))), []).append(row)
+        for (key, _, _), rows in by_key.items():
             t0 = time.perf_counter()
             first = rows[0]
             sample = Sample(key=key, shard=str(first.get("shard") or url),
@@ -172,9 +173,11 @@ class ShardWorker:
                 if item is not _END:
                     unit, t_read = item
                     sample = unit.sample if isinstance(unit, CodeItem) else unit
-                    if sample.key in seen_keys and not sample.error:
+                    # stored codes: one item per sample and method, so the method is part of the identity
+                    ident = (sample.key, unit.code.method, repr(unit.code.params)) if isinstance(unit, CodeItem) else sample.key
+                    if ident in seen_keys and not sample.error:
                         sample.error, sample.error_type = f"duplicate key {sample.key!r} in shard", "duplicate_key"
-                    seen_keys.add(sample.key)
+                    seen_keys.add(ident)
                     if sample.error:
                         writer.submit(out.add, "sources", [self._error_row(sample, t_read)])
                         summary.errors += 1

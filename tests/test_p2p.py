@@ -333,3 +333,58 @@ def test_shipped_p2p_job_is_valid():
     assert [v.label for v in spec.variants()] == ["edit-friendly", "edit-friendly+p2p"]
     assert spec.inversion.skip == 12 and spec.edit.cfg_target == 9.0
     assert round(spec.edit.cross_until * 88) == 60 and round(spec.edit.self_until * 88) == 20
+
+
+def test_p2p_with_seed_independent_methods_manipulations_and_stored_codes(tmp_path):
+    """P2P rows next to a deterministic method (one code per image, replicated
+    for the seeds), a shifted code (the reconstruction reads the original),
+    and `edit-codes` from the stored codes."""
+    import json
+
+    from helpers_data import good_samples, write
+    from pipeline.executor import run_job
+    from pipeline.spec import load_spec
+    from pipeline.store import OutputStore
+
+    shard = write(tmp_path / "q-000.tar", good_samples("q", 2))
+    raw = {
+        "input": {"shards": [str(shard)], "templates": ["{source} at night"]},
+        "inversion": {"method": ["edit-friendly", "ddim"], "steps": 4, "skip": 1},
+        "edit": {"seeds": 2, "control": ["none", "p2p"], "mode": "refine"},
+        "manipulate": {"shift_x": 1},
+        "output": {"path": str(tmp_path / "out"), "noise": True, "noise_dtype": "float32", "image_format": "png"},
+        "score": {"enabled": False},
+        "run": {"executor": "inline", "threads": 2},
+    }
+    report = run_job(load_spec(raw=raw), progress=False)
+    assert report.done == 1 and not report.failed
+    store = OutputStore.open(str(tmp_path / "out"))
+    res = store.read_table("results").to_pylist()
+    counts = {}
+    for r in res:
+        counts[r["method"]] = counts.get(r["method"], 0) + 1
+    assert set(counts) == {"edit-friendly", "edit-friendly+p2p", "ddim", "ddim+p2p"}
+    assert len(set(counts.values())) == 1  # every variant has every (image, target, seed) row
+    ddim = [r for r in res if r["method"] == "ddim+p2p"]
+    by_key = {}
+    for r in ddim:  # a deterministic method's seeds are copies
+        by_key.setdefault((r["key"], r["target_prompt"]), set()).add(r["image"]["bytes"] if isinstance(r["image"], dict) else r["image"])
+    assert all(len(v) == 1 for v in by_key.values())
+    for s in store.read_table("sources").to_pylist():
+        if s["status"] == "ok":
+            errs = json.loads(s["recon_errors"])
+            assert errs["edit-friendly+p2p"] < 1e-3, errs  # from the unshifted code, not the shifted one
+    # one code per (image, seed, method), not per control
+    assert store.read_table("noise").num_rows == 2 * 2 * 2
+    # edit-codes under p2p
+    raw2 = {
+        "input": {"codes": str(tmp_path / "out"), "templates": ["{source} in the rain"]},
+        "edit": {"control": "p2p", "mode": "refine"},
+        "output": {"path": str(tmp_path / "out2"), "image_format": "png"},
+        "score": {"enabled": False},
+        "run": {"executor": "inline", "threads": 2},
+    }
+    report = run_job(load_spec(raw=raw2), progress=False)
+    assert not report.failed and report.edits > 0
+    res2 = OutputStore.open(str(tmp_path / "out2")).read_table("results").to_pylist()
+    assert {r["method"] for r in res2} == {"edit-friendly+p2p", "ddim+p2p"}
