@@ -114,7 +114,7 @@ def brace_urls(patterns: Iterable[str], *, allow_pipe: bool) -> Iterator[str]:
             yield pat
             continue
         # a pipe command is a shell line: its braces belong to the shell
-        for url in [pat] if pat.startswith("pipe:") else braceexpand(pat):
+        for url in [pat] if pat.startswith("pipe:") or "{" not in pat else braceexpand(pat):
             check_url_allowed(url, allow_pipe=allow_pipe)
             yield url
 
@@ -152,7 +152,7 @@ def _resolve(url: str) -> list[str]:
     if globlib.has_magic(path) and not os.path.exists(path):
         prefix = url[: len(url) - len(path)]  # keep file:// when given
         return [prefix + p for p in sorted(globlib.glob(path)) if os.path.isfile(p)]
-    if os.path.isdir(path):
+    if not path.endswith(".tar") and os.path.isdir(path):  # (no stat per shard for plain .tar names)
         prefix = url[: len(url) - len(path)]
         return [prefix + os.path.join(path, n) for n in sorted(os.listdir(path))
                 if n.endswith(".tar") and os.path.isfile(os.path.join(path, n))]
