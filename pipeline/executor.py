@@ -28,7 +28,7 @@ from .spec import JobSpec, SpecError, to_toml
 from .store import STATS, OutputError, OutputStore
 
 # A started worker holds the shard it runs plus this many more, so it never
-# waits for the driver between shards.
+# waits for the driver between shards (unless workers still starting need them).
 QUEUED_PER_WORKER = 1
 # Without the autoscaler's limits (an autoscaler that does not publish its
 # cluster config), request this many GPU workers at most: the ones that cannot
@@ -560,7 +560,10 @@ def _drive(ray, spec, store, pending, report, bar, worker_cls, started_local, wo
             _shard_charged(spec, store, report, bar, queue, current, charge, w.where)
 
     def feed(w: _Worker) -> None:
-        while queue and len(w.running) < 1 + QUEUED_PER_WORKER:
+        # A shard queued behind a running one is only worth it when no worker
+        # still coming up (a node the autoscaler is adding) would want it.
+        starting = sum(1 for x in workers if not x.up)
+        while queue and (not w.running or (len(w.running) < 1 + QUEUED_PER_WORKER and len(queue) > starting)):
             url = queue.popleft()
             if not w.running:
                 w.shard_started = time.monotonic()
