@@ -106,7 +106,7 @@ def test_job_scales_from_zero_to_two_gpu_nodes(cluster, tmp_path):
     nodes = {m["node_id"] for m in markers}
     # Two distinct GPU nodes the autoscaler added for this job's demand (the
     # head has no GPU and no CPU, so nothing could run before they came).
-    assert len(nodes) == 2 and None not in nodes, markers
+    assert len(nodes) == 2 and None not in nodes, (markers, err[-3000:])
     assert set(fake_cluster_nodes := cluster.node_raylets()) >= nodes, (nodes, fake_cluster_nodes)
     assert all(m["actor_id"] and m["host"] for m in markers)
     stats = [json.loads(p.read_text()) for p in sorted((tmp_path / "out" / "_stats").glob("*.json"))]
