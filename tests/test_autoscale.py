@@ -7,6 +7,7 @@ cluster serves the whole module; jobs join it through RAY_ADDRESS alone."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -302,6 +303,7 @@ def test_sigterm_stops_the_job_and_its_local_cluster(tmp_path):
         if proc.poll() is None:
             proc.kill()
         fake_cluster.stop_pids_under(ray_tmp)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def _live(pids):
