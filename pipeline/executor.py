@@ -29,7 +29,7 @@ from .spec import JobSpec, SpecError, to_toml
 from .store import STATS, OutputError, OutputStore
 
 # A started worker holds the shard it runs plus this many more, so it never
-# waits for the driver between shards.
+# waits for the driver between shards (unless workers still starting need them).
 QUEUED_PER_WORKER = 1
 # Without the autoscaler's limits (an autoscaler that does not publish its
 # cluster config), request this many GPU workers at most: the ones that cannot
@@ -509,6 +509,18 @@ def _worker_cap(spec: JobSpec, gpus_per_worker: float, cluster_gpus: float, reac
     return max(1, slots(cluster_gpus))
 
 
+def _is_placed(handle) -> bool:
+    """Whether a node has taken this actor (a worker process leased for it,
+    maybe still in __init__), from the GCS actor table (a private Ray API:
+    when it fails the actor counts as placed, so it is not killed)."""
+    try:
+        from ray._private import state
+
+        return bool(state.actors(actor_id=handle._actor_id.hex())["Address"]["Port"])
+    except Exception:
+        return True
+
+
 def _connect(ray, spec: JobSpec, stop: _StopSignals) -> bool:
     """Join the cluster named by run.ray_address (--ray-address), else by
     RAY_ADDRESS (set for the driver of a `ray job submit` job), else start a
@@ -568,7 +580,10 @@ def _drive(ray, spec, store, pending, report, bar, worker_cls, started_local, wo
             _shard_charged(spec, store, report, bar, queue, current, charge, w.where)
 
     def feed(w: _Worker) -> None:
-        while queue and len(w.running) < 1 + QUEUED_PER_WORKER:
+        # A shard queued behind a running one is only worth it when no worker
+        # still coming up (a node the autoscaler is adding) would want it.
+        starting = sum(1 for x in workers if not x.up)
+        while queue and (not w.running or (len(w.running) < 1 + QUEUED_PER_WORKER and len(queue) > starting)):
             url = queue.popleft()
             if not w.running:
                 w.shard_started = time.monotonic()
@@ -580,18 +595,21 @@ def _drive(ray, spec, store, pending, report, bar, worker_cls, started_local, wo
         if now - cap_checked > 2.0:
             cap = _worker_cap(spec, gpus, ray.cluster_resources().get("GPU", 0), reach, autoscaler)
             cap_checked = now
-        # Scale: keep min(cap, shards not finished) workers; surplus ones go,
-        # those not yet placed first (their demand would add nodes for nothing).
+        # Scale: keep min(cap, shards not finished) workers. Surplus ones go:
+        # idle started ones, and those no node has taken yet (their demand
+        # would add nodes for nothing); never one that a node is starting.
         left = len(queue) + sum(len(w.running) for w in workers)
         want = min(cap, left)
         while len(workers) < want:
             h = actor_cls.remote(spec, worker_cls, expect_cuda)
             workers.append(_Worker(handle=h, ready_ref=h.ready.remote(), created=now))
-        for w in sorted([w for w in workers if not w.running], key=lambda w: w.up):
-            if len(workers) <= want:
-                break
-            ray.kill(w.handle, no_restart=True)
-            workers.remove(w)
+        surplus = len(workers) - want
+        if surplus > 0:
+            idle = [w for w in workers if w.up and not w.running]
+            unplaced = [w for w in workers if not w.up and not _is_placed(w.handle)] if surplus > len(idle) else []
+            for w in (idle + unplaced)[:surplus]:
+                ray.kill(w.handle, no_restart=True)
+                workers.remove(w)
         if not any(w.up for w in workers) and now - waiting_said > 60 and now - workers[0].created > 30:
             waiting_said = now
             need = f"{gpus:g} GPU and " if gpus else ""

@@ -7,6 +7,7 @@ cluster serves the whole module; jobs join it through RAY_ADDRESS alone."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -99,19 +100,19 @@ def check_every_row_once(out: Path, shards: list[str], per_shard: int) -> list[d
 
 
 def test_job_scales_from_zero_to_two_gpu_nodes(cluster, tmp_path):
-    shards = make_shards(tmp_path, 4, 2)
+    shards = make_shards(tmp_path, 4, 3)
     code, out, err = finish(imprint(cluster, str(job_file(tmp_path, shards)), "--no-progress"))
     assert code == 0, err[-5000:]
-    markers = check_every_row_once(tmp_path / "out", shards, 2)
+    markers = check_every_row_once(tmp_path / "out", shards, 3)
     nodes = {m["node_id"] for m in markers}
     # Two distinct GPU nodes the autoscaler added for this job's demand (the
     # head has no GPU and no CPU, so nothing could run before they came).
-    assert len(nodes) == 2 and None not in nodes, markers
+    assert len(nodes) == 2 and None not in nodes, (markers, err[-3000:])
     assert set(fake_cluster_nodes := cluster.node_raylets()) >= nodes, (nodes, fake_cluster_nodes)
     assert all(m["actor_id"] and m["host"] for m in markers)
     stats = [json.loads(p.read_text()) for p in sorted((tmp_path / "out" / "_stats").glob("*.json"))]
     assert sorted(s["shard"] for s in stats) == sorted(shards)
-    assert all(s["samples"] == 2 and s["error_types"] == {} for s in stats)
+    assert all(s["samples"] == 3 and s["error_types"] == {} for s in stats)
 
 
 def test_model_that_cannot_load_stops_the_job_with_its_message(gpu_nodes, tmp_path):
@@ -302,6 +303,7 @@ def test_sigterm_stops_the_job_and_its_local_cluster(tmp_path):
         if proc.poll() is None:
             proc.kill()
         fake_cluster.stop_pids_under(ray_tmp)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def _live(pids):
