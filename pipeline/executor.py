@@ -685,7 +685,7 @@ def _drive(ray, spec, store, pending, report, bar, worker_cls, started_local, wo
 
 def _forwarded_env() -> dict:
     keys = ("HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TORCH_HOME", "IMPRINT_CACHE",
-            "IMPRINT_FAULT_AFTER", "IMPRINT_FAULT_FLAG", "OMP_NUM_THREADS")
+            "OMP_NUM_THREADS")
     # Inside a submitted Ray job, the job's runtime_env already gives its
     # env_vars to every worker, and Ray refuses a ray.init runtime_env that
     # sets one of them again.

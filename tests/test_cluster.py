@@ -123,7 +123,7 @@ def head(tmp_path_factory):
     # Ray puts socket paths under its temp dir; they must fit in 107 bytes.
     ray_tmp = Path(tempfile.mkdtemp(prefix="imprint-rt-", dir="/tmp"))
     token, tag = secrets.token_hex(32), secrets.token_hex(8)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "IMPRINT_FAULT_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(
         PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
         HOME=str(tmp / "home"),  # nothing lands in the real ~/.ray or ~/.config

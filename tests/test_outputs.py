@@ -217,7 +217,7 @@ def test_spec_hash_covers_only_what_changes_a_row(shards, tmp_path):
     same = [
         {"input": {"shards": [str(s) for s in shards]}}, {"batch": {"images": 7, "max_unet_batch": 3, "prefetch": 2}},
         {"model": {"compile": True, "device": "cpu"}}, {"score": {"batch_size": 3}},
-        {"run": {"executor": "ray", "workers": 3, "threads": 2, "max_attempts": 5, "ray_address": "auto"}},
+        {"run": {"executor": "ray", "max_workers": 3, "threads": 2, "max_attempts": 5, "ray_address": "auto"}},
         {"output": {"path": str(tmp_path / "elsewhere")}},
     ]
     for change in same:

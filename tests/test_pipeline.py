@@ -257,7 +257,7 @@ def test_ray_equals_inline_and_survives_a_killed_worker(ray_cluster, inline_run,
     # the driver replaces it and requeues that shard. The crashing class
     # travels to the actors by value.
     ray.cloudpickle.register_pickle_by_value(helpers_fault)
-    spec = job(tmp_path, shards, run={"executor": "ray", "workers": 1})
+    spec = job(tmp_path, shards, run={"executor": "ray", "max_workers": 1})
     report = run_job(spec, progress=False, worker_cls=helpers_fault.crashing_worker(4, str(tmp_path / "fired")))
     assert (tmp_path / "fired").exists(), "the fault was never injected"
     assert report.done == 2 and not report.failed
