@@ -54,6 +54,8 @@ def child(shard: str, out: str, steps: int) -> None:
         "batch": {"images": 4}, "output": {"path": out, "noise": True, "image_format": "png"},
         "score": {"enabled": False}, "run": {"executor": "inline", "seed": 0, "threads": 1},
     })
+    for table in ("results", "sources", "noise", "_done", "_failed"):  # older versions need the folders
+        os.makedirs(os.path.join(out, table), exist_ok=True)
     worker = ShardWorker(spec)
     t0 = time.perf_counter()
     summary = worker.process(shard)
