@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pipeline.data import expand_shards, shard_name
 from pipeline.executor import plan
 from pipeline.spec import load_spec
-from pipeline.store import DONE
+from pipeline.store import DONE, files_digest, marker_name, part_name
 
 
 def main() -> None:
@@ -47,9 +47,21 @@ def main() -> None:
     os.makedirs(os.path.join(out, DONE), exist_ok=True)
     h = spec.hash()
 
+    for table in ("results", "sources"):
+        os.makedirs(os.path.join(out, table), exist_ok=True)
+
     def write_marker(url: str) -> None:
-        with open(os.path.join(out, DONE, shard_name(url) + ".json"), "w") as fh:
-            json.dump({"shard": url, "spec_hash": h}, fh)
+        # what a committed shard leaves: one part per table, then a marker whose
+        # name carries the spec hash and the digest of the (file, size) list
+        name = shard_name(url)
+        files = []
+        for table in ("results", "sources"):
+            rel = f"{table}/{part_name(name, 0)}"
+            with open(os.path.join(out, rel), "wb") as fh:
+                fh.write(b"PAR1" * 4)
+            files.append((rel, 16))
+        with open(os.path.join(out, DONE, marker_name(name, h, files_digest(files))), "w") as fh:
+            json.dump({"shard": url, "spec_hash": h, "files": files}, fh)
 
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(write_marker, shards[: args.done]))
