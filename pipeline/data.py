@@ -23,6 +23,7 @@ from PIL import Image, ImageOps
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 DEMO = "demo"
+TOY_DEMO = "toy-demo"
 
 
 @dataclass
@@ -50,6 +51,11 @@ def expand_shards(patterns: list[str], *, allow_pipe: bool = False) -> list[str]
     for pat in patterns:
         if pat == DEMO:
             out.extend(demo_shards())
+            continue
+        if pat == TOY_DEMO:  # the toy model's scenes (pipeline.toy.demo)
+            from .toy.demo import toy_demo_shards
+
+            out.extend(toy_demo_shards())
             continue
         if pat.startswith("pipe:") and not allow_pipe:
             raise ValueError(f"input.shards: {pat!r} is a pipe: command; set input.allow_pipe = true to allow it")

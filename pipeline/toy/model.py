@@ -33,6 +33,8 @@ WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 TOY_DIR = WEIGHTS_DIR / TOY
 TOY_CLIP_DIR = WEIGHTS_DIR / TOY_CLIP
 AUTOENCODER_CLASS = "PixelUnshuffleAutoencoder"
+# What outputs and reports say about runs on this model (instead of the random-weights warning).
+TOY_NOTE = "toy model trained on synthetic shapes"
 
 UNET_CONFIG = dict(
     sample_size=RESOLUTION // FACTOR,

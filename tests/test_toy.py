@@ -1,0 +1,166 @@
+"""The toy model that ships with imprint, and the paper's claims checked on
+it end to end through the plain Python API, judged by the scene oracle (the
+exact masks and colours of each drawn scene), not by a learned scorer.
+
+Cheap checks run in `make test`; the sweeps (trade-off curve, shifts,
+strokes, noise statistics) are `slow`. Figures measured on the shipped
+weights are in the README ("The toy model")."""
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.models import load_models
+from pipeline.toy import oracle
+from pipeline.toy import evaluate as ev
+from pipeline.toy.model import FACTOR, PixelUnshuffleAutoencoder, TOY_CLIP_DIR, TOY_DIR
+from pipeline.toy.scenes import BACKGROUNDS, COLORS, SHAPES, Scene, caption, random_batch, scene_batch
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return load_models("toy", device="cpu")
+
+
+# ----------------------------------------------------------------------------- the toy world
+
+
+def test_scene_vocabulary_and_captions():
+    assert {"circle", "square", "triangle"} <= set(SHAPES)
+    assert {"red", "green", "blue", "yellow", "purple", "orange"} <= set(COLORS)
+    assert {"white", "black", "gray"} <= set(BACKGROUNDS)
+    assert caption("red", "circle", "white") == "a red circle on a white background"
+    images, masks, captions, scenes = random_batch(np.random.default_rng(0), 32)
+    assert images.shape == (32, 3, 64, 64) and masks.shape == (32, 64, 64) and masks.dtype == torch.bool
+    assert images.min() >= -1 and images.max() <= 1
+    for s, c, m in zip(scenes, captions, masks):
+        assert c == f"a {s.color} {s.shape} on a {s.background} background"
+        assert 0.03 < m.float().mean() < 0.6  # a visible shape, not the whole image
+    # the generator is a pure function of its seed
+    again = random_batch(np.random.default_rng(0), 32)
+    assert torch.equal(again[0], images) and again[2] == captions
+
+
+def test_oracle_reads_clean_scenes_exactly():
+    scenes = [Scene(sh, co, bg, 30.0, 34.0, 12.0) for sh in SHAPES for co in COLORS for bg in BACKGROUNDS]
+    images, masks, _ = scene_batch(scenes)
+    assert oracle.region_color(images, masks) == [s.color for s in scenes]
+    assert torch.allclose(oracle.iou(oracle.segment(images, [s.background for s in scenes]), masks), torch.ones(len(scenes)))
+    moved = scene_batch([s.shifted(4, 0) for s in scenes])[1]
+    d = oracle.centroid(moved) - oracle.centroid(masks)
+    assert torch.allclose(d, torch.tensor([4.0, 0.0]).expand_as(d), atol=0.3)
+    with pytest.raises(ValueError, match="unknown shape"):
+        Scene("hexagon", "red", "white", 30, 30, 10).mask()
+
+
+def test_pixel_unshuffle_autoencoder_is_exact_and_vae_shaped(tmp_path):
+    ae = PixelUnshuffleAutoencoder()
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    z = ae.encode(x).latent_dist.mean
+    assert z.shape == (2, 3 * FACTOR**2, 64 // FACTOR, 64 // FACTOR)
+    assert torch.equal(ae.decode(z).sample, x)
+    assert 2 ** (len(ae.config.block_out_channels) - 1) == FACTOR
+    ae.save_pretrained(tmp_path)
+    assert PixelUnshuffleAutoencoder.from_pretrained(tmp_path).config.scaling_factor == ae.config.scaling_factor
+    with pytest.raises(ValueError, match="multiple of the latent factor"):
+        ae.encode(torch.zeros(1, 3, 30, 30))
+
+
+# ----------------------------------------------------------------------------- the shipped model
+
+
+def test_toy_weights_ship_small_in_the_package():
+    files = [p for d in (TOY_DIR, TOY_CLIP_DIR) for p in d.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".safetensors" for p in files)
+    assert sum(p.stat().st_size for p in files) <= 20 * 2**20
+
+
+def test_toy_loads_offline_through_load_models(toy):
+    assert toy.model_id == "toy" and not toy.random_weights
+    assert toy.resolution == 64 and toy.vae_scale_factor == FACTOR and toy.prediction_type == "epsilon"
+    images, _, captions = scene_batch([Scene("circle", "red", "white", 30, 30, 10)])
+    lat = toy.encode_images(images)
+    assert lat.shape == (1, 48, 16, 16)
+    assert torch.allclose(toy.decode_latents(lat), images, atol=1e-6)
+    assert toy.encode_text(captions).shape == (1, 77, 32)
+    assert toy.count_tokens(captions[0]) == 9
+
+
+def test_edit_friendly_reconstructs_toy_scenes_exactly(toy):
+    scenes, _ = ev.colour_edit_scenes(4, seed=3)
+    code = ev.invert_scenes(toy, scenes, setting=ev.Setting(steps=20, skip=5))
+    images, _, captions = scene_batch(scenes)
+    rec = ev.edit_code(toy, code, captions, cfg_target=3.5)
+    assert (rec - images).abs().max() < 1e-3
+
+
+# ----------------------------------------------------------------------------- the paper's claims
+
+
+def test_colour_edit_at_the_papers_setting(toy):
+    """`a red circle ...` -> `a green circle ...` at 100 steps, skip 36,
+    guidance 3.5 / 9: the edited shape has the target colour in >= 85% of
+    edits and keeps its place and outline (mask IoU with the source >= 0.6)."""
+    r = ev.colour_edits(toy, 18)
+    assert r["success"] >= 0.85, r
+    assert r["iou_mean"] >= 0.6, r
+    assert r["structure_kept"] >= 0.85, r
+
+
+def test_diversity_edit_friendly_differs_ddim_and_edict_identical(toy):
+    r = ev.diversity(toy, n_scenes=2, n_codes=3, methods=("edit-friendly", "ddim", "edict"))
+    assert r["edit-friendly"]["mean_abs_diff"] > 0.01, r  # visibly different edits (pixels in [-1, 1])
+    assert r["edit-friendly"]["success"] >= 0.8, r  # ... that are all still edits
+    assert r["ddim"]["max_abs_diff"] == 0.0 and r["edict"]["max_abs_diff"] == 0.0, r
+
+
+@pytest.mark.slow
+def test_tradeoff_edit_friendly_keeps_structure_at_equal_success(toy):
+    r = ev.tradeoff(toy, 12, cfg_targets=(3.0, 5.0, 9.0, 15.0))
+    for method, gaps in r["dominance"].items():
+        comparable = [g for g in gaps if not np.isnan(g)]
+        assert comparable and min(comparable) >= -0.02, (method, r)
+
+
+@pytest.mark.slow
+def test_shifting_the_code_moves_the_shape_and_beats_native_noise(toy):
+    r = ev.shift_check(toy, 6, shifts=(1, 2))
+    for d, m in r["moves"].items():
+        assert m["err_mean_px"] <= 1.0, (d, r)
+    for d, mse in r["fig11_mse"].items():
+        assert mse["edit-friendly"] < mse["native"], (d, r)
+
+
+@pytest.mark.slow
+def test_colour_stroke_recolours_the_stroked_region(toy):
+    r = ev.stroke_check(toy, 8)
+    assert r["stroked_recoloured"] >= 0.75, r
+    assert r["rest_kept"] >= 0.75, r
+
+
+@pytest.mark.slow
+def test_noise_statistics_on_the_trained_model(toy):
+    r = ev.noise_statistics_check(toy, 6)
+    ef, cyc, nat = r["edit-friendly"], r["cycle"], r["native"]
+    assert ef["std_mean"] > nat["std_mean"] + 0.05, r
+    assert ef["corr_mean"] < -0.05, r
+    assert abs(cyc["std_mean"] - nat["std_mean"]) < 0.1 and abs(cyc["corr_mean"]) < 0.05, r
+
+
+# ----------------------------------------------------------------------------- toy-clip
+
+
+def test_toy_clip_scores_mean_something_on_toy_scenes():
+    from pipeline.scoring import ScoreConfig, Scorers
+
+    sc = Scorers.load(ScoreConfig(clip_model="toy-clip", lpips_pretrained=False), "cpu", "float32")
+    assert sc.description["clip_pretrained"] == "openai" or sc.description["clip_pretrained"] == "toy"
+    images, _, captions, scenes = random_batch(np.random.default_rng(5), 24)
+    wrong = [s.with_color(next(c for c in COLORS if c != s.color)).caption for s in scenes]
+    img, right_t, wrong_t = sc.embed_images(images), sc.embed_texts(captions), sc.embed_texts(wrong)
+    right_s, wrong_s = (img * right_t).sum(1), (img * wrong_t).sum(1)
+    assert (right_s > wrong_s).float().mean() >= 0.9
+    # retrieval over the whole vocabulary of captions
+    vocab = sorted({caption(c, s, b) for c in COLORS for s in SHAPES for b in BACKGROUNDS})
+    best = (img @ sc.embed_texts(vocab).T).argmax(1)
+    assert np.mean([vocab[int(i)] == c for i, c in zip(best, captions)]) >= 0.7
