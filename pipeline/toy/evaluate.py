@@ -286,8 +286,8 @@ def noise_statistics_check(models, n: int = 8, *, setting: Setting = PAPER, seed
     scenes, _ = colour_edit_scenes(n, seed + 2)
     ef = invert_scenes(models, scenes, setting=full, seed=seed)
     cyc = invert_scenes(models, scenes, method="cycle", setting=full, cfg_source=METHOD_CFG_SOURCE["cycle"], seed=seed)
-    s_ef, s_cyc = noise_statistics.noise_statistics(ef), noise_statistics.noise_statistics(cyc)
-    s_nat = noise_statistics.native_statistics(list(ef.zs.shape[:2]) + list(ef.zs.shape[2:]), seed=seed)
+    s_ef, s_cyc = noise_stats.noise_statistics(ef), noise_stats.noise_statistics(cyc)
+    s_nat = noise_stats.native_statistics(list(ef.zs.shape[:2]) + list(ef.zs.shape[2:]), seed=seed)
 
     def brief(s: dict) -> dict:
         return {"std_mean": round(s["std_mean"], 4), "corr_mean": round(s["corr_mean"], 4),
@@ -295,6 +295,29 @@ def noise_statistics_check(models, n: int = 8, *, setting: Setting = PAPER, seed
                 "corr": [round(v, 3) for v in s["corr"]]}
 
     return {"n": n, "edit-friendly": brief(s_ef), "cycle": brief(s_cyc), "native": brief(s_nat)}
+
+
+@torch.no_grad()
+def toy_clip_check(n: int = 48, seed: int = 5) -> dict:
+    """toy-clip through the scorer API: how often a scene's caption scores
+    above the same caption with another colour (and shape), and top-1
+    retrieval of the caption among all captions of the toy vocabulary."""
+    from ..scoring import ScoreConfig, Scorers
+    from .scenes import BACKGROUNDS, SHAPES, caption, random_batch
+
+    sc = Scorers.load(ScoreConfig(clip_model="toy-clip", lpips_pretrained=False), "cpu", "float32")
+    images, _, captions, scenes = random_batch(np.random.default_rng(seed), n)
+    img = sc.embed_images(images)
+    right = (img * sc.embed_texts(captions)).sum(1)
+    wrong_colour = [s.with_color(next(c for c in COLORS if c != s.color)).caption for s in scenes]
+    wrong_shape = [caption(s.color, next(x for x in SHAPES if x != s.shape), s.background) for s in scenes]
+    vocab = sorted({caption(c, s, b) for c in COLORS for s in SHAPES for b in BACKGROUNDS})
+    best = (img @ sc.embed_texts(vocab).T).argmax(1)
+    return {"n": n,
+            "beats_wrong_colour": float((right > (img * sc.embed_texts(wrong_colour)).sum(1)).float().mean()),
+            "beats_wrong_shape": float((right > (img * sc.embed_texts(wrong_shape)).sum(1)).float().mean()),
+            "retrieval_top1": float(np.mean([vocab[int(i)] == c for i, c in zip(best, captions)])),
+            "vocabulary": len(vocab)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -305,12 +328,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", default="toy")
     p.add_argument("--n", type=int, default=24)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--only", nargs="*", default=["colour", "diversity", "tradeoff", "shift", "stroke", "stats"])
+    p.add_argument("--only", nargs="*", default=["clip", "colour", "diversity", "tradeoff", "shift", "stroke", "stats"])
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     a.out.mkdir(parents=True, exist_ok=True)
     models = load_models(a.model, device="cpu")
-    runs = {"colour": lambda: colour_edits(models, a.n), "diversity": lambda: diversity(models),
+    runs = {"clip": toy_clip_check, "colour": lambda: colour_edits(models, a.n), "diversity": lambda: diversity(models),
             "tradeoff": lambda: tradeoff(models, max(8, a.n // 2)), "shift": lambda: shift_check(models),
             "stroke": lambda: stroke_check(models), "stats": lambda: noise_statistics_check(models)}
     result = {"model": a.model}

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from .model import TOY, TOY_CLIP, build_untrained, save_pipeline
 from .scenes import random_batch
 
-DEFAULTS = dict(seed=0, steps=3000, batch=48, lr=1e-3, warmup=200, ema=0.999, caption_dropout=0.1,
+DEFAULTS = dict(seed=0, steps=700, batch=48, lr=1e-3, warmup=200, ema=0.999, caption_dropout=0.1,
                 clip_steps=800, clip_batch=128, clip_lr=1e-3, threads=1)
 
 
