@@ -136,11 +136,11 @@ def diversity(toy):
 def test_diversity_ddim_and_edict_codes_give_identical_edits(diversity):
     r = diversity
     assert r["ddim"]["max_abs_diff"] == 0.0 and r["edict"]["max_abs_diff"] == 0.0, r
-    assert r["edit-friendly"]["mean_abs_diff"] > 0.01, r  # N edit-friendly codes give different images
+    assert r["edit-friendly"]["max_abs_diff"] > 0.05, r  # N edit-friendly codes give different images
 
 
 @pytest.mark.xfail(strict=True, reason=UNDERTRAINED + "the 3 edit-friendly edits of a scene differ (mean |diff| "
-                   "0.013, max 0.22 of 2) but none reaches the target colour, so they are not diverse edits")
+                   "0.013, max 0.22 of 2 on 4 scenes) but none reaches the target colour, so they are not diverse edits")
 def test_diversity_edit_friendly_gives_visibly_different_edits(diversity):
     r = diversity
     assert r["edit-friendly"]["mean_abs_diff"] > 0.01, r  # visibly different (pixels in [-1, 1])
@@ -148,8 +148,8 @@ def test_diversity_edit_friendly_gives_visibly_different_edits(diversity):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason=UNDERTRAINED + "at success 0 for every method and guidance, the curves "
-                   "cannot be compared at equal success")
+@pytest.mark.xfail(strict=True, reason=UNDERTRAINED + "success is 0 for every method and cfg_target 3..15, so "
+                   "the curves cannot be compared at equal success")
 def test_tradeoff_edit_friendly_keeps_structure_at_equal_success(toy):
     r = ev.tradeoff(toy, 12, cfg_targets=(3.0, 5.0, 9.0, 15.0))
     assert max(p["success"] for p in r["curves"]["edit-friendly"]) >= 0.5, r  # a curve to compare
