@@ -253,3 +253,19 @@ def test_toy_demo_shard_holds_captioned_toy_scenes(tmp_path, monkeypatch):
     for m in metas:
         assert m["source_prompt"].startswith("a ") and m["source_prompt"].endswith(" background")
         assert len(m["target_prompts"]) == 2 and m["source_prompt"] not in m["target_prompts"]
+
+
+def test_training_recipe_runs_and_writes_a_loadable_pipeline(tmp_path):
+    # the recipe of `make toy-model`, at 2 steps: writes both models where load_models and Scorers read them
+    import json
+
+    from pipeline.toy.train import main
+
+    main(["--out", str(tmp_path), "--steps", "2", "--batch", "4", "--warmup", "1", "--clip-steps", "2",
+          "--clip-batch", "8", "--ckpt-every", "1", "--log-every", "1"])
+    record = json.loads((tmp_path / "training.json").read_text())
+    assert record["unet"]["steps"] == 2 and record["clip"]["steps"] == 2 and record["unet"]["cpu_s"] >= 0
+    assert (tmp_path / "checkpoints" / "step-00001" / "toy" / "unet").is_dir()
+    m = load_models(str(tmp_path / "toy"), device="cpu")
+    assert m.resolution == 64 and m.vae_scale_factor == FACTOR and not m.random_weights
+    assert (tmp_path / "toy-clip" / "open_clip_model.safetensors").is_file()
