@@ -234,6 +234,7 @@ def test_report_banner_names_the_toy_model_instead_of_random_weights():
                               random_scores=True)
     banner = _warning([toy_run])
     assert "Toy model trained on synthetic shapes" in banner and "outside its domain" in banner
+    assert "undertrained" in banner  # until the toy checks hold
     assert "random weights. Images" not in banner
     tiny_run = SimpleNamespace(meta={"model_id": "tiny"}, label="t", path="o", random_model=True, random_scores=True)
     assert "Warning: random weights" in _warning([tiny_run])

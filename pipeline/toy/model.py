@@ -34,7 +34,8 @@ TOY_DIR = WEIGHTS_DIR / TOY
 TOY_CLIP_DIR = WEIGHTS_DIR / TOY_CLIP
 AUTOENCODER_CLASS = "PixelUnshuffleAutoencoder"
 # What outputs and reports say about runs on this model (instead of the random-weights warning).
-TOY_NOTE = "toy model trained on synthetic shapes"
+# The shipped weights are undertrained (README "The toy model"): say so until the toy checks hold.
+TOY_NOTE = "toy model trained on synthetic shapes (undertrained: its edits are not meaningful yet)"
 
 UNET_CONFIG = dict(
     sample_size=RESOLUTION // FACTOR,
