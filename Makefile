@@ -13,7 +13,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export PYTHONUNBUFFERED := 1
 export IMPRINT_CACHE := $(CURDIR)/.cache/imprint
 
-.PHONY: install demo test test-slow bench gpu-check gpu-check-smoke schemas clean
+.PHONY: install demo test test-slow bench gpu-check gpu-check-smoke schemas clean toy-model toy-eval
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -36,6 +36,15 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow tests
+
+# Re-train the shipped toy model and toy-clip from their fixed seeds into
+# pipeline/toy/weights (README "The toy model": about an hour on 2 CPU cores).
+toy-model: $(STAMP)
+	$(BIN)/python -m pipeline.toy.train --out pipeline/toy/weights
+
+# Measure the paper's claims on the toy model (JSON + trade-off plot in out/toy-eval).
+toy-eval: $(STAMP)
+	$(BIN)/python -m pipeline.toy.evaluate --out out/toy-eval
 
 bench: $(STAMP)
 	$(BIN)/imprint bench --out bench.json

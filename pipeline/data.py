@@ -42,6 +42,7 @@ REMOTE_SCHEMES = ("http", "https", *OBJECT_STORE_SCHEMES)
 # A tar member larger than this is not read into memory; its sample becomes an
 # error row (no legitimate image, caption or mask of this contract is that big).
 MAX_MEMBER_BYTES = 256 * 1024 * 1024
+TOY_DEMO = "toy-demo"  # the toy model's scenes (pipeline.toy.demo)
 
 
 @dataclass
@@ -110,7 +111,7 @@ def brace_urls(patterns: Iterable[str], *, allow_pipe: bool) -> Iterator[str]:
     from braceexpand import braceexpand
 
     for pat in patterns:
-        if pat == DEMO:
+        if pat in (DEMO, TOY_DEMO):
             yield pat
             continue
         # a pipe command is a shell line: its braces belong to the shell
@@ -141,6 +142,10 @@ def _resolve(url: str) -> list[str]:
     """One brace-expanded URL -> the shard URLs it names."""
     if url == DEMO:
         return demo_shards()
+    if url == TOY_DEMO:
+        from .toy.demo import toy_demo_shards
+
+        return toy_demo_shards()
     scheme = url_scheme(url)
     if scheme in ("pipe", "http", "https"):
         return [url]

@@ -1,8 +1,11 @@
 """Loading the diffusion components and the thin adapters around them.
 
 `load_models("tiny")` builds a small randomly initialised SD-shaped pipeline
-offline and deterministically (for tests and the offline demo); any other id
-is a diffusers-format Stable Diffusion 1.x/2.x repository id or local folder.
+offline and deterministically (for tests); `load_models("toy")` loads the
+small trained model shipped in `pipeline/toy/weights/toy` (64x64 images of
+coloured shapes) through the same local-folder path as any checkpoint; any
+other id is a diffusers-format Stable Diffusion 1.x/2.x repository id or local
+folder.
 The inversion math never sees these objects beyond the UNet callable and the
 scheduler; encoding text and images lives here.
 """
@@ -74,7 +77,7 @@ class Models:
 
     @property
     def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return _vae_scale_factor(self.vae)
 
     @property
     def scaling_factor(self) -> float:
@@ -117,6 +120,12 @@ class Models:
         x = (latents.float() / self.scaling_factor).to(self.device, self.dtype)
         img = self.vae.decode(x).sample
         return img.float().clamp(-1, 1)
+
+
+def _vae_scale_factor(vae) -> int:
+    # AutoencoderKL halves the size at every block but the last; the toy
+    # model's pixel-unshuffle stand-in mirrors that field.
+    return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def _clip_bpe_path() -> str:
@@ -282,8 +291,12 @@ def load_models(
 ) -> Models:
     """Load a pipeline's components.
 
-    model_id: "tiny" or "sd15-random" (random weights, offline), a Hugging Face hub id (e.g. "CompVis/stable-diffusion-v1-4",
-    "stabilityai/stable-diffusion-2-1") or a local diffusers-format folder.
+    model_id: "tiny" or "sd15-random" (random weights, offline), "toy" (the
+    trained toy model shipped in the package, offline), a Hugging Face hub id
+    (e.g. "CompVis/stable-diffusion-v1-4", "stabilityai/stable-diffusion-2-1")
+    or a local diffusers-format folder. A folder without tokenizer/ gets the
+    CLIP BPE tokenizer (`clip_tokenizer`); one whose vae/ is the toy model's
+    pixel-unshuffle map gets that instead of an AutoencoderKL.
     device/dtype default to CUDA with bf16/fp16 when available, else CPU fp32.
     The scheduler is always a DDIMScheduler made from the checkpoint's own
     scheduler configuration (betas, offset, prediction type)."""
@@ -297,20 +310,33 @@ def load_models(
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    from .toy.model import TOY, TOY_DIR, PixelUnshuffleAutoencoder, is_pixel_autoencoder
+
+    name, model_id = model_id, (str(TOY_DIR) if model_id == TOY else model_id)
+    if name == TOY and not (TOY_DIR / "unet").is_dir():
+        raise ValueError(f"the toy model's weights are missing from {TOY_DIR} (incomplete installation?); "
+                         "`make toy-model` trains them")
+    local = os.path.isdir(model_id)
     kw = {"revision": revision} if revision else {}
     try:
         scheduler = DDIMScheduler.from_pretrained(model_id, subfolder="scheduler", **kw)
-        tokenizer = CLIPTokenizer.from_pretrained(model_id, subfolder="tokenizer", **kw)
+        if local and not os.path.isdir(os.path.join(model_id, "tokenizer")):
+            tokenizer = clip_tokenizer()
+        else:
+            tokenizer = CLIPTokenizer.from_pretrained(model_id, subfolder="tokenizer", **kw)
         text_encoder = CLIPTextModel.from_pretrained(model_id, subfolder="text_encoder", torch_dtype=dt, **kw)
-        vae = AutoencoderKL.from_pretrained(model_id, subfolder="vae", torch_dtype=dt, **kw)
+        if local and is_pixel_autoencoder(model_id):
+            vae = PixelUnshuffleAutoencoder.from_pretrained(os.path.join(model_id, "vae"))
+        else:
+            vae = AutoencoderKL.from_pretrained(model_id, subfolder="vae", torch_dtype=dt, **kw)
         unet = UNet2DConditionModel.from_pretrained(model_id, subfolder="unet", torch_dtype=dt, **kw)
     except (OSError, ValueError) as exc:
         raise ValueError(
             f"could not load model {model_id!r}: expected a diffusers-format Stable Diffusion folder or hub id "
             f"(with unet/, vae/, text_encoder/, tokenizer/, scheduler/): {exc}"
         ) from exc
-    resolution = int(unet.config.sample_size) * 2 ** (len(vae.config.block_out_channels) - 1)
-    return _finish(unet, vae, text_encoder, tokenizer, scheduler, dev, dt, model_id, False, resolution)
+    resolution = int(unet.config.sample_size) * _vae_scale_factor(vae)
+    return _finish(unet, vae, text_encoder, tokenizer, scheduler, dev, dt, name, False, resolution)
 
 
 @dataclass(frozen=True)
@@ -324,7 +350,8 @@ class ModelLimits:
 
 
 def _limits_from_configs(scheduler: dict, text: dict, tokenizer: dict, unet: dict, vae: dict) -> ModelLimits:
-    vae_factor = 2 ** (len(vae.get("block_out_channels", (128, 256, 512, 512))) - 1)
+    # an exact pixel-unshuffle map (the toy model) names its factor; a VAE halves per extra block
+    vae_factor = int(vae["factor"]) if "factor" in vae else 2 ** (len(vae.get("block_out_channels", (128, 256, 512, 512))) - 1)
     unet_factor = 2 ** (len(unet.get("block_out_channels", (320, 640, 1280, 1280))) - 1)
     context = int(text.get("max_position_embeddings", 77))
     if tokenizer.get("model_max_length"):
@@ -343,6 +370,13 @@ def _random_model_limits(name: str) -> ModelLimits:
 # Built-in model ids -> their limits without building them (other branches
 # add their built-in models here).
 BUILTIN_LIMITS = {name: (lambda name=name: _random_model_limits(name)) for name in RANDOM_MODELS}
+BUILTIN_LIMITS["toy"] = lambda: _toy_limits()
+
+
+def _toy_limits() -> ModelLimits:
+    from .toy.model import TOY_DIR
+
+    return model_limits(str(TOY_DIR))  # a local diffusers folder inside the package
 
 
 def model_limits(model_id: str, revision: str | None = None) -> ModelLimits:

@@ -445,6 +445,16 @@ def _scores_enabled(run: Run) -> bool:
 
 
 def _warning(runs: list[Run]) -> str:
+    from .toy.model import TOY, TOY_NOTE
+
+    if runs and all(run.meta.get("model_id") == TOY for run in runs):
+        # The shipped toy model is trained (not random): say what it knows instead.
+        random_scores = [esc(run.label) for run in runs if run.random_scores]
+        return ('<div class="warning-banner" role="note">' + esc(TOY_NOTE[0].upper() + TOY_NOTE[1:]) + "; "
+                "it knows only toy scenes (one coloured circle, square or triangle on a plain background): "
+                "photos and other images are outside its domain."
+                + (f"<br>Scores of {', '.join(random_scores)} used randomly initialised weights (e.g. an LPIPS "
+                   "trunk) and are not meaningful." if random_scores else "") + "</div>")
     lines = []
     for run in runs:
         what = [w for w, flag in (("the model", run.random_model), ("the scorers", run.random_scores)) if flag]

@@ -72,6 +72,12 @@ worker builds the same random scorers. ``imprint-tiny-clip`` (a 64-pixel ViT
 with 2 layers of width 64, shipped in ``pipeline/clip_configs``) keeps such runs
 fast.
 
+``toy-clip`` (``clip_model = "toy-clip"``) is a small CLIP trained
+contrastively on the toy model's scenes and captions (``pipeline/toy``; its
+recipe is ``make toy-model``), shipped inside the package: its only
+pretrained weights are those, tagged ``toy`` (the default ``openai`` tag
+means them too), and its scores mean something on toy scenes only.
+
 Filtering (``select``)
 ----------------------
 A row passes when every configured threshold holds (``clip_text >= clip_text_min``,
@@ -105,6 +111,9 @@ LPIPS_NETS = ("alex", "vgg", "squeeze")
 # within a group, so it cannot rank a group's rows.
 RANKABLE = {"clip_text": True, "clip_direction": True, "clip_image": True, "lpips": False}
 TINY_CLIP = "imprint-tiny-clip"
+TOY_CLIP = "toy-clip"
+TOY_CLIP_TAGS = ("toy", "openai")  # "openai" is ScoreConfig's default tag: toy-clip has only its shipped weights
+TOY_CLIP_WEIGHTS = "open_clip_model.safetensors"
 CLIP_CONFIG_DIR = Path(__file__).resolve().parent / "clip_configs"
 RANDOM_INIT_SEED = 0
 NO_WEIGHTS = ("none", "")
@@ -196,8 +205,44 @@ def validate_configs(score: ScoreConfig, filt: FilterConfig) -> None:
 def _register_clip_configs() -> None:
     import open_clip
 
-    if TINY_CLIP not in open_clip.list_models():
+    if TINY_CLIP not in open_clip.list_models() or TOY_CLIP not in open_clip.list_models():
         open_clip.add_model_config(CLIP_CONFIG_DIR)
+
+
+def _toy_clip_weights() -> Path:
+    from .toy.model import TOY_CLIP_DIR
+
+    return TOY_CLIP_DIR / TOY_CLIP_WEIGHTS
+
+
+def _resolve_pretrained(model: str, pretrained: str) -> str:
+    """The checkpoint `pretrained` names for `model`: toy-clip's tags mean its
+    shipped weights file; anything else is open_clip's business."""
+    if model == TOY_CLIP and pretrained in TOY_CLIP_TAGS:
+        path = _toy_clip_weights()
+        if not path.is_file():
+            raise WeightsUnavailableError(f"toy-clip weights missing at {path} (incomplete installation?); "
+                                          "`make toy-model` trains them")
+        return str(path)
+    return pretrained
+
+
+def toy_clip_create():
+    """A randomly initialised toy-clip and its tokenizer (for training)."""
+    import open_clip
+
+    _register_clip_configs()
+    return open_clip.create_model(TOY_CLIP, pretrained=None), open_clip.get_tokenizer(TOY_CLIP)
+
+
+def toy_clip_save(model: Any, folder: str | os.PathLike, dtype: torch.dtype = torch.float16) -> None:
+    """Write toy-clip weights as open_clip loads them (safetensors state dict)."""
+    from safetensors.torch import save_file
+
+    os.makedirs(folder, exist_ok=True)
+    state = {k: v.detach().to(dtype if v.is_floating_point() else v.dtype).contiguous()
+             for k, v in model.state_dict().items()}
+    save_file(state, os.path.join(folder, TOY_CLIP_WEIGHTS))
 
 
 def _check_clip_choice(model: str, pretrained: str | None) -> None:
@@ -210,6 +255,11 @@ def _check_clip_choice(model: str, pretrained: str | None) -> None:
                          "architecture (open_clip.list_models()) and its pretrained tag")
     if model not in open_clip.list_models():
         raise ValueError(f"score.clip_model {model!r} is not an open_clip model (see open_clip.list_models())")
+    if model == TOY_CLIP:
+        if pretrained is None or pretrained in TOY_CLIP_TAGS or os.path.isfile(pretrained):
+            return
+        raise ValueError(f"score.clip_pretrained {pretrained!r}: toy-clip's weights are the shipped ones "
+                         f"(tag \"toy\"), a checkpoint file, or \"none\" for random weights")
     known = pretrained is None or open_clip.get_pretrained_cfg(model, pretrained) or os.path.isfile(pretrained)
     if not known:
         tags = ", ".join(open_clip.list_pretrained_tags_by_model(model)) or "none"
@@ -350,15 +400,16 @@ def _load_clip(cfg: ScoreConfig, device: torch.device, dtype: torch.dtype):
             torch.manual_seed(RANDOM_INIT_SEED)
             model = open_clip.create_model(cfg.clip_model, pretrained=None, **kwargs)
     else:
-        tag_cfg = open_clip.get_pretrained_cfg(cfg.clip_model, cfg.clip_pretrained)  # {} for a checkpoint file
+        _register_clip_configs()
+        pretrained = _resolve_pretrained(cfg.clip_model, cfg.clip_pretrained)
+        tag_cfg = open_clip.get_pretrained_cfg(cfg.clip_model, pretrained)  # {} for a checkpoint file
         # OpenAI weights were trained with QuickGELU; the plain config uses GELU.
         kwargs["force_quick_gelu"] = bool(tag_cfg.get("quick_gelu", False))
         if tag_cfg and not tag_cfg.get("hf_hub"):
             # URL-only tags would go to ~/.cache/clip; keep them under TORCH_HOME.
             kwargs["cache_dir"] = os.path.join(torch.hub.get_dir(), "open_clip")
         try:
-            model = open_clip.create_model(cfg.clip_model, pretrained=cfg.clip_pretrained, require_pretrained=True,
-                                           **kwargs)
+            model = open_clip.create_model(cfg.clip_model, pretrained=pretrained, require_pretrained=True, **kwargs)
         except Exception as exc:
             raise WeightsUnavailableError(
                 f"CLIP weights for model {cfg.clip_model!r} (pretrained={cfg.clip_pretrained!r}) could not be loaded "

@@ -22,6 +22,7 @@ from .data import Sample, decode_sample, encode_image, read_raw_samples, render_
 from .engine import CodeItem, Engine, SampleOut, stroke_inputs
 from .inversion.common import NoiseCode
 from .models import load_models
+from .toy.model import TOY, TOY_NOTE
 from .spec import JobSpec, filter_config, score_config
 from .store import OutputStore
 from .tables import STAGES
@@ -79,7 +80,8 @@ class ShardWorker:
             "scorers": json.dumps(getattr(scorers, "description", {}) if scorers else {}),
             "method": ",".join(v.label for v in self.engine.variants),
             "params": json.dumps([self.engine.params(i) for i in range(len(self.engine.variants))], sort_keys=True),
-            "note": ("made with randomly initialised weights: images and scores are not meaningful"
+            "note": (TOY_NOTE if self.models.model_id == TOY else
+                     "made with randomly initialised weights: images and scores are not meaningful"
                      if self.models.random_weights or (scorers and scorers.random_weights) else ""),
         }
 

@@ -1,0 +1,352 @@
+"""End-to-end checks of the paper's claims on the toy model, measured with
+the scene oracle (`oracle`), through the plain Python API: `load_models`,
+`encode_images`, `encode_text`, an inversion method's `invert`/`edit`,
+`decode_latents`.
+
+    python -m pipeline.toy.evaluate --out toy-eval      # JSON + trade-off plot
+
+Every function takes the loaded `Models` and fixed-seed scenes and returns
+plain numbers, so the tests assert on them and the script records them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .. import noise_space, noise_stats
+from ..inversion import get_method
+from ..inversion import edit_friendly
+from . import oracle
+from .scenes import COLORS, Scene, random_scene, scene_batch
+
+
+@dataclass(frozen=True)
+class Setting:
+    """Inversion/edit parameters; the default is the paper's main setting."""
+
+    steps: int = 100
+    skip: int = 36
+    cfg_source: float = 3.5
+    cfg_target: float = 9.0
+
+
+PAPER = Setting()
+# Each method at its own customary source guidance (DDIM inversion and
+# CycleDiffusion invert without guidance; edit-friendly with 3.5).
+METHOD_CFG_SOURCE = {"edit-friendly": 3.5, "ddim": 1.0, "cycle": 1.0, "edict": 3.0}
+
+
+def colour_edit_scenes(n: int, seed: int = 0) -> tuple[list[Scene], list[str]]:
+    """n random scenes and, for each, a target colour different from its own
+    (cycled over the palette so every colour is a target)."""
+    rng = np.random.default_rng(seed)
+    names = list(COLORS)
+    scenes, targets = [], []
+    for k in range(n):
+        s = random_scene(rng)
+        others = [c for c in names if c != s.color]
+        scenes.append(s)
+        targets.append(others[k % len(others)])
+    return scenes, targets
+
+
+def _embed(models, prompts: list[str]) -> torch.Tensor:
+    return models.encode_text(prompts)
+
+
+@torch.no_grad()
+def invert_scenes(models, scenes: list[Scene], *, method: str = "edit-friendly", setting: Setting = PAPER,
+                  cfg_source: float | None = None, seed: int = 0, **method_kw):
+    """Invert the scenes' images with their own captions; returns the code."""
+    images, _, captions = scene_batch(scenes)
+    x0 = models.encode_images(images)
+    cond, uncond = _embed(models, captions), _embed(models, [""])
+    gens = [torch.Generator().manual_seed(seed * 100003 + k) for k in range(len(scenes))]
+    return get_method(method).invert(
+        models.unet, models.scheduler, x0, cond, uncond, num_steps=setting.steps, skip=setting.skip,
+        cfg_scale=setting.cfg_source if cfg_source is None else cfg_source, generator=gens, **method_kw)
+
+
+@torch.no_grad()
+def edit_code(models, code, prompts: list[str], *, method: str = "edit-friendly", cfg_target: float = PAPER.cfg_target,
+              **kw) -> torch.Tensor:
+    """Edit a code with one target prompt per latent; returns images [B, 3, R, R] in [-1, 1]."""
+    cond, uncond = _embed(models, prompts), _embed(models, [""])
+    lat = get_method(method).edit(models.unet, models.scheduler, code, cond, uncond, cfg_scale=cfg_target, **kw)
+    return models.decode_latents(lat.float())
+
+
+def colour_edit_metrics(scenes: list[Scene], targets: list[str], edits: torch.Tensor) -> dict:
+    """Oracle verdicts on colour edits: the colour inside the source shape's
+    mask, and the IoU of the edited image's segmentation with that mask."""
+    _, masks, _ = scene_batch(scenes)
+    got = oracle.region_color(edits, masks)
+    ious = oracle.iou(oracle.segment(edits, [s.background for s in scenes]), masks)
+    hits = [g == t for g, t in zip(got, targets)]
+    return {"n": len(scenes), "success": float(np.mean(hits)), "iou_mean": float(ious.mean()),
+            "iou_median": float(ious.median()), "iou_min": float(ious.min()),
+            "structure_kept": float((ious >= 0.6).float().mean()),
+            "success_and_kept": float(np.mean([h and i >= 0.6 for h, i in zip(hits, ious.tolist())])),
+            "colours": got, "ious": [round(float(i), 4) for i in ious]}
+
+
+def colour_edits(models, n: int = 24, *, method: str = "edit-friendly", setting: Setting = PAPER, seed: int = 0,
+                 cfg_source: float | None = None) -> dict:
+    """Text edit of colour (`a red circle ...` -> `a green circle ...`) on n scenes."""
+    scenes, targets = colour_edit_scenes(n, seed)
+    code = invert_scenes(models, scenes, method=method, setting=setting, cfg_source=cfg_source, seed=seed)
+    prompts = [s.with_color(t).caption for s, t in zip(scenes, targets)]
+    edits = edit_code(models, code, prompts, method=method, cfg_target=setting.cfg_target)
+    return {"method": method, "setting": asdict(setting), "cfg_source": cfg_source,
+            **colour_edit_metrics(scenes, targets, edits)}
+
+
+def diversity(models, n_scenes: int = 4, n_codes: int = 3, *, methods=("edit-friendly", "ddim", "edict"),
+              setting: Setting = PAPER, seed: int = 0) -> dict:
+    """N inversions of each scene edited with the same target prompt: mean
+    absolute pixel difference between the N edits (per scene, pairs
+    averaged), per method; with the oracle's colour verdict of every edit."""
+    scenes, targets = colour_edit_scenes(n_scenes, seed)
+    rep = [s for s in scenes for _ in range(n_codes)]
+    rep_targets = [t for t in targets for _ in range(n_codes)]
+    out = {}
+    for method in methods:
+        # different seeds per copy: only methods with a random code can differ
+        images, _, captions = scene_batch(rep)
+        x0 = models.encode_images(images)
+        cond, uncond = _embed(models, captions), _embed(models, [""])
+        gens = [torch.Generator().manual_seed(seed * 100003 + k) for k in range(len(rep))]
+        code = get_method(method).invert(models.unet, models.scheduler, x0, cond, uncond, num_steps=setting.steps,
+                                         skip=setting.skip, cfg_scale=METHOD_CFG_SOURCE[method]
+                                         if method != "edit-friendly" else setting.cfg_source, generator=gens)
+        prompts = [s.with_color(t).caption for s, t in zip(rep, rep_targets)]
+        edits = edit_code(models, code, prompts, method=method, cfg_target=setting.cfg_target)
+        e = edits.view(n_scenes, n_codes, *edits.shape[1:])
+        pair = [float((e[:, a] - e[:, b]).abs().mean()) for a, b in itertools.combinations(range(n_codes), 2)]
+        m = colour_edit_metrics(rep, rep_targets, edits)
+        out[method] = {"mean_abs_diff": float(np.mean(pair)), "max_abs_diff": float(max(
+            float((e[:, a] - e[:, b]).abs().max()) for a, b in itertools.combinations(range(n_codes), 2))),
+            "success": m["success"], "iou_mean": m["iou_mean"]}
+    return out
+
+
+def tradeoff(models, n: int = 16, cfg_targets=(3.0, 5.0, 7.5, 9.0, 12.0, 15.0), *,
+             methods=("edit-friendly", "ddim", "cycle"), setting: Setting = PAPER, seed: int = 0) -> dict:
+    """The paper's Fig. 15 on toy scenes: for each method (at its own source
+    guidance) and target guidance, the oracle's edit success and structure
+    (mask IoU). One inversion per method serves every guidance value."""
+    scenes, targets = colour_edit_scenes(n, seed)
+    prompts = [s.with_color(t).caption for s, t in zip(scenes, targets)]
+    curves = {}
+    for method in methods:
+        code = invert_scenes(models, scenes, method=method, setting=setting,
+                             cfg_source=METHOD_CFG_SOURCE[method], seed=seed)
+        points = []
+        for g in cfg_targets:
+            m = colour_edit_metrics(scenes, targets, edit_code(models, code, prompts, method=method, cfg_target=g))
+            points.append({"cfg_target": g, "success": m["success"], "iou_mean": m["iou_mean"]})
+        curves[method] = points
+    return {"n": n, "skip": setting.skip, "steps": setting.steps, "cfg_source": METHOD_CFG_SOURCE, "curves": curves,
+            "dominance": tradeoff_dominance(curves)}
+
+
+def best_iou_at(points: list[dict], success: float) -> float:
+    """Best mean IoU a curve reaches among its points with at least `success` (NaN if none)."""
+    ok = [p["iou_mean"] for p in points if p["success"] >= success - 1e-9]
+    return max(ok) if ok else float("nan")
+
+
+def tradeoff_dominance(curves: dict) -> dict:
+    """For every point of the other methods: edit-friendly's best IoU at
+    equal or higher success minus that point's IoU (positive = edit-friendly
+    keeps structure better at equal success). NaN where edit-friendly never
+    reaches that success."""
+    ef = curves["edit-friendly"]
+    return {m: [round(best_iou_at(ef, p["success"]) - p["iou_mean"], 4) for p in pts]
+            for m, pts in curves.items() if m != "edit-friendly"}
+
+
+def plot_tradeoff(result: dict, path: str | Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for method, pts in result["curves"].items():
+        ax.plot([p["iou_mean"] for p in pts], [p["success"] for p in pts], "o-", label=method)
+        for p in pts:
+            ax.annotate(f"{p['cfg_target']:g}", (p["iou_mean"], p["success"]), fontsize=7)
+    ax.set_xlabel("structure kept: mask IoU with the source")
+    ax.set_ylabel("edit success: target colour (oracle)")
+    ax.set_title(f"toy model, {result['steps']} steps, skip {result['skip']}; labels: cfg_target")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+@torch.no_grad()
+def shift_check(models, n: int = 8, shifts=(1, 2), *, setting: Setting = PAPER, seed: int = 0) -> dict:
+    """Shifting codes (paper Sec. 5 / Fig. 11).
+
+    1. Toy scenes, edit-friendly codes shifted by d latent pixels and edited
+       with the source prompt: the segmented shape's centroid moves by
+       d * factor image pixels (error reported in image pixels).
+    2. Images sampled by the model with native DDPM noise (full 100 steps):
+       shift that native noise by d and re-sample, versus edit-friendly
+       inversion of the sample, shifted by d and re-sampled; MSE against the
+       sample itself shifted by d * factor pixels (border excluded)."""
+    factor = models.vae_scale_factor
+    scenes, _ = colour_edit_scenes(n, seed)
+    _, masks, captions = scene_batch(scenes)
+    code = invert_scenes(models, scenes, setting=setting, seed=seed)
+    moves = {}
+    for d in shifts:
+        img = edit_code(models, noise_space.shift(code, dx=d), captions, cfg_target=setting.cfg_source)
+        seg = oracle.segment(img, [s.background for s in scenes])
+        delta = oracle.centroid(seg) - oracle.centroid(masks)
+        err = (delta - torch.tensor([d * factor, 0.0])).abs()
+        moves[d] = {"dx_mean": float(delta[:, 0].mean()), "dy_mean": float(delta[:, 1].mean()),
+                    "err_max_px": float(err.max()), "err_mean_px": float(err.mean()),
+                    "iou_with_shifted_mask": float(oracle.iou(seg, torch.stack([
+                        torch.from_numpy(s.shifted(d * factor, 0).mask()) for s in scenes])).mean())}
+    # Fig. 11: native noise vs edit-friendly noise on the model's own samples
+    cond, uncond = _embed(models, captions), _embed(models, [""])
+    g = torch.Generator().manual_seed(seed + 7)
+    lat_shape = (n, *code.x_start.shape[1:])
+    x_T = torch.randn(lat_shape, generator=g)
+    full = Setting(steps=setting.steps, skip=0, cfg_source=setting.cfg_source, cfg_target=setting.cfg_source)
+    sample_lat, native_code = edit_friendly.sample(models.unet, models.scheduler, x_T, cond, uncond,
+                                                   num_steps=full.steps, cfg_scale=full.cfg_source, generator=g)
+    samples = models.decode_latents(sample_lat)
+    gens = [torch.Generator().manual_seed(seed * 100003 + 50 + k) for k in range(n)]
+    ef_code = edit_friendly.invert(models.unet, models.scheduler, models.encode_images(samples), cond, uncond,
+                                   num_steps=full.steps, skip=0, cfg_scale=full.cfg_source, generator=gens)
+    mse = {}
+    for d in shifts:
+        px = d * factor
+        target = samples[..., :, :-px]  # the sample's content, moved right by px: compare columns px..end
+        out = {}
+        for name, c in (("native", native_code), ("edit-friendly", ef_code)):
+            img = edit_code(models, noise_space.shift(c, dx=d), captions, cfg_target=full.cfg_source)
+            out[name] = float(F.mse_loss(img[..., :, px:], target))
+        mse[d] = out
+    return {"n": n, "factor": factor, "moves": moves, "fig11_mse": mse}
+
+
+@torch.no_grad()
+def stroke_check(models, n: int = 8, *, setting: Setting = PAPER, strength: float = noise_space.STROKE_STRENGTH,
+                 t_range=noise_space.STROKE_T_RANGE, seed: int = 0) -> dict:
+    """Colour strokes (Eq. 7): paint the left half of each shape in another
+    colour in the stroke image M, edit with the source prompt; the oracle
+    reads the stroked half (should take the stroke colour) and the other
+    half (should keep the shape's colour)."""
+    scenes, targets = colour_edit_scenes(n, seed + 1)
+    images, masks, captions = scene_batch(scenes)
+    xs = torch.arange(images.shape[-1], dtype=torch.float32) + 0.5
+    left = torch.stack([m & (xs[None, :] < s.cx) for m, s in zip(masks, scenes)])
+    right = masks & ~left
+    painted = images.clone()
+    for k, t in enumerate(targets):
+        painted[k][:, left[k]] = torch.from_numpy(np.asarray(
+            [c / 127.5 - 1 for c in COLORS[t]], dtype=np.float32))[:, None]
+    code = invert_scenes(models, scenes, setting=setting, seed=seed)
+    lat_hw = tuple(code.x_start.shape[-2:])
+    mask_lat = noise_space.mask_to_latent(left[:, None].float(), lat_hw, mode="nearest")
+    cond, uncond = _embed(models, captions), _embed(models, [""])
+    lat = noise_space.edit_with_strokes(models.unet, models.scheduler, code, cond, uncond, mask=mask_lat,
+                                        stroke_latent=models.encode_images(painted), strength=strength,
+                                        t_range=t_range, cfg_scale=setting.cfg_source)
+    out = models.decode_latents(lat)
+    got_left = oracle.region_color(out, left, erode_px=1)
+    got_right = oracle.region_color(out, right, erode_px=1)
+    return {"n": n, "strength": strength, "t_range": list(t_range),
+            "stroked_recoloured": float(np.mean([g == t for g, t in zip(got_left, targets)])),
+            "rest_kept": float(np.mean([g == s.color for g, s in zip(got_right, scenes)])),
+            "left": got_left, "targets": targets}
+
+
+@torch.no_grad()
+def noise_statistics_check(models, n: int = 8, *, setting: Setting = PAPER, seed: int = 0) -> dict:
+    """Per-step statistics of edit-friendly and CycleDiffusion codes of toy
+    scenes (all 100 steps, skip 0) against native DDPM noise (Figs. 6, 12)."""
+    full = Setting(steps=setting.steps, skip=0, cfg_source=setting.cfg_source, cfg_target=setting.cfg_target)
+    scenes, _ = colour_edit_scenes(n, seed + 2)
+    ef = invert_scenes(models, scenes, setting=full, seed=seed)
+    cyc = invert_scenes(models, scenes, method="cycle", setting=full, cfg_source=METHOD_CFG_SOURCE["cycle"], seed=seed)
+    s_ef, s_cyc = noise_stats.noise_statistics(ef), noise_stats.noise_statistics(cyc)
+    s_nat = noise_stats.native_statistics(list(ef.zs.shape[:2]) + list(ef.zs.shape[2:]), seed=seed)
+
+    def brief(s: dict) -> dict:
+        return {"std_mean": round(s["std_mean"], 4), "corr_mean": round(s["corr_mean"], 4),
+                "angle_mean": round(s["angle_mean"], 2), "std": [round(v, 3) for v in s["std"]],
+                "corr": [round(v, 3) for v in s["corr"]]}
+
+    return {"n": n, "edit-friendly": brief(s_ef), "cycle": brief(s_cyc), "native": brief(s_nat)}
+
+
+@torch.no_grad()
+def toy_clip_check(n: int = 48, seed: int = 5) -> dict:
+    """toy-clip through the scorer API: how often a scene's caption scores
+    above the same caption with another colour (and shape), and top-1
+    retrieval of the caption among all captions of the toy vocabulary."""
+    from ..scoring import ScoreConfig, Scorers
+    from .scenes import BACKGROUNDS, SHAPES, caption, random_batch
+
+    sc = Scorers.load(ScoreConfig(clip_model="toy-clip", lpips_pretrained=False), "cpu", "float32")
+    images, _, captions, scenes = random_batch(np.random.default_rng(seed), n)
+    img = sc.embed_images(images)
+    right = (img * sc.embed_texts(captions)).sum(1)
+    wrong_colour = [s.with_color(next(c for c in COLORS if c != s.color)).caption for s in scenes]
+    wrong_shape = [caption(s.color, next(x for x in SHAPES if x != s.shape), s.background) for s in scenes]
+    vocab = sorted({caption(c, s, b) for c in COLORS for s in SHAPES for b in BACKGROUNDS})
+    best = (img @ sc.embed_texts(vocab).T).argmax(1)
+    return {"n": n,
+            "beats_wrong_colour": float((right > (img * sc.embed_texts(wrong_colour)).sum(1)).float().mean()),
+            "beats_wrong_shape": float((right > (img * sc.embed_texts(wrong_shape)).sum(1)).float().mean()),
+            "retrieval_top1": float(np.mean([vocab[int(i)] == c for i, c in zip(best, captions)])),
+            "vocabulary": len(vocab)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    from ..models import load_models
+
+    p = argparse.ArgumentParser(description="Measure the paper's claims on the toy model (oracle-scored).")
+    p.add_argument("--out", type=Path, default=Path("toy-eval"))
+    p.add_argument("--model", default="toy")
+    p.add_argument("--n", type=int, default=24)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--only", nargs="*", default=["clip", "colour", "diversity", "tradeoff", "shift", "stroke", "stats"])
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    a.out.mkdir(parents=True, exist_ok=True)
+    models = load_models(a.model, device="cpu")
+    runs = {"clip": toy_clip_check, "colour": lambda: colour_edits(models, a.n), "diversity": lambda: diversity(models),
+            "tradeoff": lambda: tradeoff(models, max(8, a.n // 2)), "shift": lambda: shift_check(models),
+            "stroke": lambda: stroke_check(models), "stats": lambda: noise_statistics_check(models)}
+    result = {"model": a.model}
+    for name in a.only:
+        t0 = time.time()
+        result[name] = runs[name]()
+        result[name]["wall_s"] = round(time.time() - t0, 1)
+        brief = {k: v for k, v in result[name].items() if k not in ("colours", "ious", "std", "corr")}
+        print(name, json.dumps(brief, default=str)[:1500], flush=True)
+        (a.out / "toy-eval.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+    if "tradeoff" in result:
+        plot_tradeoff(result["tradeoff"], a.out / "tradeoff.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,272 @@
+"""The toy model that ships with imprint, and the paper's claims checked on
+it end to end through the plain Python API, judged by the scene oracle (the
+exact masks and colours of each drawn scene), not by a learned scorer.
+
+Cheap checks run in `make test`; the sweeps (trade-off curve, shifts,
+strokes, noise statistics) are `slow`. Figures measured on the shipped
+weights are in the README ("The toy model")."""
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.models import load_models
+from pipeline.toy import oracle
+from pipeline.toy import evaluate as ev
+from pipeline.toy.model import FACTOR, PixelUnshuffleAutoencoder, TOY_CLIP_DIR, TOY_DIR
+from pipeline.toy.scenes import BACKGROUNDS, COLORS, SHAPES, Scene, caption, random_batch, scene_batch
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return load_models("toy", device="cpu")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # These tests run many small UNet calls; on a shared 2-core machine one
+    # thread is several times faster than two (no spinning on a descheduled
+    # partner thread).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ----------------------------------------------------------------------------- the toy world
+
+
+def test_scene_vocabulary_and_captions():
+    assert {"circle", "square", "triangle"} <= set(SHAPES)
+    assert {"red", "green", "blue", "yellow", "purple", "orange"} <= set(COLORS)
+    assert {"white", "black", "gray"} <= set(BACKGROUNDS)
+    assert caption("red", "circle", "white") == "a red circle on a white background"
+    images, masks, captions, scenes = random_batch(np.random.default_rng(0), 32)
+    assert images.shape == (32, 3, 64, 64) and masks.shape == (32, 64, 64) and masks.dtype == torch.bool
+    assert images.min() >= -1 and images.max() <= 1
+    for s, c, m in zip(scenes, captions, masks):
+        assert c == f"a {s.color} {s.shape} on a {s.background} background"
+        assert 0.03 < m.float().mean() < 0.6  # a visible shape, not the whole image
+    # the generator is a pure function of its seed
+    again = random_batch(np.random.default_rng(0), 32)
+    assert torch.equal(again[0], images) and again[2] == captions
+
+
+def test_oracle_reads_clean_scenes_exactly():
+    scenes = [Scene(sh, co, bg, 30.0, 34.0, 12.0) for sh in SHAPES for co in COLORS for bg in BACKGROUNDS]
+    images, masks, _ = scene_batch(scenes)
+    assert oracle.region_color(images, masks) == [s.color for s in scenes]
+    assert torch.allclose(oracle.iou(oracle.segment(images, [s.background for s in scenes]), masks), torch.ones(len(scenes)))
+    moved = scene_batch([s.shifted(4, 0) for s in scenes])[1]
+    d = oracle.centroid(moved) - oracle.centroid(masks)
+    assert torch.allclose(d, torch.tensor([4.0, 0.0]).expand_as(d), atol=0.3)
+    with pytest.raises(ValueError, match="unknown shape"):
+        Scene("hexagon", "red", "white", 30, 30, 10).mask()
+
+
+def test_pixel_unshuffle_autoencoder_is_exact_and_vae_shaped(tmp_path):
+    ae = PixelUnshuffleAutoencoder()
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    z = ae.encode(x).latent_dist.mean
+    assert z.shape == (2, 3 * FACTOR**2, 64 // FACTOR, 64 // FACTOR)
+    assert torch.equal(ae.decode(z).sample, x)
+    assert 2 ** (len(ae.config.block_out_channels) - 1) == FACTOR
+    ae.save_pretrained(tmp_path)
+    assert PixelUnshuffleAutoencoder.from_pretrained(tmp_path).config.scaling_factor == ae.config.scaling_factor
+    with pytest.raises(ValueError, match="multiple of the latent factor"):
+        ae.encode(torch.zeros(1, 3, 30, 30))
+
+
+# ----------------------------------------------------------------------------- the shipped model
+
+
+def test_toy_weights_ship_small_in_the_package():
+    files = [p for d in (TOY_DIR, TOY_CLIP_DIR) for p in d.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".safetensors" for p in files)
+    assert sum(p.stat().st_size for p in files) <= 20 * 2**20
+
+
+def test_toy_loads_offline_through_load_models(toy):
+    assert toy.model_id == "toy" and not toy.random_weights
+    assert toy.resolution == 64 and toy.vae_scale_factor == FACTOR and toy.prediction_type == "epsilon"
+    images, _, captions = scene_batch([Scene("circle", "red", "white", 30, 30, 10)])
+    lat = toy.encode_images(images)
+    assert lat.shape == (1, 48, 16, 16)
+    assert torch.allclose(toy.decode_latents(lat), images, atol=1e-6)
+    assert toy.encode_text(captions).shape == (1, 77, 32)
+    assert toy.count_tokens(captions[0]) == 9
+
+
+def test_edit_friendly_reconstructs_toy_scenes_exactly(toy):
+    scenes, _ = ev.colour_edit_scenes(4, seed=3)
+    code = ev.invert_scenes(toy, scenes, setting=ev.Setting(steps=20, skip=5))
+    images, _, captions = scene_batch(scenes)
+    rec = ev.edit_code(toy, code, captions, cfg_target=3.5)
+    assert (rec - images).abs().max() < 1e-3
+
+
+# ----------------------------------------------------------------------------- the paper's claims
+
+
+# Claims the shipped (700-step, undertrained) weights do not meet are marked
+# xfail with the measured figures; strict, so a better-trained model that
+# meets them turns the marker into a failure to remove. Thresholds are the
+# issue's, unchanged.
+UNDERTRAINED = "not met by the shipped 700-step toy weights (README 'The toy model'): "
+
+
+@pytest.mark.xfail(strict=True, reason=UNDERTRAINED + "0/24 colour edits reach the target colour (IoU 1.0: "
+                   "the edit reproduces the source; the model does not yet follow colour words)")
+def test_colour_edit_at_the_papers_setting(toy):
+    """`a red circle ...` -> `a green circle ...` at 100 steps, skip 36,
+    guidance 3.5 / 9: the edited shape has the target colour in >= 85% of
+    edits and keeps its place and outline (mask IoU with the source >= 0.6)."""
+    r = ev.colour_edits(toy, 20)
+    assert r["success"] >= 0.85, r
+    assert r["iou_mean"] >= 0.6, r
+    assert r["structure_kept"] >= 0.85, r
+
+
+@pytest.fixture(scope="module")
+def diversity(toy):
+    torch.set_num_threads(1)
+    return ev.diversity(toy, n_scenes=2, n_codes=3, methods=("edit-friendly", "ddim", "edict"))
+
+
+def test_diversity_ddim_and_edict_codes_give_identical_edits(diversity):
+    r = diversity
+    assert r["ddim"]["max_abs_diff"] == 0.0 and r["edict"]["max_abs_diff"] == 0.0, r
+    assert r["edit-friendly"]["max_abs_diff"] > 0.05, r  # N edit-friendly codes give different images
+
+
+@pytest.mark.xfail(strict=True, reason=UNDERTRAINED + "the 3 edit-friendly edits of a scene differ (mean |diff| "
+                   "0.013, max 0.22 of 2 on 4 scenes) but none reaches the target colour, so they are not diverse edits")
+def test_diversity_edit_friendly_gives_visibly_different_edits(diversity):
+    r = diversity
+    assert r["edit-friendly"]["mean_abs_diff"] > 0.01, r  # visibly different (pixels in [-1, 1])
+    assert r["edit-friendly"]["success"] >= 0.8, r  # ... and all of them edits
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason=UNDERTRAINED + "success is 0 for every method and cfg_target 3..15, so "
+                   "the curves cannot be compared at equal success")
+def test_tradeoff_edit_friendly_keeps_structure_at_equal_success(toy):
+    r = ev.tradeoff(toy, 12, cfg_targets=(3.0, 5.0, 9.0, 15.0))
+    assert max(p["success"] for p in r["curves"]["edit-friendly"]) >= 0.5, r  # a curve to compare
+    for method, gaps in r["dominance"].items():
+        comparable = [g for g in gaps if not np.isnan(g)]
+        assert comparable and min(comparable) >= -0.02, (method, r)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason=UNDERTRAINED + "a shift by 1 / 2 latent pixels moves the shape by 1.4 / 4.0 "
+                   "image pixels (4 / 8 expected), and the MSE of shifted samples is 0.174 (edit-friendly) vs "
+                   "0.117 (native)")
+def test_shifting_the_code_moves_the_shape_and_beats_native_noise(toy):
+    r = ev.shift_check(toy, 6, shifts=(1, 2))
+    for d, m in r["moves"].items():
+        assert m["err_mean_px"] <= 1.0, (d, r)
+    for d, mse in r["fig11_mse"].items():
+        assert mse["edit-friendly"] < mse["native"], (d, r)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason=UNDERTRAINED + "at the paper's s = 0.05, T1..T2 = 20..70, 2 of 8 stroked "
+                   "halves take the stroke colour (the unstroked halves keep theirs in 8 of 8)")
+def test_colour_stroke_recolours_the_stroked_region(toy):
+    r = ev.stroke_check(toy, 8)
+    assert r["stroked_recoloured"] >= 0.75, r
+    assert r["rest_kept"] >= 0.75, r
+
+
+@pytest.fixture(scope="module")
+def noise_stats_result(toy):
+    torch.set_num_threads(1)
+    return ev.noise_statistics_check(toy, 6)
+
+
+@pytest.mark.slow
+def test_edit_friendly_noise_statistics_on_the_trained_model(noise_stats_result):
+    r = noise_stats_result
+    ef, nat = r["edit-friendly"], r["native"]
+    assert ef["std_mean"] > nat["std_mean"] + 0.05, r  # higher per-step variance than native
+    assert ef["corr_mean"] < -0.05, r  # consecutive maps negatively correlated
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason=UNDERTRAINED + "CycleDiffusion codes have std 1.76 and consecutive "
+                   "correlation +0.50 (native: 1.00, 0.00): the model's denoiser is still far from the posterior mean")
+def test_cycle_noise_statistics_are_close_to_native(noise_stats_result):
+    r = noise_stats_result
+    cyc, nat = r["cycle"], r["native"]
+    assert abs(cyc["std_mean"] - nat["std_mean"]) < 0.1 and abs(cyc["corr_mean"]) < 0.05, r
+
+
+# ----------------------------------------------------------------------------- toy-clip
+
+
+def test_toy_clip_scores_mean_something_on_toy_scenes():
+    # through the scorer API (Scorers.load with score.clip_model = "toy-clip")
+    r = ev.toy_clip_check(48)
+    assert r["beats_wrong_colour"] >= 0.9 and r["beats_wrong_shape"] >= 0.8, r
+    assert r["retrieval_top1"] >= 0.6, r  # among all captions of the vocabulary (chance: 1/54)
+
+
+def test_toy_clip_pretrained_choices():
+    from pipeline.scoring import ScoreConfig
+
+    ScoreConfig(clip_model="toy-clip").validate()
+    ScoreConfig(clip_model="toy-clip", clip_pretrained="toy").validate()
+    ScoreConfig(clip_model="toy-clip", clip_pretrained="none").validate()
+    with pytest.raises(ValueError, match="toy-clip's weights are the shipped ones"):
+        ScoreConfig(clip_model="toy-clip", clip_pretrained="laion2b").validate()
+
+
+# ----------------------------------------------------------------------------- demo and report
+
+
+def test_report_banner_names_the_toy_model_instead_of_random_weights():
+    from types import SimpleNamespace
+
+    from pipeline.report import _warning
+
+    toy_run = SimpleNamespace(meta={"model_id": "toy"}, label="demo", path="out/demo", random_model=False,
+                              random_scores=True)
+    banner = _warning([toy_run])
+    assert "Toy model trained on synthetic shapes" in banner and "outside its domain" in banner
+    assert "undertrained" in banner  # until the toy checks hold
+    assert "random weights. Images" not in banner
+    tiny_run = SimpleNamespace(meta={"model_id": "tiny"}, label="t", path="o", random_model=True, random_scores=True)
+    assert "Warning: random weights" in _warning([tiny_run])
+
+
+def test_toy_demo_shard_holds_captioned_toy_scenes(tmp_path, monkeypatch):
+    import json
+    import tarfile
+
+    from pipeline.data import expand_shards
+
+    monkeypatch.setenv("IMPRINT_CACHE", str(tmp_path))
+    (shard,) = expand_shards(["toy-demo"])
+    with tarfile.open(shard) as tar:
+        metas = [json.loads(tar.extractfile(m).read()) for m in tar.getmembers() if m.name.endswith(".json")]
+    assert len(metas) == 8
+    for m in metas:
+        assert m["source_prompt"].startswith("a ") and m["source_prompt"].endswith(" background")
+        assert len(m["target_prompts"]) == 2 and m["source_prompt"] not in m["target_prompts"]
+
+
+def test_training_recipe_runs_and_writes_a_loadable_pipeline(tmp_path):
+    # the recipe of `make toy-model`, at 2 steps: writes both models where load_models and Scorers read them
+    import json
+
+    from pipeline.toy.train import main
+
+    main(["--out", str(tmp_path), "--steps", "2", "--batch", "4", "--warmup", "1", "--clip-steps", "2",
+          "--clip-batch", "8", "--ckpt-every", "1", "--log-every", "1"])
+    record = json.loads((tmp_path / "training.json").read_text())
+    assert record["unet"]["steps"] == 2 and record["clip"]["steps"] == 2 and record["unet"]["cpu_s"] >= 0
+    assert (tmp_path / "checkpoints" / "step-00001" / "toy" / "unet").is_dir()
+    m = load_models(str(tmp_path / "toy"), device="cpu")
+    assert m.resolution == 64 and m.vae_scale_factor == FACTOR and not m.random_weights
+    assert (tmp_path / "toy-clip" / "open_clip_model.safetensors").is_file()
