@@ -269,6 +269,8 @@ def stored_source_images(run: Run, keys: list[tuple[str, str]]) -> dict[tuple[st
     `sources` table, read only from the files that hold the shown inputs."""
     import pyarrow.parquet as pq
 
+    from .tables import image_bytes
+
     if not run.has_source_images:
         return {}
     rows = rows_of(run.sources.select(["key", "shard", "_file"]), keys)
@@ -280,8 +282,9 @@ def stored_source_images(run: Run, keys: list[tuple[str, str]]) -> dict[tuple[st
         names = sorted({r["key"] for r in rows if r["_file"] == i})
         cols = [c for c in ("key", "shard", "image", "image_format") if c in pq.read_schema(f, filesystem=run.store.fs).names]
         for r in pq.read_table(f, filesystem=run.store.fs, columns=cols, filters=[("key", "in", names)]).to_pylist():
-            if r.get("image") and (r["shard"], r["key"]) in set(keys):
-                out[(r["shard"], r["key"])] = data_uri(r["image"], MIME.get(r.get("image_format") or "png", "image/png"))
+            data = image_bytes(r.get("image"))
+            if data and (r["shard"], r["key"]) in set(keys):
+                out[(r["shard"], r["key"])] = data_uri(data, MIME.get(r.get("image_format") or "png", "image/png"))
     return out
 
 

@@ -118,18 +118,35 @@ def test_job_scales_from_zero_to_two_gpu_nodes(cluster, tmp_path):
 def test_model_that_cannot_load_stops_the_job_with_its_message(gpu_nodes, tmp_path):
     cluster = gpu_nodes
     shards = make_shards(tmp_path, 2, 1)
+    # A model folder whose configs are fine (the driver's preflight reads only
+    # configs and passes) but whose weights are missing, as with un-pulled LFS
+    # files: only the worker's loader finds out.
+    model_dir = tmp_path / "no-weights-model"
+    _config_only_model(model_dir)
     t0 = time.monotonic()
-    proc = imprint(cluster, str(job_file(tmp_path, shards, model={"id": "imprint-test/no-such-model"})), "--no-progress")
+    proc = imprint(cluster, str(job_file(tmp_path, shards, model={"id": str(model_dir)})), "--no-progress")
     code, out, err = finish(proc, timeout=120)
     took = time.monotonic() - t0
     assert code == 1, err[-5000:]
     assert took < 30, f"took {took:.1f} s"
-    assert "a worker could not start" in err and "no-such-model" in err, err[-5000:]
+    assert "a worker could not start" in err and "could not load model" in err and "no-weights-model" in err, err[-5000:]
     # No shard was charged: no failure records, nothing done.
     assert not list((tmp_path / "out" / "_failed").glob("*.json"))
     st = subprocess.run([sys.executable, "-m", "pipeline.cli", "status", str(tmp_path / "out")],
                         capture_output=True, text=True, env=cluster.env)
-    assert st.returncode == 0 and "last run stopped" in st.stdout and "no-such-model" in st.stdout, st.stdout
+    assert st.returncode == 0 and "last run stopped" in st.stdout and "no-weights-model" in st.stdout, st.stdout
+
+
+def _config_only_model(path) -> None:
+    """A diffusers-format folder of the tiny model's configs, without weights."""
+    from pipeline.models import build_tiny
+
+    m = build_tiny()
+    m.unet.save_config(path / "unet")
+    m.vae.save_config(path / "vae")
+    m.scheduler.save_config(path / "scheduler")
+    m.text_encoder.config.save_pretrained(path / "text_encoder")
+    m.tokenizer.save_pretrained(path / "tokenizer")
 
 
 def test_cuda_expected_but_absent_stops_the_job_with_the_workers_message(gpu_nodes, tmp_path):
