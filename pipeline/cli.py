@@ -10,12 +10,11 @@ from typing import Optional
 
 import typer
 
+from .console import die
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Batch edit-friendly DDPM inversion and editing.")
 
 
-def _die(msg: str, code: int = 2) -> None:
-    typer.echo(f"imprint: error: {msg}", err=True)
-    raise typer.Exit(code)
 
 
 @app.command()
@@ -42,7 +41,7 @@ def run(
         spec = load_spec(job, overrides)
         report = _run_job(spec, force=force, progress=progress)
     except (SpecError, JobError) as exc:
-        _die(str(exc))
+        die(str(exc))
     out = os.path.abspath(spec.output.path) if "://" not in spec.output.path else spec.output.path
     typer.echo(
         f"imprint: {report.done} shard(s) processed, {report.skipped} already done, {len(report.failed)} failed; "
@@ -99,7 +98,7 @@ def edit_codes(
         spec = load_spec(raw=raw, overrides=list(set_) + ([f"run.executor={executor}"] if executor else []))
         report = _run_job(spec, progress=progress)
     except (SpecError, JobError) as exc:
-        _die(str(exc))
+        die(str(exc))
     typer.echo(f"imprint: {report.images} codes re-edited into {report.edits} edits "
                f"({report.errors} unusable, {len(report.failed)} files failed); results in {spec.output.path}/results")
     if report.failed:
@@ -119,7 +118,7 @@ def inspect_noise(
     try:
         summary = inspect_codes(codes, out, limit=limit)
     except ValueError as exc:
-        _die(str(exc))
+        die(str(exc))
     for label, st in summary.items():
         typer.echo(f"{label:>24}: {st['num_codes']} codes, std {st['std_mean']:.3f}, "
                    f"corr(z_t, z_t-1) {st['corr_mean']:+.3f}, mean angle {st['angle_mean']:.1f} deg")
@@ -140,7 +139,7 @@ def validate(
         spec = load_spec(job, list(set_))
         preflight(spec)
     except SpecError as exc:
-        _die(str(exc))
+        die(str(exc))
     typer.echo(to_toml(spec))
     typer.echo(f"# spec hash {spec.hash()}")
 
@@ -156,7 +155,7 @@ def status(
     try:
         st = job_status(out)
     except (FileNotFoundError, ValueError) as exc:
-        _die(str(exc))
+        die(str(exc))
     if as_json:
         typer.echo(json.dumps(st, indent=1))
         return
@@ -194,7 +193,7 @@ def export(
     try:
         done = run_export(out, str(dest), format_, maxcount=maxcount, include_rejected=rejected)
     except ValueError as exc:
-        _die(str(exc))
+        die(str(exc))
     typer.echo(f"imprint: exported {done['edits']} edits to {dest} ({len(done['files'])} file(s))")
 
 

@@ -725,10 +725,10 @@ def report(
              "pipe: commands only when the stored job spec allowed them). Off: the report opens nothing but the outputs."),
 ) -> None:
     """Write a self-contained HTML report of one or more runs (several runs compare methods)."""
-    from .cli import _die
+    from .console import die
 
     try:
         path = write_report(list(outputs), out, samples, read_inputs)
     except (FileNotFoundError, ValueError) as exc:
-        _die(str(exc))
+        die(str(exc))
     typer.echo(f"imprint: report written to {path} ({path.stat().st_size / 1e6:.1f} MB)")

@@ -263,24 +263,11 @@ def test_job_compares_none_and_p2p_in_one_table(tmp_path):
     import json
 
     from helpers_data import good_samples, write
-    from pipeline.executor import run_job
-    from pipeline.spec import load_spec
-    from pipeline.store import OutputStore
 
     samples = good_samples("p", 2)
     shard = write(tmp_path / "p-000.tar", samples)
-    raw = {
-        "input": {"shards": [str(shard)], "templates": ["{source} outdoors"]},
-        "inversion": {"steps": 5, "skip": 1},
-        "edit": {"seeds": 2, "control": ["none", "p2p"], "mode": "refine", "cross_until": 0.8, "self_until": 0.4},
-        "output": {"path": str(tmp_path / "out"), "noise": True, "image_format": "png"},
-        "score": {"enabled": False},
-        "run": {"executor": "inline", "threads": 2},
-    }
-    report = run_job(load_spec(raw=raw), progress=False)
-    assert report.done == 1 and not report.failed
-    store = OutputStore.open(str(tmp_path / "out"))
-    res = store.read_table("results").to_pylist()
+    store, res = _run_two_control_job(tmp_path, shard, "{source} outdoors", {"steps": 5, "skip": 1},
+                                      {"cross_until": 0.8, "self_until": 0.4})
     by = {}
     for r in res:
         by.setdefault(r["method"], []).append(r)
@@ -347,19 +334,9 @@ def test_p2p_with_seed_independent_methods_manipulations_and_stored_codes(tmp_pa
     from pipeline.store import OutputStore
 
     shard = write(tmp_path / "q-000.tar", good_samples("q", 2))
-    raw = {
-        "input": {"shards": [str(shard)], "templates": ["{source} at night"]},
-        "inversion": {"method": ["edit-friendly", "ddim"], "steps": 4, "skip": 1},
-        "edit": {"seeds": 2, "control": ["none", "p2p"], "mode": "refine"},
-        "manipulate": {"shift_x": 1},
-        "output": {"path": str(tmp_path / "out"), "noise": True, "noise_dtype": "float32", "image_format": "png"},
-        "score": {"enabled": False},
-        "run": {"executor": "inline", "threads": 2},
-    }
-    report = run_job(load_spec(raw=raw), progress=False)
-    assert report.done == 1 and not report.failed
-    store = OutputStore.open(str(tmp_path / "out"))
-    res = store.read_table("results").to_pylist()
+    store, res = _run_two_control_job(tmp_path, shard, "{source} at night",
+                                      {"method": ["edit-friendly", "ddim"], "steps": 4, "skip": 1}, {},
+                                      manipulate={"shift_x": 1})
     counts = {}
     for r in res:
         counts[r["method"]] = counts.get(r["method"], 0) + 1
@@ -388,3 +365,25 @@ def test_p2p_with_seed_independent_methods_manipulations_and_stored_codes(tmp_pa
     assert not report.failed and report.edits > 0
     res2 = OutputStore.open(str(tmp_path / "out2")).read_table("results").to_pylist()
     assert {r["method"] for r in res2} == {"edit-friendly+p2p", "ddim+p2p"}
+
+
+def _run_two_control_job(tmp_path, shard, template, inversion, edit, **sections):
+    """One inline job with controls none and p2p (refine) on one shard; returns
+    the output store and its results rows."""
+    from pipeline.executor import run_job
+    from pipeline.spec import load_spec
+    from pipeline.store import OutputStore
+
+    raw = {
+        "input": {"shards": [str(shard)], "templates": [template]},
+        "inversion": inversion,
+        "edit": {"seeds": 2, "control": ["none", "p2p"], "mode": "refine", **edit},
+        "output": {"path": str(tmp_path / "out"), "noise": True, "noise_dtype": "float32", "image_format": "png"},
+        "score": {"enabled": False},
+        "run": {"executor": "inline", "threads": 2},
+        **sections,
+    }
+    report = run_job(load_spec(raw=raw), progress=False)
+    assert report.done == 1 and not report.failed
+    store = OutputStore.open(str(tmp_path / "out"))
+    return store, store.read_table("results").to_pylist()
