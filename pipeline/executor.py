@@ -432,12 +432,11 @@ class _Worker:
         return self.ready_ref is None
 
     def current_shard(self) -> str | None:
-        """The shard the actor is running: the one its live counters name, else
-        the first submitted (an actor runs its process() calls in order)."""
-        urls = [u for _, u in self.running]
-        if self.live.get("shard") in urls:
-            return self.live["shard"]
-        return urls[0] if urls else None
+        """The shard the actor is running: the first unfinished one it was
+        given (an actor runs its process() calls one at a time, in order).
+        Its live counters are not used here: they lag, and still name the
+        previous shard when a shard kills the worker before it starts."""
+        return self.running[0][1] if self.running else None
 
 
 def _placement(spec: JobSpec, ray, started_local: bool) -> tuple[float, bool, int | None, bool]:
@@ -568,6 +567,7 @@ def _drive(ray, spec, store, pending, report, bar, worker_cls, started_local, wo
         """Kill `w` (it may be alive but unreachable, still holding a GPU) and
         give its shards back: the one it was running is charged `charge`
         (when given), the ones queued behind it go back to the front uncharged."""
+        settle(w)
         ray.kill(w.handle, no_restart=True)
         workers.remove(w)
         current = w.current_shard()
@@ -578,6 +578,24 @@ def _drive(ray, spec, store, pending, report, bar, worker_cls, started_local, wo
             bar.shard_stopped(url)
         if current is not None and charge is not None:
             _shard_charged(spec, store, report, bar, queue, current, charge, w.where)
+
+    def settle(w: _Worker) -> None:
+        """Record the shards `w` finished before it was lost or stopped: their
+        results outlive the actor, and they must be neither charged nor redone
+        (a death and an earlier success can arrive in the same round)."""
+        refs = [r for r, _ in w.running]
+        finished, _ = ray.wait(refs, num_returns=len(refs), timeout=0) if refs else ([], [])
+        for ref in finished:
+            try:
+                result = ray.get(ref, timeout=10)
+            except (RayActorError, GetTimeoutError):
+                continue  # the shard it was running when it died
+            url = next(u for r, u in w.running if r == ref)
+            w.running = [(r, u) for r, u in w.running if r != ref]
+            if "summary" in result:
+                _shard_succeeded(store, report, bar, result["summary"], w.where)
+            else:
+                _shard_charged(spec, store, report, bar, queue, url, result["failure"], w.where)
 
     def feed(w: _Worker) -> None:
         # A shard queued behind a running one is only worth it when no worker
