@@ -590,12 +590,18 @@ def _drive(ray, spec, store, pending, report, bar, worker_cls, started_local, wo
                 result = ray.get(ref, timeout=10)
             except (RayActorError, GetTimeoutError):
                 continue  # the shard it was running when it died
-            url = next(u for r, u in w.running if r == ref)
-            w.running = [(r, u) for r, u in w.running if r != ref]
-            if "summary" in result:
-                _shard_succeeded(store, report, bar, result["summary"], w.where)
-            else:
-                _shard_charged(spec, store, report, bar, queue, url, result["failure"], w.where)
+            record(w, ref, next(u for r, u in w.running if r == ref), result)
+
+    def record(w: _Worker, ref, url: str, result: dict) -> dict | None:
+        """A finished process() call of `w`: the shard leaves its list and is
+        recorded as done, or charged. Returns the failure, if any."""
+        w.running = [(r, u) for r, u in w.running if r != ref]
+        w.shard_started = time.monotonic()
+        if "summary" in result:
+            _shard_succeeded(store, report, bar, result["summary"], w.where)
+            return None
+        _shard_charged(spec, store, report, bar, queue, url, result["failure"], w.where)
+        return result["failure"]
 
     def feed(w: _Worker) -> None:
         # A shard queued behind a running one is only worth it when no worker
@@ -677,17 +683,11 @@ def _drive(ray, spec, store, pending, report, bar, worker_cls, started_local, wo
                 w.live_ref, w.live = None, result or {}
                 bar.set_live(w.live)
             else:
-                w.running = [(r, u) for r, u in w.running if r != ref]
-                w.shard_started = time.monotonic()
-                if "summary" in result:
-                    _shard_succeeded(store, report, bar, result["summary"], w.where)
-                    feed(w)
+                failure = record(w, ref, what, result)
+                if failure is not None and _is_cuda_error(failure):
+                    drop(w, None)  # the device may be broken for this process: a fresh worker
                 else:
-                    _shard_charged(spec, store, report, bar, queue, what, result["failure"], w.where)
-                    if _is_cuda_error(result["failure"]):
-                        drop(w, None)  # the device may be broken for this process: a fresh worker
-                    else:
-                        feed(w)
+                    feed(w)
 
         now = time.monotonic()
         for w in list(workers):
