@@ -147,7 +147,7 @@ def load_run(path: str) -> Run:
         return table, files
 
     results, result_files = read("results", RESULTS, _LIGHT_COLUMNS)
-    sources, source_files = read("sources", SOURCES, None, exclude=("image",))
+    sources, source_files = read("sources", SOURCES, None, exclude=("image", "recon_image"))
     done = store.done_markers(job.get("spec_hash"))
     failed = {k: v for k, v in store.markers(FAILED).items() if k not in done}
     return Run(path=path, store=store, spec_hash=str(job.get("spec_hash", "")), spec_text=spec_text, spec=spec,
@@ -264,26 +264,29 @@ NO_SOURCE = ("source not available: not stored in this output "
              "(`imprint report --read-inputs` re-reads the input shards)")
 
 
-def stored_source_images(run: Run, keys: list[tuple[str, str]]) -> dict[tuple[str, str], str]:
-    """(shard, key) -> data URI of the source image stored in the run's
-    `sources` table, read only from the files that hold the shown inputs."""
+def stored_images(run: Run, keys: list[tuple[str, str]], column: str = "image") -> dict[tuple[str, str], str]:
+    """(shard, key) -> data URI of an image column of the run's `sources`
+    table (`image`: the source; `recon_image`: its decoded reconstruction),
+    read only from the files that hold the shown inputs."""
     import pyarrow.parquet as pq
 
     from .tables import image_bytes
 
-    if not run.has_source_images:
+    if column == "image" and not run.has_source_images:
         return {}
     rows = rows_of(run.sources.select(["key", "shard", "_file"]), keys)
+    wanted = set(keys)
     out = {}
     for i in sorted({r["_file"] for r in rows}):
         f = run.source_files[i]
-        if "image" not in pq.read_schema(f, filesystem=run.store.fs).names:
+        have = pq.read_schema(f, filesystem=run.store.fs).names
+        if column not in have:
             continue
         names = sorted({r["key"] for r in rows if r["_file"] == i})
-        cols = [c for c in ("key", "shard", "image", "image_format") if c in pq.read_schema(f, filesystem=run.store.fs).names]
+        cols = [c for c in ("key", "shard", column, "image_format") if c in have]
         for r in pq.read_table(f, filesystem=run.store.fs, columns=cols, filters=[("key", "in", names)]).to_pylist():
-            data = image_bytes(r.get("image"))
-            if data and (r["shard"], r["key"]) in set(keys):
+            data = image_bytes(r.get(column))
+            if data and (r["shard"], r["key"]) in wanted:
                 out[(r["shard"], r["key"])] = data_uri(data, MIME.get(r.get("image_format") or "png", "image/png"))
     return out
 
@@ -385,14 +388,14 @@ th{background:#f2f2f2} td.num{text-align:right;font-variant-numeric:tabular-nums
 .note{color:#666;font-style:italic}
 .sample{border:1px solid #ddd;padding:10px;margin:12px 0}
 .source{display:flex;gap:14px;align-items:flex-start}
-.source img{width:192px;border:1px solid #999}
+.source img{width:192px;border:1px solid #999;image-rendering:pixelated}
 .missing{box-sizing:border-box;width:192px;min-height:96px;background:#eee;color:#666;font-size:11px;display:flex;align-items:center;justify-content:center;text-align:center;border:1px dashed #aaa;padding:4px}
 .edit-grid{margin-top:8px}
 .edit-row{margin:8px 0}
 .edit-row .prompt{font-weight:bold;margin-bottom:4px}
 .edits{display:flex;flex-wrap:wrap;gap:8px}
 figure{margin:0;width:192px}
-figure img.edit{width:192px;border:1px solid #999}
+figure img.edit{width:192px;border:1px solid #999;image-rendering:pixelated}
 figure.rejected img.edit{opacity:.55;border-color:#c00}
 figcaption{font-size:10px;line-height:1.3}
 .plots{display:flex;flex-wrap:wrap;gap:12px}
@@ -455,7 +458,7 @@ def _warning(runs: list[Run]) -> str:
         random_scores = [esc(run.label) for run in runs if run.random_scores]
         return ('<div class="warning-banner" role="note">' + esc(TOY_NOTE[0].upper() + TOY_NOTE[1:]) + "; "
                 "it knows only toy scenes (one coloured circle, square or triangle on a plain background): "
-                "photos and other images are outside its domain."
+                "photos and other inputs not marked [toy scene] are outside its domain."
                 + (f"<br>Scores of {', '.join(random_scores)} used randomly initialised weights (e.g. an LPIPS "
                    "trunk) and are not meaningful." if random_scores else "") + "</div>")
     lines = []
@@ -553,6 +556,15 @@ def _pick_samples(runs: list[Run], n: int) -> list[tuple[str, str]]:
     return picked
 
 
+def _domain(source_row: dict) -> str | None:
+    """The input's `domain` field (its sample json), e.g. "toy scene" in the toy demo."""
+    try:
+        meta = json.loads(source_row.get("meta") or "{}")
+    except ValueError:
+        return None
+    return str(meta["domain"]) if isinstance(meta, dict) and meta.get("domain") else None
+
+
 def _caption(r: dict) -> str:
     bits = [f"seed {r['seed_index']}"]
     bits += [f"{s} {_num(r[s])}" for s in SCORES if r.get(s) is not None]
@@ -582,8 +594,9 @@ def _samples(runs: list[Run], series: list[Series], n: int, read_inputs: bool = 
         return "".join(out)
     out.append(f'<p class="note">{len(keys)} input(s). The source is the image stored in the output'
                + (" or, without one, re-read from its shard" if read_inputs else "")
-               + " and shown in the model's geometry. The reconstruction is not re-decoded (that needs the model); the reconstruction error the run "
-               "recorded is shown instead (latent max/mean |difference|, PSNR when computed).</p>")
+               + " and shown in the model's geometry. Beside it, the decoded reconstruction (the code edited with the source "
+               "prompt) where the run stored one (score.recon_psnr = true), and the reconstruction error the run recorded "
+               "(latent max/mean |difference|, PSNR when computed).</p>")
     src_rows: dict[tuple, dict] = {}  # (shard, key) -> run label -> sources row
     for run in runs:
         for r in rows_of(run.sources, keys):
@@ -593,8 +606,9 @@ def _samples(runs: list[Run], series: list[Series], n: int, read_inputs: bool = 
     spec = next((r.spec for r in runs if r.spec), {})
     sources: dict[tuple[str, str], str] = {}
     for run in runs:
-        for k, uri in stored_source_images(run, [k for k in keys if k not in sources]).items():
+        for k, uri in stored_images(run, [k for k in keys if k not in sources]).items():
             sources.setdefault(k, uri)
+    recons = {run.label: stored_images(run, keys, "recon_image") for run in runs}
     missing = [k for k in keys if k not in sources]
     if missing and read_inputs:
         sources.update(source_images(missing, spec, sizes))
@@ -610,7 +624,14 @@ def _samples(runs: list[Run], series: list[Series], n: int, read_inputs: bool = 
         src_html = (f'<img class="source-image" alt="source {esc(key)}" src="{src}">' if src.startswith("data:")
                     else f'<div class="missing source-missing">{esc(src)}</div>')
         recon = [_recon(se, srow[se.run.label]) for se in series if se.run.label in srow]
-        out.append(f'<div class="sample" data-key="{esc(key)}"><h3>{esc(key)} <span class="note">({esc(shard)})</span></h3>')
+        for label, by_key in recons.items():
+            if (shard, key) in by_key:
+                src_html += (f'<figure class="recon-cell"><img class="recon-image" alt="reconstruction {esc(key)}" '
+                             f'src="{by_key[(shard, key)]}"><figcaption>reconstruction'
+                             + (f" ({esc(label)})" if len(runs) > 1 else "") + "</figcaption></figure>")
+        domain = _domain(first)
+        out.append(f'<div class="sample" data-key="{esc(key)}"><h3>{esc(key)} <span class="note">({esc(shard)})</span>'
+                   + (f' <span class="domain">[{esc(domain)}]</span>' if domain else "") + "</h3>")
         out.append(f'<div class="source">{src_html}<div><div>source prompt: <q class="source-prompt">{esc(first.get("source_prompt"))}</q></div>'
                    f"<div>size {esc(first.get('orig_width'))}×{esc(first.get('orig_height'))} → {esc(first.get('width'))}×{esc(first.get('height'))}</div>"
                    + _table(["method", "recon max |Δ| (latent)", "recon mean |Δ|", "recon PSNR (dB)"], recon, {1, 2, 3}, ' class="recon"')

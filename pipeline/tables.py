@@ -15,7 +15,7 @@ _timing = [pa.field(f"time_{s}_s", pa.float64()) for s in STAGES]
 # Hugging Face `datasets`' Image storage: an encoded image is a struct of its
 # bytes and an optional path, so `load_dataset("parquet", ...)` decodes it.
 IMAGE = pa.struct([pa.field("bytes", pa.binary()), pa.field("path", pa.string())])
-IMAGE_COLUMNS = ("image",)
+IMAGE_COLUMNS = ("image", "recon_image")
 
 RESULTS = pa.schema(
     [
@@ -67,6 +67,8 @@ SOURCES = pa.schema(
         pa.field("image", IMAGE),  # the source as the model saw it (cropped, resized): pixel-aligned with its edits
         pa.field("image_format", pa.string()),
         pa.field("meta", pa.string()),  # JSON: the input sample's extra json fields (url, license, ...)
+        # the decoded reconstruction (first method's code, source prompt) when score.recon_psnr decoded it; else null
+        pa.field("recon_image", IMAGE),
     ]
 )
 

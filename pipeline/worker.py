@@ -321,6 +321,8 @@ class ShardWorker:
             **{f"time_{k}_s": v * per_img / n_rows for k, v in stage.items()},
             "image": encode_image(s.image, self.spec.output.image_format, self.spec.output.quality),
             "image_format": self.spec.output.image_format, "meta": _meta_json(s),
+            "recon_image": None if o.recon_image is None
+            else encode_image(o.recon_image, self.spec.output.image_format, self.spec.output.quality),
         }
 
     def _error_row(self, s: Sample, t_read: float) -> dict:
