@@ -143,9 +143,9 @@ def _resolve(url: str) -> list[str]:
     if url == DEMO:
         return demo_shards()
     if url == TOY_DEMO:
-        from .toy.demo import toy_demo_shards
+        from .toy.demo import TOY_DEMO_SCENES, toy_demo_samples
 
-        return toy_demo_shards()
+        return builtin_shards(TOY_DEMO, 2, toy_demo_samples, [TOY_DEMO_SCENES])
     scheme = url_scheme(url)
     if scheme in ("pipe", "http", "https"):
         return [url]
@@ -558,22 +558,29 @@ def encode_image(image: torch.Tensor, fmt: str, quality: int) -> bytes:
 # ---------------------------------------------------------------------------
 
 
-def demo_dir() -> Path:
-    root = os.environ.get("IMPRINT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "imprint")
-    return Path(root) / "demo-shards-v1"
+def cache_root() -> Path:
+    return Path(os.environ.get("IMPRINT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "imprint"))
+
+
+def builtin_shards(name: str, version: int, make_samples, per_shard: list[int]) -> list[str]:
+    """Shards `{name}-000000.tar`, ... of a built-in sample, written once
+    under the imprint cache (a new `version` for new content) and then
+    reused. `per_shard[i]` samples of `make_samples()` go to shard i."""
+    d = cache_root() / f"{name}-shards-v{version}"
+    names = [str(d / f"{name}-{i:06d}.tar") for i in range(len(per_shard))]
+    if not all(os.path.isfile(n) for n in names):
+        d.mkdir(parents=True, exist_ok=True)
+        samples, start = make_samples(), 0
+        for n, count in zip(names, per_shard):
+            write_shards(samples[start:start + count], n)
+            start += count
+    return names
 
 
 def demo_shards() -> list[str]:
     """Two small shards built on first use from images that ship with
     matplotlib and procedurally drawn scenes; nothing is downloaded."""
-    d = demo_dir()
-    names = [str(d / f"demo-{i:06d}.tar") for i in range(2)]
-    if not all(os.path.isfile(n) for n in names):
-        d.mkdir(parents=True, exist_ok=True)
-        samples = _demo_samples()
-        write_shards(samples[:3], names[0])
-        write_shards(samples[3:], names[1])
-    return names
+    return builtin_shards(DEMO, 2, _demo_samples, [3, 2])
 
 
 def _demo_samples() -> list[dict]:
@@ -590,7 +597,7 @@ def _demo_samples() -> list[dict]:
     if mpl_sample is not None and mpl_sample.is_file():
         samples.append({"__key__": "grace_hopper", "jpg": mpl_sample.read_bytes(),
                         "json": {"source_prompt": "a portrait of a woman in uniform",
-                                 "target_prompts": ["a portrait of a woman in uniform, smiling"]}})
+                                 "target_prompts": ["a portrait of a woman in uniform, smiling"], "domain": "photo"}})
     scenes = [
         ("red_circle", (30, 60, 160), (220, 40, 40), "ellipse", "a red ball on a blue floor", "a green ball on a blue floor"),
         ("yellow_square", (40, 120, 40), (240, 220, 30), "rectangle", "a yellow box on the grass", "a wooden box on the grass"),
@@ -617,7 +624,7 @@ def _demo_samples() -> list[dict]:
             draw.ellipse((w // 3, h // 6, 2 * w // 3, 9 * h // 16), fill=fg)
         buf = io.BytesIO()
         img.save(buf, format="PNG")
-        samples.append({"__key__": key, "png": buf.getvalue(), "json": {"source_prompt": src, "target_prompts": [tgt]}})
+        samples.append({"__key__": key, "png": buf.getvalue(), "json": {"source_prompt": src, "target_prompts": [tgt], "domain": "drawing"}})
     return samples
 
 

@@ -31,11 +31,11 @@ BIN = Path(sys.executable).parent  # the venv: its ray CLI and imprint command
 SUBMIT = REPO / "deploy" / "submit.sh"
 DEMO_JOB = REPO / "jobs" / "demo.toml"
 TAG_VAR = "IMPRINT_TEST_CLUSTER"
-# The demo job, kept small; the scorer settings are the offline random ones,
-# used only if the demo job turns scoring on.
-QUICK = ["inversion.steps=8", "inversion.skip=2", "edit.seeds=2",
+# The demo job, kept small: the tiny model on the photo sample, the offline
+# random scorers.
+QUICK = ["model.id=tiny", 'input.shards=["demo"]', "inversion.steps=8", "inversion.skip=2", "edit.seeds=2",
          "score.clip_model=imprint-tiny-clip", "score.clip_pretrained=none",
-         "score.lpips_net=squeeze", "score.lpips_pretrained=false"]
+         "score.lpips_net=squeeze", "score.lpips_pretrained=false", "score.recon_psnr=false"]
 
 
 @dataclass

@@ -76,7 +76,8 @@ def test_all_methods_in_one_job_one_table(shard, tmp_path):
 @pytest.mark.parametrize("method", ["ddim", "edict", "ddim-forward", "cycle"])
 def test_demo_job_runs_each_method(method, tmp_path, monkeypatch):
     monkeypatch.setenv("IMPRINT_CACHE", str(tmp_path / "cache"))
-    spec = load_spec("jobs/demo.toml", [f"inversion.method={method}", "inversion.steps=4", "inversion.skip=1",
+    spec = load_spec("jobs/demo.toml", ["model.id=tiny", 'input.shards=["demo"]', 'input.templates=["{source}, oil painting"]',
+                                        f"inversion.method={method}", "inversion.steps=4", "inversion.skip=1",
                                         "edit.seeds=1", "run.executor=inline", f'output.path="{tmp_path / "o"}"',
                                         "score.lpips_net=squeeze"])
     report = run_job(spec, progress=False)

@@ -1,26 +1,19 @@
-"""The toy scenes of `make demo`: a shard of drawn shape scenes (keys
-`toy_*`), each with its caption as source prompt and two target prompts that
-change its colour. Built on first use from a fixed seed under the imprint
-cache, like the built-in photo sample ("demo" shards)."""
+"""The toy scenes of `make demo`: drawn shape scenes (keys `toy_*`), each
+with its caption as source prompt and two target prompts that change its
+colour, from a fixed seed. `input.shards = ["toy-demo"]` names them; the
+shard is written on first use under the imprint cache (`data.builtin_shards`),
+like the built-in photo sample ("demo")."""
 
 from __future__ import annotations
 
 import io
-import os
 
 import numpy as np
 
 from .scenes import COLORS, random_scene
 
-TOY_DEMO = "toy-demo"
 TOY_DEMO_SCENES = 8
 TOY_DEMO_SEED = 2024
-
-
-def toy_demo_dir():
-    from ..data import demo_dir
-
-    return demo_dir().parent / "toy-demo-shards-v1"
 
 
 def toy_demo_samples(n: int = TOY_DEMO_SCENES, seed: int = TOY_DEMO_SEED) -> list[dict]:
@@ -40,15 +33,3 @@ def toy_demo_samples(n: int = TOY_DEMO_SCENES, seed: int = TOY_DEMO_SEED) -> lis
         samples.append({"__key__": f"toy_{k:03d}", "png": buf.getvalue(),
                         "json": {"source_prompt": s.caption, "target_prompts": targets, "domain": "toy scene"}})
     return samples
-
-
-def toy_demo_shards() -> list[str]:
-    """One shard of toy scenes (written once, then reused)."""
-    from ..data import write_shards
-
-    d = toy_demo_dir()
-    name = str(d / "toy-demo-000000.tar")
-    if not os.path.isfile(name):
-        d.mkdir(parents=True, exist_ok=True)
-        write_shards(toy_demo_samples(), name)
-    return [name]
