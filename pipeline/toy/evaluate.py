@@ -23,9 +23,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import noise_space, noise_stats
-from ..inversion import get_method
-from ..inversion import edit_friendly
+from .. import noise_space, noise_stats, p2p
+from ..inversion import edit_friendly, get_method
+from ..p2p import P2PConfig
 from . import oracle
 from .scenes import COLORS, Scene, random_scene, scene_batch
 
@@ -100,15 +100,53 @@ def colour_edit_metrics(scenes: list[Scene], targets: list[str], edits: torch.Te
             "colours": got, "ious": [round(float(i), 4) for i in ious]}
 
 
+@torch.no_grad()
+def edit_code_p2p(models, code, sources: list[str], prompts: list[str], *, method: str = "edit-friendly",
+                  cfg_source: float = PAPER.cfg_source, cfg_target: float = PAPER.cfg_target,
+                  config: P2PConfig = P2PConfig()) -> torch.Tensor:
+    """Edit a code under Prompt-to-Prompt control: row k's edit with
+    prompts[k] receives the attention maps of row k edited with sources[k]
+    at the source guidance (its reconstruction), in one batched chain."""
+    n = len(prompts)
+    rows = list(range(n)) * 2
+    text = list(sources) + list(prompts)
+    cond, uncond = _embed(models, text), _embed(models, [""])
+    cfg = torch.tensor([cfg_source] * n + [cfg_target] * n)
+    lat = p2p.edit(method, models.unet, models.scheduler, code[rows], cond, uncond, prompts=text, source_of=rows,
+                   tokenizer=models.tokenizer, config=config, cfg_scale=cfg)
+    return models.decode_latents(lat[n:].float())
+
+
 def colour_edits(models, n: int = 24, *, method: str = "edit-friendly", setting: Setting = PAPER, seed: int = 0,
-                 cfg_source: float | None = None) -> dict:
-    """Text edit of colour (`a red circle ...` -> `a green circle ...`) on n scenes."""
+                 cfg_source: float | None = None, control: P2PConfig | None = None) -> dict:
+    """Text edit of colour (`a red circle ...` -> `a green circle ...`) on n
+    scenes; with `control`, under Prompt-to-Prompt attention control."""
     scenes, targets = colour_edit_scenes(n, seed)
     code = invert_scenes(models, scenes, method=method, setting=setting, cfg_source=cfg_source, seed=seed)
     prompts = [s.with_color(t).caption for s, t in zip(scenes, targets)]
-    edits = edit_code(models, code, prompts, method=method, cfg_target=setting.cfg_target)
+    if control is None:
+        edits = edit_code(models, code, prompts, method=method, cfg_target=setting.cfg_target)
+    else:
+        edits = edit_code_p2p(models, code, [s.caption for s in scenes], prompts, method=method,
+                              cfg_source=setting.cfg_source if cfg_source is None else cfg_source,
+                              cfg_target=setting.cfg_target, config=control)
     return {"method": method, "setting": asdict(setting), "cfg_source": cfg_source,
-            **colour_edit_metrics(scenes, targets, edits)}
+            "control": control.as_params() if control else None, **colour_edit_metrics(scenes, targets, edits)}
+
+
+# Prompt-to-Prompt's setting in the paper (Table 3): 100 steps, skip 12, target
+# guidance 9, cross-attention injected for 60% and self-attention for 20% of the steps.
+P2P_SETTING = Setting(steps=100, skip=12, cfg_source=3.5, cfg_target=9.0)
+P2P_CONTROL = P2PConfig(cross_until=0.6, self_until=0.2)
+
+
+def p2p_versus_plain(models, n: int = 16, *, setting: Setting = P2P_SETTING, control: P2PConfig = P2P_CONTROL,
+                     seed: int = 0) -> dict:
+    """Colour edits of the same edit-friendly codes with and without P2P
+    control, at the same guidance (the paper's Table 1 comparison)."""
+    return {"setting": asdict(setting), "control": control.as_params(),
+            "plain": colour_edits(models, n, setting=setting, seed=seed),
+            "p2p": colour_edits(models, n, setting=setting, seed=seed, control=control)}
 
 
 def diversity(models, n_scenes: int = 4, n_codes: int = 3, *, methods=("edit-friendly", "ddim", "edict"),
@@ -328,14 +366,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", default="toy")
     p.add_argument("--n", type=int, default=24)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--only", nargs="*", default=["clip", "colour", "diversity", "tradeoff", "shift", "stroke", "stats"])
+    p.add_argument("--only", nargs="*",
+                   default=["clip", "colour", "diversity", "tradeoff", "shift", "stroke", "stats", "p2p"])
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     a.out.mkdir(parents=True, exist_ok=True)
     models = load_models(a.model, device="cpu")
     runs = {"clip": toy_clip_check, "colour": lambda: colour_edits(models, a.n), "diversity": lambda: diversity(models),
             "tradeoff": lambda: tradeoff(models, max(8, a.n // 2)), "shift": lambda: shift_check(models),
-            "stroke": lambda: stroke_check(models), "stats": lambda: noise_statistics_check(models)}
+            "stroke": lambda: stroke_check(models), "stats": lambda: noise_statistics_check(models),
+            "p2p": lambda: p2p_versus_plain(models, max(8, a.n // 2))}
     result = {"model": a.model}
     for name in a.only:
         t0 = time.time()
