@@ -38,7 +38,7 @@ test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow tests
 
 # Re-train the shipped toy model and toy-clip from their fixed seeds into
-# pipeline/toy/weights (README "The toy model": about an hour on 2 CPU cores).
+# pipeline/toy/weights (README "The toy model": about 47 minutes on 2 CPU cores).
 toy-model: $(STAMP)
 	$(BIN)/python -m pipeline.toy.train --out pipeline/toy/weights
 

@@ -3,10 +3,11 @@
     python -m pipeline.toy.train --out pipeline/toy/weights      # = make toy-model
 
 The UNet and the CLIP text encoder are trained jointly on freshly drawn toy
-scenes (an endless stream from one seeded generator): epsilon-prediction MSE
-under SD's noise schedule, 10% of captions dropped to "" so classifier-free
-guidance works, AdamW with linear warmup then a constant rate (so every
-checkpoint is a valid end point), EMA weights (what ships). Then the toy CLIP
+scenes (an endless stream from one seeded generator): v-prediction MSE under
+SD's noise schedule, 10% of captions dropped to "" so classifier-free
+guidance works, the loss weighted to count errors of the predicted clean
+image in pixel units (see `loss_weights`), AdamW with linear warmup and a
+cosine decay to a tenth of the rate, EMA weights (what ships). Then the toy CLIP
 scorer is trained contrastively on the same scenes and captions. Progress,
 wall time and CPU time go to stdout; EMA checkpoints are written every
 `--ckpt-every` seconds so a long run can be inspected while it trains.
@@ -27,11 +28,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .model import TOY, TOY_CLIP, build_untrained, save_pipeline
+from ..models import clip_tokenizer, sd_scheduler_config
+from .model import FACTOR, PREDICTION_TYPE, SCALING_FACTOR, TOY, TOY_CLIP, build_untrained, save_pipeline
 from .scenes import random_batch
 
-DEFAULTS = dict(seed=0, steps=700, batch=48, lr=1e-3, warmup=200, ema=0.999, caption_dropout=0.1,
-                clip_steps=800, clip_batch=128, clip_lr=1e-3, threads=1)
+DEFAULTS = dict(seed=0, steps=3000, batch=48, lr=5e-4, warmup=200, ema=0.999, caption_dropout=0.1,
+                clip_steps=800, clip_batch=128, clip_lr=1e-3, threads=2, prediction_type=PREDICTION_TYPE)
 
 
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
@@ -51,24 +53,46 @@ class _Clock:
         return {"wall_s": round(time.time() - self.wall0, 1), "cpu_s": round(time.process_time() - self.cpu0, 1)}
 
 
-def _checkpoint(folder: Path, step: int, unet, text_encoder, keep: int = 3) -> None:
+def _checkpoint(folder: Path, step: int, unet, text_encoder, prediction_type: str, keep: int = 3) -> None:
     """EMA weights after `step` steps, written under a temporary name and
-    renamed, so a reader never sees half a checkpoint. With a constant rate
-    after warmup, checkpoint K equals the end of a K-step run."""
+    renamed, so a reader never sees half a checkpoint."""
     import shutil
 
     tmp = folder / f".tmp-{step:05d}"
-    save_pipeline(tmp / TOY, unet, text_encoder)
+    save_pipeline(tmp / TOY, unet, text_encoder, toy_scheduler_config(prediction_type))
     tmp.rename(folder / f"step-{step:05d}")
     for old in sorted(folder.glob("step-*"))[:-keep]:
         shutil.rmtree(old)
 
 
-def train_diffusion(out: Path, *, seed: int, steps: int, batch: int, lr: float, warmup: int, ema: float,
-                    caption_dropout: float, ckpt_every: int, log_every: int, **_) -> dict:
-    from diffusers import DDIMScheduler
+def _cosine(step: int, steps: int, floor: float = 0.1) -> float:
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
 
-    from ..models import clip_tokenizer, sd_scheduler_config
+
+def loss_weights(alpha_bar: torch.Tensor) -> torch.Tensor:
+    """Per-sample weights of the v-prediction MSE: 1 + (1 - alpha_bar) / scale^2.
+
+    The predicted clean latent is x0 = sqrt(ab) x_t - sqrt(1 - ab) v, so a v
+    error e is a pixel error sqrt(1 - ab) e / SCALING_FACTOR. Plain v-MSE is
+    dominated by the noise part of v: the scaled-down image is ~2% of the
+    target's variance, and the first 3,000-step run with it (loss 0.02 at best)
+    predicted no better x0 than a constant (samples were noise). The second
+    term counts x0 errors in pixel units (up to 31x at high t, where the
+    colour and place are decided); the 1 keeps low-t denoising trained."""
+    return 1 + (1 - alpha_bar) / SCALING_FACTOR**2
+
+
+def toy_scheduler_config(prediction_type: str = PREDICTION_TYPE) -> dict:
+    """SD's DDIM schedule with the toy model's parameterisation."""
+    if prediction_type not in ("v_prediction", "sample"):
+        raise ValueError(f"prediction_type must be v_prediction or sample, got {prediction_type!r}")
+    return {**sd_scheduler_config(), "prediction_type": prediction_type}
+
+
+def train_diffusion(out: Path, *, seed: int, steps: int, batch: int, lr: float, warmup: int, ema: float,
+                    caption_dropout: float, ckpt_every: int, log_every: int, prediction_type: str = PREDICTION_TYPE,
+                    **_) -> dict:
+    from diffusers import DDIMScheduler
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -78,7 +102,8 @@ def train_diffusion(out: Path, *, seed: int, steps: int, batch: int, lr: float, 
     ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+    # a constant 1e-3 diverged at step ~1,900 of the first 3,000-step run (loss 0.02 -> 0.38)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warmup, _cosine(s, steps)))
     ab = DDIMScheduler(**sd_scheduler_config()).alphas_cumprod.float()
     tok = clip_tokenizer()
     ids_cache: dict[str, torch.Tensor] = {}
@@ -92,13 +117,18 @@ def train_diffusion(out: Path, *, seed: int, steps: int, batch: int, lr: float, 
     for step in range(1, steps + 1):
         images, _, captions, _ = random_batch(rng, batch)
         captions = ["" if rng.random() < caption_dropout else c for c in captions]
-        x0 = F.pixel_unshuffle(images, 4)  # the toy "VAE" (scaling factor 1)
+        x0 = F.pixel_unshuffle(images, FACTOR) * SCALING_FACTOR  # = Models.encode_images on the toy "VAE"
         t = torch.randint(0, len(ab), (batch,))
         noise = torch.randn_like(x0)
         a = ab[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         emb = text_encoder(token_ids(captions))[0]
-        loss = F.mse_loss(unet(xt, t, emb).sample, noise)
+        pred = unet(xt, t, emb).sample
+        if prediction_type == "sample":  # x0 itself; its error in pixel units
+            loss = (pred - x0).pow(2).mean() / SCALING_FACTOR**2
+        else:
+            v = a.sqrt() * noise - (1 - a).sqrt() * x0  # the v-prediction target
+            loss = (loss_weights(a.flatten()) * (pred - v).pow(2).mean((1, 2, 3))).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -112,8 +142,8 @@ def train_diffusion(out: Path, *, seed: int, steps: int, batch: int, lr: float, 
             print(f"unet step {step:5d}/{steps} loss {smooth:.4f} lr {sched.get_last_lr()[0]:.2e} {clock}", flush=True)
             log.append({"step": step, "loss": round(smooth, 5), **clock.dict()})
         if ckpt_every and step % ckpt_every == 0 and step < steps:
-            _checkpoint(out / "checkpoints", step, ema_unet, ema_text)
-    save_pipeline(out / TOY, ema_unet, ema_text)
+            _checkpoint(out / "checkpoints", step, ema_unet, ema_text, prediction_type)
+    save_pipeline(out / TOY, ema_unet, ema_text, toy_scheduler_config(prediction_type))
     return {"steps": steps, "final_loss": round(smooth, 5), **clock.dict(), "log": log}
 
 
