@@ -10,7 +10,8 @@ image in pixel units (see `loss_weights`), AdamW with linear warmup and a
 cosine decay to a tenth of the rate, EMA weights (what ships). Then the toy CLIP
 scorer is trained contrastively on the same scenes and captions. Progress,
 wall time and CPU time go to stdout; EMA checkpoints are written every
-`--ckpt-every` seconds so a long run can be inspected while it trains.
+`--ckpt-every` steps (none by default: `make toy-model` writes into the
+package) so a long run can be inspected while it trains.
 """
 
 from __future__ import annotations
@@ -191,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "weights")
     for k, v in DEFAULTS.items():
         p.add_argument("--" + k.replace("_", "-"), type=type(v), default=v)
-    p.add_argument("--ckpt-every", type=int, default=100, help="steps between EMA checkpoints (0: none)")
+    p.add_argument("--ckpt-every", type=int, default=0, help="steps between EMA checkpoints under OUT/checkpoints (0: none)")
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--only", choices=("all", "unet", "clip"), default="all")
     args = vars(p.parse_args(argv))
