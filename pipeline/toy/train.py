@@ -54,13 +54,13 @@ class _Clock:
         return {"wall_s": round(time.time() - self.wall0, 1), "cpu_s": round(time.process_time() - self.cpu0, 1)}
 
 
-def _checkpoint(folder: Path, step: int, unet, text_encoder, prediction_type: str, keep: int = 3) -> None:
+def _checkpoint(folder: Path, step: int, unet, text_encoder, scheduler_config: dict, keep: int = 3) -> None:
     """EMA weights after `step` steps, written under a temporary name and
     renamed, so a reader never sees half a checkpoint."""
     import shutil
 
     tmp = folder / f".tmp-{step:05d}"
-    save_pipeline(tmp / TOY, unet, text_encoder, toy_scheduler_config(prediction_type))
+    save_pipeline(tmp / TOY, unet, text_encoder, scheduler_config)
     tmp.rename(folder / f"step-{step:05d}")
     for old in sorted(folder.glob("step-*"))[:-keep]:
         shutil.rmtree(old)
@@ -95,6 +95,7 @@ def train_diffusion(out: Path, *, seed: int, steps: int, batch: int, lr: float, 
                     **_) -> dict:
     from diffusers import DDIMScheduler
 
+    scheduler_config = toy_scheduler_config(prediction_type)  # refuses an unknown type before any training
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     unet, text_encoder = build_untrained(seed)
@@ -105,7 +106,7 @@ def train_diffusion(out: Path, *, seed: int, steps: int, batch: int, lr: float, 
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     # a constant 1e-3 diverged at step ~1,900 of the first 3,000-step run (loss 0.02 -> 0.38)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warmup, _cosine(s, steps)))
-    ab = DDIMScheduler(**sd_scheduler_config()).alphas_cumprod.float()
+    ab = DDIMScheduler(**scheduler_config).alphas_cumprod.float()
     tok = clip_tokenizer()
     ids_cache: dict[str, torch.Tensor] = {}
 
@@ -143,8 +144,8 @@ def train_diffusion(out: Path, *, seed: int, steps: int, batch: int, lr: float, 
             print(f"unet step {step:5d}/{steps} loss {smooth:.4f} lr {sched.get_last_lr()[0]:.2e} {clock}", flush=True)
             log.append({"step": step, "loss": round(smooth, 5), **clock.dict()})
         if ckpt_every and step % ckpt_every == 0 and step < steps:
-            _checkpoint(out / "checkpoints", step, ema_unet, ema_text, prediction_type)
-    save_pipeline(out / TOY, ema_unet, ema_text, toy_scheduler_config(prediction_type))
+            _checkpoint(out / "checkpoints", step, ema_unet, ema_text, scheduler_config)
+    save_pipeline(out / TOY, ema_unet, ema_text, scheduler_config)
     return {"steps": steps, "final_loss": round(smooth, 5), **clock.dict(), "log": log}
 
 
