@@ -18,6 +18,7 @@ _MODULES = {
     "edict": "edict",
     "ddim-forward": "ddim_forward",
     "cycle": "cycle",
+    "turbo-edit": "turbo_edit",
 }
 
 

@@ -64,24 +64,31 @@ class Schedule:
             ts = [i * ratio for i in range(num_steps)]
             ts = [t + offset for t in ts]
         elif spacing == "trailing":
-            ratio = n_train / num_steps
-            ts = [int(round(n_train - i * ratio)) - 1 for i in range(num_steps)][::-1]
+            ts = trailing_timesteps(n_train, num_steps)
         elif spacing == "linspace":
             ts = [int(round(v)) for v in torch.linspace(0, n_train - 1, num_steps, dtype=torch.float64).tolist()]
         else:
             raise ValueError(f"unsupported timestep_spacing {spacing!r}")
-        timesteps = torch.tensor(sorted(ts, reverse=True), dtype=torch.long)
+        final = 1.0 if bool(getattr(cfg, "set_alpha_to_one", False)) else float(scheduler.alphas_cumprod[0])
+        return cls.at_timesteps(scheduler, sorted(ts, reverse=True), final)
+
+    @classmethod
+    def at_timesteps(cls, scheduler: Any, timesteps: Sequence[int], final_alpha_cumprod: float) -> "Schedule":
+        """The schedule of explicit descending `timesteps`, landing on level
+        `final_alpha_cumprod` after the last step (methods with their own
+        timestep rule, e.g. turbo-edit's, use this)."""
+        ts = [int(t) for t in timesteps]
+        n_train = int(scheduler.config.num_train_timesteps)
+        if not ts or any(not 0 <= t < n_train for t in ts) or any(a <= b for a, b in zip(ts, ts[1:])):
+            raise ValueError(f"timesteps must be distinct, descending and in [0, {n_train}), got {ts}")
+        timesteps_t = torch.tensor(ts, dtype=torch.long)
         ac = scheduler.alphas_cumprod.to(torch.float64).cpu()
-        if bool(getattr(cfg, "set_alpha_to_one", False)):
-            final = 1.0
-        else:
-            final = float(ac[0])
-        ab = ac[timesteps]
-        ab_prev = torch.cat([ac[timesteps[1:]], torch.tensor([final], dtype=torch.float64)])
-        pred = getattr(cfg, "prediction_type", "epsilon")
+        ab = ac[timesteps_t]
+        ab_prev = torch.cat([ac[timesteps_t[1:]], torch.tensor([float(final_alpha_cumprod)], dtype=torch.float64)])
+        pred = getattr(scheduler.config, "prediction_type", "epsilon")
         if pred not in PREDICTION_TYPES:
             raise ValueError(f"unsupported prediction_type {pred!r}: expected one of {', '.join(PREDICTION_TYPES)}")
-        return cls(timesteps, ab, ab_prev, ac, final, pred)
+        return cls(timesteps_t, ab, ab_prev, ac, float(final_alpha_cumprod), pred)
 
     def variance(self, i: int) -> float:
         """DDIM/DDPM posterior variance of step i (Eq. 4 with eta = 1)."""
@@ -98,6 +105,13 @@ class Schedule:
         return int(hits[0])
 
 
+def trailing_timesteps(n_train: int, num_steps: int) -> list[int]:
+    """diffusers' "trailing" spacing, ascending: the last step is the
+    noisiest training timestep (1000 train steps, 5 steps: 199 ... 999)."""
+    ratio = n_train / num_steps
+    return [int(round(n_train - i * ratio)) - 1 for i in range(num_steps)][::-1]
+
+
 # --------------------------------------------------------------------------
 # Closed-form helpers (Eqs. 2-4). `ab`, `ab_prev`, `sigma` are python floats.
 # --------------------------------------------------------------------------
@@ -108,12 +122,17 @@ def q_sample(x0: torch.Tensor, ab: float, noise: torch.Tensor) -> torch.Tensor:
     return math.sqrt(ab) * x0 + math.sqrt(1.0 - ab) * noise
 
 
-def predict_x0(x_t: torch.Tensor, eps: torch.Tensor, ab: float) -> torch.Tensor:
-    return (x_t - math.sqrt(1.0 - ab) * eps) / math.sqrt(ab)
+def _sqrt(v: "float | torch.Tensor") -> "float | torch.Tensor":
+    """sqrt of a python float, or elementwise of a per-row level tensor (rows at different timesteps)."""
+    return v.sqrt() if torch.is_tensor(v) else math.sqrt(v)
 
 
-def predict_eps(x_t: torch.Tensor, x0: torch.Tensor, ab: float) -> torch.Tensor:
-    return (x_t - math.sqrt(ab) * x0) / math.sqrt(1.0 - ab)
+def predict_x0(x_t: torch.Tensor, eps: torch.Tensor, ab: "float | torch.Tensor") -> torch.Tensor:
+    return (x_t - _sqrt(1.0 - ab) * eps) / _sqrt(ab)
+
+
+def predict_eps(x_t: torch.Tensor, x0: torch.Tensor, ab: "float | torch.Tensor") -> torch.Tensor:
+    return (x_t - _sqrt(ab) * x0) / _sqrt(1.0 - ab)
 
 
 def mean_from(x0: torch.Tensor, eps: torch.Tensor, ab_prev: float, sigma: float) -> torch.Tensor:
@@ -152,15 +171,16 @@ class Prediction(NamedTuple):
     eps: torch.Tensor
 
 
-def to_prediction(out: torch.Tensor, x: torch.Tensor, ab: float, prediction_type: str) -> Prediction:
-    """(x0, eps) from a net output of `prediction_type` at x_t with level `ab`,
+def to_prediction(out: torch.Tensor, x: torch.Tensor, ab: "float | torch.Tensor", prediction_type: str) -> Prediction:
+    """(x0, eps) from a net output of `prediction_type` at x_t with level `ab`
+    (a float, or float32 [rows, 1, 1, 1] for rows at different timesteps),
     each in closed form from the parameterisation, so nothing divides by
     sqrt(ab) unless the parameterisation itself needs it (epsilon's x0)."""
     if prediction_type == "epsilon":
         return Prediction(predict_x0(x, out, ab), out)
     if prediction_type == "v_prediction":
         xf = x.float()
-        return Prediction(math.sqrt(ab) * xf - math.sqrt(1.0 - ab) * out, math.sqrt(ab) * out + math.sqrt(1.0 - ab) * xf)
+        return Prediction(_sqrt(ab) * xf - _sqrt(1.0 - ab) * out, _sqrt(ab) * out + _sqrt(1.0 - ab) * xf)
     if prediction_type == "sample":
         return Prediction(out, predict_eps(x.float(), out, ab))
     raise ValueError(f"unsupported prediction_type {prediction_type!r}: expected one of {', '.join(PREDICTION_TYPES)}")
@@ -212,14 +232,17 @@ class EpsModel:
         return ts[i]
 
     def output(self, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        """The net's float32 output at timestep tensor `t`, in chunks of at most `max_batch` rows."""
+        """The net's float32 output at timestep tensor `t` (0-d, or [rows]:
+        one timestep per row), in chunks of at most `max_batch` rows."""
         n = x.shape[0]
         # equal chunks: 34 rows with a cap of 32 run as 17 + 17, not 32 + a tiny 2-row call
         chunks = -(-n // (self.max_batch or n))
         step = -(-n // chunks)
         if step >= n:
             return self._call(x, t, emb)
-        return torch.cat([self._call(x[s : s + step], t, emb[s : s + step]) for s in range(0, n, step)])
+        per_row = t.dim() == 1 and t.numel() == n  # rows at different timesteps (turbo-edit's batched inversion)
+        return torch.cat([self._call(x[s : s + step], t[s : s + step] if per_row else t, emb[s : s + step])
+                          for s in range(0, n, step)])
 
     def predict(self, x: torch.Tensor, i: int, emb: torch.Tensor) -> torch.Tensor:
         """The net's float32 output at schedule index i."""
@@ -389,6 +412,10 @@ class NoiseCode:
     extra:     further batched tensors a method needs (batch on dim 0 unless
                listed in `extra_batch_dim`), e.g. EDICT's second sequence.
     params:    the method's parameters, recorded with the code.
+    zs_kind:   what `zs` holds: "noise", the sampler's noise maps z_t with
+               x_{t-1} = mu_t + sigma_t z_t (every method but turbo-edit), or
+               "residual", additive residuals r_t = x_{t-1} - mu_t (turbo-edit:
+               its last step has sigma = 0 but r != 0, which no z can hold).
     """
 
     x_start: torch.Tensor
@@ -399,13 +426,14 @@ class NoiseCode:
     method: str = "edit-friendly"
     params: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
+    zs_kind: str = "noise"
 
     @classmethod
     def from_schedule(cls, schedule: "Schedule", skip: int, x_start: torch.Tensor, zs: torch.Tensor, method: str,
-                      params: dict, extra: dict | None = None) -> "NoiseCode":
+                      params: dict, extra: dict | None = None, zs_kind: str = "noise") -> "NoiseCode":
         """A code for the steps schedule[skip:] (what every method returns)."""
         return cls(x_start=x_start, zs=zs, timesteps=schedule.timesteps[skip:].clone(), num_steps=schedule.num_steps,
-                   skip=skip, method=method, params=params, extra=extra or {})
+                   skip=skip, method=method, params=params, extra=extra or {}, zs_kind=zs_kind)
 
     def __len__(self) -> int:
         return int(self.x_start.shape[0])
@@ -437,7 +465,7 @@ class NoiseCode:
         """Concatenate codes of the same method and schedule along the batch."""
         first = codes[0]
         for c in codes[1:]:
-            if (c.method, c.num_steps, c.skip) != (first.method, first.num_steps, first.skip) or not torch.equal(
+            if (c.method, c.num_steps, c.skip, c.zs_kind) != (first.method, first.num_steps, first.skip, first.zs_kind) or not torch.equal(
                 c.timesteps, first.timesteps
             ):
                 raise ValueError("cannot concatenate codes of different methods or schedules")

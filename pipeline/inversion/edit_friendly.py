@@ -140,6 +140,8 @@ def edit(
     state (noise-space color strokes) hook in here.
 
     eta defaults to the one the code was inverted with."""
+    if code.zs_kind != "noise":  # a turbo-edit code's residuals are not sigma-scaled noise maps
+        raise ValueError(f"code of method {code.method!r} holds {code.zs_kind} maps; the DDPM sampler reads noise maps")
     if eta is None:
         eta = float(code.params.get("eta", 1.0))
     schedule = prepare_edit(scheduler, code)
