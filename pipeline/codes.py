@@ -48,7 +48,7 @@ def code_to_rows(code: NoiseCode, sample, seeds: list[int], models, dtype: str =
             "width": int(sample.image.shape[2]), "height": int(sample.image.shape[1]), "dtype": dtype,
             "x_start": xs, "x_start_shape": xs_shape, "zs": zs, "zs_shape": zs_shape,
             "extra_names": list(extra), "extra_shapes": [v[1] for v in extra.values()],
-            "extra_data": [v[0] for v in extra.values()],
+            "extra_data": [v[0] for v in extra.values()], "zs_kind": code.zs_kind,
         })
     return rows
 
@@ -62,7 +62,7 @@ def row_to_code(row: dict) -> NoiseCode:
     return NoiseCode(
         x_start=x_start, zs=zs, timesteps=torch.tensor(row["timesteps"], dtype=torch.long),
         num_steps=int(row["num_steps"]), skip=int(row["skip"]), method=row["method"],
-        params=json.loads(row["params"]), extra=extra,
+        params=json.loads(row["params"]), extra=extra, zs_kind=row.get("zs_kind") or "noise",
     )
 
 
@@ -122,9 +122,6 @@ def check_code_rows(rows: list[dict], models) -> None:
         raise CodeError(f"stored code: num_steps {n} outside [1, {train_steps}] (the scheduler's training steps)")
     if not 0 <= skip < n:
         raise CodeError(f"stored code: skip {skip} outside [0, num_steps = {n})")
-    expected = Schedule.from_scheduler(models.scheduler, n).timesteps[skip:].tolist()
-    if first["timesteps"] != expected:
-        raise CodeError(f"stored code: timesteps do not match the schedule of {n} steps from skip {skip}")
     try:
         params = json.loads(first["params"])
     except ValueError as exc:
@@ -132,6 +129,19 @@ def check_code_rows(rows: list[dict], models) -> None:
     if not isinstance(params, dict):
         raise CodeError(f"stored code: params must be a JSON object, got {_short(params)}")
     _check_code_params(method, params)
+    module = get_method(method)
+    kind = first.get("zs_kind") or "noise"  # codes written before the column hold noise maps
+    if kind != getattr(module, "ZS_KIND", "noise") or any((r.get("zs_kind") or "noise") != kind for r in rows):
+        raise CodeError(f"stored code: zs_kind {kind!r} is not what method {method!r} stores "
+                        f"({getattr(module, 'ZS_KIND', 'noise')!r})")
+    own_schedule = getattr(module, "code_timesteps", None)  # a method with its own timestep rule (turbo-edit)
+    try:
+        expected = (own_schedule(models.scheduler, n, params) if own_schedule else
+                    Schedule.from_scheduler(models.scheduler, n).timesteps.tolist())[skip:]
+    except ValueError as exc:
+        raise CodeError(f"stored code: {exc}") from None
+    if first["timesteps"] != expected:
+        raise CodeError(f"stored code: timesteps do not match the schedule of {n} steps from skip {skip}")
     if first["dtype"] not in _NP:
         raise CodeError(f"stored code: dtype must be one of {', '.join(_NP)}, got {first['dtype']!r}")
     f = models.vae_scale_factor
@@ -140,7 +150,8 @@ def check_code_rows(rows: list[dict], models) -> None:
         raise CodeError(f"stored code: image size {w}x{h} is not a positive multiple of the VAE factor {f}")
     grid = [int(models.vae.config.latent_channels), h // f, w // f]
     steps = len(expected)
-    stochastic = "eta" in getattr(get_method(method), "DEFAULTS", {})
+    # methods whose codes always hold one map per step (noise maps, or residuals)
+    stochastic = "eta" in getattr(module, "DEFAULTS", {}) or kind == "residual"
     for r in rows:
         if r["x_start_shape"] != grid:
             raise CodeError(f"stored code: latent grid {r['x_start_shape']} does not match {grid} "

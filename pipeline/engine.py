@@ -98,6 +98,8 @@ class PaddedNet:
         pad = (-n) % self.multiple
         if pad == 0:
             return self.net(x, t, emb)
+        if torch.is_tensor(t) and t.dim() == 1 and t.numel() == n:  # one timestep per row (turbo-edit's inversion)
+            t = torch.cat([t, t[-1:].expand(pad)])
         x = torch.cat([x, x[-1:].expand(pad, *x.shape[1:])])
         emb = torch.cat([emb, emb[-1:].expand(pad, *emb.shape[1:])])
         out = self.net(x, t, emb)
@@ -331,8 +333,9 @@ class Engine:
         scale = cfgs[0] if len(set(cfgs)) == 1 else torch.tensor(cfgs, device=device)
         rows = code[code_idx]
         cond = texts.emb[torch.tensor(cond_idx, device=texts.emb.device)]
+        row_args = self._row_args(v, texts, plan, outs)
         if v.control == "p2p":
-            latents = self._p2p_chain(v, rows, cond, texts, plan, outs, torch.tensor(cfgs, device=device))
+            latents = self._p2p_chain(v, rows, cond, texts, plan, outs, torch.tensor(cfgs, device=device), row_args)
         elif strokes is not None:
             from .noise_space import edit_with_strokes
 
@@ -360,7 +363,7 @@ class Engine:
             latents[recon_at.to(latents.device)] = recons.to(latents.dtype)
         else:
             latents = get_method(v.method).edit(self.unet, m.scheduler, rows, cond, texts.uncond,
-                                                cfg_scale=scale, max_batch=mb, **spec.edit.params)
+                                                cfg_scale=scale, max_batch=mb, **spec.edit.params, **row_args)
         t0 = self._timed("edit", t0)
 
         # Edits and reconstructions are decoded in separate calls so an edit's
@@ -401,7 +404,19 @@ class Engine:
                     rows_g = rows_g[:1] * len(o.seeds)
                 o.codes[vi] = code[rows_g].to("cpu")
 
-    def _p2p_chain(self, v: Variant, rows: NoiseCode, cond, texts, plan, outs, cfgs: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _row_args(v: Variant, texts, plan, outs) -> dict:
+        """Per-row edit arguments of methods that edit against the source
+        prompt (turbo-edit): each row's source embedding, and which rows are
+        reconstructions (edited with the source prompt, unclipped)."""
+        if not getattr(get_method(v.method), "EDIT_NEEDS_SOURCE", False):
+            return {}
+        src = [texts.row[outs[g].sample.source_prompt] for _, g, _, _ in plan]
+        return {"source": texts.emb[torch.tensor(src, device=texts.emb.device)],
+                "reconstruct": torch.tensor([kind != "edit" for kind, _, _, _ in plan])}
+
+    def _p2p_chain(self, v: Variant, rows: NoiseCode, cond, texts, plan, outs, cfgs: torch.Tensor,
+                   row_args: dict | None = None) -> torch.Tensor:
         """The edit chain under Prompt-to-Prompt control. Each (image, seed)
         group (its source row, then its target rows) must share UNet calls
         with its source, so rows run as whole groups, as many groups per
@@ -430,7 +445,7 @@ class Engine:
             parts.append(p2p.edit(method, self.unet, self.models.scheduler, rows[idx], cond[idx], texts.uncond,
                                   prompts=[row_prompts[i] for i in idx], source_of=[source_of[i] - a for i in idx],
                                   tokenizer=self.models.tokenizer, config=v.p2p, cfg_scale=cfgs[idx],
-                                  **self.spec.edit.params))
+                                  **self.spec.edit.params, **{k: a[idx] for k, a in (row_args or {}).items()}))
         return torch.cat(parts)
 
     def _strokes(self, group: list[Sample], latent_hw) -> tuple[torch.Tensor, torch.Tensor]:

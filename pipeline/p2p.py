@@ -388,9 +388,30 @@ def edit(method: Any, unet: Any, scheduler, code, cond: torch.Tensor, uncond: to
         from .inversion import get_method
 
         method = get_method(method)
+    if getattr(method, "EDIT_NEEDS_SOURCE", False):
+        prompts, source_of, params = _source_row_layout(prompts, source_of, params)
     plan = make_plan(config, tokenizer, prompts, source_of, code.timesteps.tolist(), _context_length(tokenizer))
     with attention_control(unet, plan):
         return method.edit(unet, scheduler, code, cond, uncond, cfg_scale=cfg_scale, max_batch=None, **params)
+
+
+def _source_row_layout(prompts: Sequence[str], source_of: Sequence[int], params: dict) -> tuple[list, list, dict]:
+    """The controlled call of a method that evaluates every row with the
+    source prompt on that row's own edited latent (turbo-edit: one call on
+    [all R rows with the source prompt; the edit rows with their targets]).
+    An edit row takes its maps from its own source-prompt row (the source
+    prompt on the edited latent), not from another chain's latent. Rows that
+    are their own source are edited with the source prompt alone (the
+    reconstruction rows); they have no target half."""
+    r = len(prompts)
+    own = [source_of[i] == i for i in range(r)]
+    given = params.get("reconstruct")
+    if given is not None and [bool(x) for x in torch.as_tensor(given).tolist()] != own:
+        raise ValueError("reconstruct must mark exactly the rows that are their own P2P source")
+    edit_rows = [i for i in range(r) if not own[i]]
+    call_prompts = [prompts[source_of[i]] for i in range(r)] + [prompts[i] for i in edit_rows]
+    call_source_of = list(range(r)) + edit_rows
+    return call_prompts, call_source_of, {**params, "reconstruct": torch.tensor(own)}
 
 
 def _context_length(tokenizer) -> int:

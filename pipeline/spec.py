@@ -361,7 +361,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 def validate(spec: JobSpec) -> JobSpec:
     """Range and consistency checks; raises SpecError naming the field."""
-    from .inversion import method_names
+    from .inversion import get_method, method_names
 
     def need(cond: bool, path: str, msg: str) -> None:
         if not cond:
@@ -415,6 +415,18 @@ def validate(spec: JobSpec) -> JobSpec:
         need(v.cfg_source >= 0, f"{path}.cfg_source", "must be >= 0")
         need(v.cfg_target >= 0, f"{path}.cfg_target" if path != "inversion" else "edit.cfg_target", "must be >= 0")
         _check_method_params(v.method, v.params, f"{path}.params")
+        module = get_method(v.method)
+        if not getattr(module, "GUIDANCE", True):
+            for name in ("cfg_source", "cfg_target"):
+                value = getattr(v, name)
+                field_path = f"{path}.{name}" if path != "inversion" else ("edit.cfg_target" if name == "cfg_target" else "inversion.cfg_source")
+                need(value == 1.0, field_path, f"method {v.method!r} runs without classifier-free guidance: set it to 1 "
+                     f"(its pseudo-guidance is edit.params.w), got {value!r}")
+        if hasattr(module, "check_params"):
+            try:
+                module.check_params(v.params, v.steps)
+            except ValueError as exc:
+                raise SpecError(f"{path}.params: {exc}") from None
     mp = spec.manipulate
     need(mp.flip in ("", "horizontal", "vertical"), "manipulate.flip", "must be \"\", \"horizontal\" or \"vertical\"")
     need(0 <= mp.strokes_t1 <= mp.strokes_t2 <= 100, "manipulate.strokes_t1", "need 0 <= strokes_t1 <= strokes_t2 <= 100")
@@ -468,7 +480,15 @@ _PARAM_RULES = {
     "eta": (lambda v: v > 0, "must be > 0 (sigma_t = eta * sqrt(var) divides); use method 'ddim' for eta = 0"),
     "mix": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
     "forward_steps": (lambda v: v is None or (isinstance(v, int) and v >= 1), "must be an integer >= 1"),
+    "noise_shift": (lambda v: isinstance(v, int) and v >= 0, "must be an integer >= 0 (training timesteps)"),
+    "max_norm": (lambda v: all(x >= 0 for x in (v if isinstance(v, list) else [v])),
+                 "must be >= 0 (0 = no clipping), or one such number per step"),
+    "noise_levels": (lambda v: all(x >= 0 for x in v), "must be training timesteps >= 0 (0 = the clean latent)"),
+    "timesteps": (lambda v: all(x >= 0 for x in v), "must be training timesteps >= 0"),
 }
+
+# Parameters given as lists, with the type of their entries (turbo-edit's per-step settings).
+_LIST_PARAMS = {"noise_levels": int, "timesteps": int, "max_norm": float}
 
 
 # An edit only multiplies by sigma: eta = 0 there is DDIM sampling with the code's x_start.
@@ -476,7 +496,14 @@ _EDIT_PARAM_RULES = {**_PARAM_RULES, "eta": (lambda v: v >= 0, "must be >= 0")}
 
 
 def _check_param_value(path: str, name: str, value: Any, default: Any, rules: dict = _PARAM_RULES) -> None:
-    if default is None or (isinstance(default, (int, float)) and not isinstance(default, bool)):
+    entry = _LIST_PARAMS.get(name)
+    if entry is not None and (isinstance(value, list) or default is None):
+        ok = isinstance(value, list) and bool(value) and all(
+            _is_number(x) and (entry is float or isinstance(x, int)) for x in value)
+        if not ok:
+            kind = "integers" if entry is int else "numbers"
+            raise SpecError(f"{path}: expected a non-empty list of {kind} (one per step), got {value!r}")
+    elif default is None or (isinstance(default, (int, float)) and not isinstance(default, bool)):
         if not _is_number(value):
             raise SpecError(f"{path}: expected a finite number, got {value!r}")
     elif isinstance(default, bool) and not isinstance(value, bool):
@@ -526,7 +553,7 @@ def _check_method_params(method: str, params: dict, path: str) -> None:
 
 
 # Keyword arguments of a method's `edit` that the engine sets itself.
-_ENGINE_EDIT_ARGS = {"cfg_scale", "max_batch", "on_step"}
+_ENGINE_EDIT_ARGS = {"cfg_scale", "max_batch", "on_step", "source", "reconstruct"}
 
 
 def edit_param_names(method: str) -> dict[str, Any]:

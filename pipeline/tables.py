@@ -96,6 +96,9 @@ NOISE = pa.schema(
         pa.field("extra_names", pa.list_(pa.string())),
         pa.field("extra_shapes", pa.list_(pa.list_(pa.int32()))),
         pa.field("extra_data", pa.list_(pa.binary())),
+        # what zs holds: "noise" (sigma-scaled noise maps; also when null, as in codes written before this
+        # column) or "residual" (turbo-edit's additive residuals r_t = x_{t-1} - mu_t)
+        pa.field("zs_kind", pa.string()),
     ]
 )
 

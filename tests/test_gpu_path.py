@@ -64,12 +64,16 @@ def test_step_loops_make_no_host_sync(meta_models):
     x0 = torch.zeros(2, 4, 16, 16, device="meta")
     for name in method_names():
         method = get_method(name)
+        guided = getattr(method, "GUIDANCE", True)  # turbo-edit: no guidance, edits against the source prompt
         with count_host_syncs("meta", started=False) as c:
-            code = method.invert(gate_net(m.unet, c), m.scheduler, x0, cond, cond[:1], num_steps=4, skip=1, cfg_scale=3.0,
+            code = method.invert(gate_net(m.unet, c), m.scheduler, x0, cond, cond[:1], num_steps=4, skip=1,
+                                 cfg_scale=3.0 if guided else 1.0,
                                  generator=[torch.Generator().manual_seed(k) for k in range(2)])
         assert c.count == 0, (name, "invert", c.events)
+        row_args = {} if guided else {"source": cond[:1], "reconstruct": torch.tensor([False, True])}
         with count_host_syncs("meta", started=False) as c:
-            out = method.edit(gate_net(m.unet, c), m.scheduler, code, cond, cond[:1], cfg_scale=torch.tensor([2.0, 3.0]))
+            out = method.edit(gate_net(m.unet, c), m.scheduler, code, cond, cond[:1],
+                              cfg_scale=torch.tensor([2.0, 3.0]) if guided else 1.0, **row_args)
         assert c.count == 0, (name, "edit", c.events)
         assert out.device.type == "meta"
 

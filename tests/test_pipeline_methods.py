@@ -50,7 +50,8 @@ def shard(tmp_path_factory):
 
 
 def test_all_methods_in_one_job_one_table(shard, tmp_path):
-    spec = spec_for(tmp_path, [shard], inversion={"method": method_names(), "per_method": {"ddim": {"cfg_target": 7.5}}})
+    spec = spec_for(tmp_path, [shard], inversion={"method": method_names(), "per_method": {
+        "ddim": {"cfg_target": 7.5}, "turbo-edit": {"cfg_source": 1.0, "cfg_target": 1.0}}})
     report = run_job(spec, progress=False)
     assert report.done == 1 and not report.failed
     res = table(tmp_path / "out", "results")
@@ -68,7 +69,7 @@ def test_all_methods_in_one_job_one_table(shard, tmp_path):
     src = table(tmp_path / "out", "sources")
     errs = json.loads(src[0]["recon_errors"])
     assert set(errs) == set(method_names())
-    assert errs["edit-friendly"] < 1e-4 and errs["edict"] < 1e-4 and errs["cycle"] < 1e-4
+    assert errs["edit-friendly"] < 1e-4 and errs["edict"] < 1e-4 and errs["cycle"] < 1e-4 and errs["turbo-edit"] < 1e-4
     # diversity is computed within (image, method, target) groups
     assert all(r["diversity"] == r["diversity"] for r in by_method["edit-friendly"])
 

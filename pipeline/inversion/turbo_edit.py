@@ -44,6 +44,7 @@ Departures from the public reference code (GiilDe/turbo-edit), on purpose:
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import torch
@@ -70,6 +71,8 @@ SEED_INDEPENDENT = False
 ZS_KIND = "residual"
 # edit() needs the source prompt's embedding (`source=`) and which rows reconstruct (`reconstruct=`)
 EDIT_NEEDS_SOURCE = True
+# no classifier-free guidance: cfg_source and cfg_target must be 1 (w is the pseudo-guidance)
+GUIDANCE = False
 # the clip range of `clip_sample` (DDPMScheduler's clip_sample_range default)
 CLIP_RANGE = 1.0
 # the reference's 4-step schedule: trailing spacing of 5 steps without its pure-noise first step (999)
@@ -102,6 +105,24 @@ def turbo_schedule(scheduler, num_steps: int, timesteps: Sequence[int] | None = 
     return Schedule.at_timesteps(scheduler, timesteps, 1.0)
 
 
+def code_timesteps(scheduler, num_steps: int, params: dict) -> list[int]:
+    """The timesteps a code with these recorded params was made at (stored-code checks)."""
+    return turbo_schedule(scheduler, num_steps, params.get("timesteps")).timesteps.tolist()
+
+
+def check_params(params: dict, num_steps: int) -> None:
+    """Raise ValueError if the per-step params do not fit `num_steps` (job validation)."""
+    ts = params.get("timesteps")
+    if ts is not None and len(ts) != num_steps:
+        raise ValueError(f"timesteps lists {len(ts)} steps for {num_steps} steps (inversion.steps)")
+    if ts is not None and any(a <= b for a, b in zip(ts, ts[1:])):
+        raise ValueError(f"timesteps must be distinct and descending, got {ts}")
+    levels = params.get("noise_levels")
+    if levels is not None:
+        noise_levels_for([0] * num_steps, 0, levels)
+    max_norms(params.get("max_norm", DEFAULTS["max_norm"]), num_steps)
+
+
 def noise_levels_for(timesteps: Sequence[int], noise_shift: int, noise_levels: Sequence[int] | None) -> list[int]:
     """The level each input x_t is drawn at: the model timestep minus
     `noise_shift`, or the explicit list; a level <= 0 is the clean latent
@@ -132,26 +153,26 @@ def max_norms(max_norm: float | Sequence[float] | None, num_steps: int) -> list[
     return [max(v, 0.0) for v in out]
 
 
-def posterior_mean(x0: torch.Tensor, x_t: torch.Tensor, ab: torch.Tensor | float, ab_prev: torch.Tensor | float) -> torch.Tensor:
-    """The DDPM posterior mean of q(x_prev | x_t, x0) (Ho et al., Eq. 7):
-    sqrt(ab_prev) beta / (1 - ab) x0 + sqrt(alpha) (1 - ab_prev) / (1 - ab) x_t,
-    alpha = ab / ab_prev, beta = 1 - alpha. Levels are floats or per-row
-    float64 tensors [R, 1, 1, 1]; the coefficients are formed in float64."""
-    ab, ab_prev = torch.as_tensor(ab, dtype=torch.float64), torch.as_tensor(ab_prev, dtype=torch.float64)
+def posterior_coefficients(ab, ab_prev):
+    """(c_x0, c_xt) of the DDPM posterior mean of q(x_prev | x_t, x0) (Ho et
+    al., Eq. 7): mu = c_x0 x0 + c_xt x_t, c_x0 = sqrt(ab_prev) beta / (1 - ab),
+    c_xt = sqrt(alpha) (1 - ab_prev) / (1 - ab), alpha = ab / ab_prev,
+    beta = 1 - alpha. Levels are python floats (the result too) or float64
+    tensors (elementwise)."""
     alpha = ab / ab_prev
-    c_x0 = ab_prev.sqrt() * (1.0 - alpha) / (1.0 - ab)
-    c_xt = alpha.sqrt() * (1.0 - ab_prev) / (1.0 - ab)
-    dev = x_t.device
-    return c_x0.to(dev, torch.float32) * x0 + c_xt.to(dev, torch.float32) * x_t
+    sqrt = (lambda v: v.sqrt()) if torch.is_tensor(alpha) else math.sqrt
+    return sqrt(ab_prev) * (1.0 - alpha) / (1.0 - ab), sqrt(alpha) * (1.0 - ab_prev) / (1.0 - ab)
 
 
-def _mean(out: torch.Tensor, x: torch.Tensor, ab, ab_prev, kind: str, clip: bool) -> torch.Tensor:
-    """mu from a net output at x (levels per row or shared), x0 clamped when `clip`."""
-    ab_row = ab.to(x.device, torch.float32) if torch.is_tensor(ab) else float(ab)
-    x0 = to_prediction(out, x, ab_row, kind).x0
+def _mean(out: torch.Tensor, x: torch.Tensor, ab, coeffs, kind: str, clip: bool) -> torch.Tensor:
+    """mu from a net output at x: x0 from the parameterisation (clamped when
+    `clip`), then the posterior mean. `ab` and `coeffs` are floats, or per-row
+    float32 tensors [R, 1, 1, 1] already on x's device (no copy in the loop)."""
+    x0 = to_prediction(out, x, ab, kind).x0
     if clip:
         x0 = x0.clamp(-CLIP_RANGE, CLIP_RANGE)
-    return posterior_mean(x0, x, ab, ab_prev)
+    c_x0, c_xt = coeffs
+    return c_x0 * x0 + c_xt * x
 
 
 def clip_coefficient(r: torch.Tensor, limit: float) -> torch.Tensor:
@@ -219,9 +240,12 @@ def invert(
     x_in = torch.cat([xs[i] for i in steps])
     t_rows = schedule.timesteps[steps].repeat_interleave(b).to(x0.device)
     emb = expand_rows(cond, b, "cond").repeat(len(steps), 1, 1)
+    ab_rows, abp_rows = (v[steps].repeat_interleave(b).view(-1, 1, 1, 1) for v in (schedule.ab, schedule.ab_prev))
+    on_device = (lambda v: v.to(x0.device, torch.float32))
+    coeffs = tuple(on_device(c) for c in posterior_coefficients(ab_rows, abp_rows))
+    ab_dev = on_device(ab_rows)
     out = model.output(x_in, t_rows, emb)  # every step in one call: the x_t do not depend on each other
-    per_row = (lambda v: v[steps].repeat_interleave(b).view(-1, 1, 1, 1))
-    mu = _mean(out, x_in, per_row(schedule.ab), per_row(schedule.ab_prev), schedule.prediction_type, clip_sample)
+    mu = _mean(out, x_in, ab_dev, coeffs, schedule.prediction_type, clip_sample)
     residuals = torch.cat([xs[i + 1] for i in steps]) - mu
     zs = residuals.view(len(steps), b, *x0.shape[1:])
     params = {"noise_shift": int(noise_shift), "noise_levels": levels, "timesteps": ts, "max_norm": limits,
@@ -281,7 +305,7 @@ def edit(
         ab, ab_prev = float(schedule.ab[j]), float(schedule.ab_prev[j])
         both = torch.cat([x, x[edit_rows]])
         out = model.predict(both, j, emb)
-        mu = _mean(out, both, ab, ab_prev, schedule.prediction_type, clip)
+        mu = _mean(out, both, ab, posterior_coefficients(ab, ab_prev), schedule.prediction_type, clip)
         mu_src, mu_tgt = mu[:n], mu[n:]
         r = code.zs[j].to(x.device, torch.float32)
         k = torch.where(keep, torch.ones_like(r[:, :1, :1, :1]), clip_coefficient(r, limits[j]))
