@@ -43,6 +43,7 @@ SD15_RANDOM = "sd15-random"  # built by pipeline.models.build_random (kept as a 
 CFG_SOURCE = 3.5  # the paper's defaults; fixed so the closed-form counts hold (cfg 1 would skip the uncond half)
 CFG_TARGET = 15.0
 OUTPUT_FORMAT, OUTPUT_QUALITY = "webp", 90  # the pipeline's default output encoding ("write" stage)
+METHODS = ("edit-friendly", "turbo-edit")  # what `imprint bench --method` measures (see BenchConfig.method)
 STAGES = ("decode", "vae_encode", "invert", "edit", "vae_decode", "score", "write")
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s. Matched in order on
 # the CUDA device name: every substring of an entry must occur in it.
@@ -82,6 +83,10 @@ class BenchConfig:
     recon: bool = True  # ours: the engine's reconstruction row per image (output.reconstruction_check)
     threads: int = 0  # torch intra-op threads; 0 = leave torch's default
     seed: int = 0
+    # "edit-friendly": ours against the reference call pattern. "turbo-edit": turbo-edit at `turbo_steps`
+    # against edit-friendly at `steps`/`skip`, both through the engine, same model and inputs, one run
+    method: str = "edit-friendly"
+    turbo_steps: int = 4
 
     def validate(self) -> None:
         for name in ("steps", "prompts", "seeds", "images", "batch", "decode_batch", "repeats"):
@@ -94,6 +99,10 @@ class BenchConfig:
             raise ValueError(f"threads must be >= 0 (0 = torch's default), got {self.threads}")
         if not self.model:
             raise ValueError("model must be tiny, sd15-random or a checkpoint id")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if isinstance(self.turbo_steps, bool) or not isinstance(self.turbo_steps, int) or self.turbo_steps < 1:
+            raise ValueError(f"turbo_steps must be a positive integer, got {self.turbo_steps!r}")
 
 
 # ---------------------------------------------------------------------------
@@ -107,6 +116,14 @@ def evals_ours(steps: int, skip: int, prompts: int, seeds: int, images: int = 1,
     (steps - skip) edit steps x 2 x (K N edit rows + 1 reconstruction row)."""
     s = steps - skip
     return images * (s * 2 * seeds + s * 2 * (prompts * seeds + int(recon)))
+
+
+def evals_turbo(steps: int, prompts: int, seeds: int, images: int = 1, recon: bool = True) -> int:
+    """UNet image-evaluations of turbo-edit in the engine (no guidance): per
+    image, one inversion call of `steps` x N rows, then per step the source
+    prompt on every row (K N edits + 1 reconstruction) and the target on the
+    K N edit rows."""
+    return images * (steps * seeds + steps * (2 * prompts * seeds + int(recon)))
 
 
 def evals_reference(steps: int, skip: int, prompts: int, seeds: int, images: int = 1) -> int:
@@ -283,14 +300,15 @@ def _peak_memory(device) -> tuple[int, str]:
 # ---------------------------------------------------------------------------
 
 
-def _ours_spec(cfg: BenchConfig, steps: int, skip: int):
+def _ours_spec(cfg: BenchConfig, steps: int, skip: int, method: str = "edit-friendly"):
     from .spec import load_spec
 
+    guided = method != "turbo-edit"  # turbo-edit is guidance-free: cfg 1 on both sides
     return load_spec(raw={
         "input": {"shards": ["bench"]},
         "model": {"id": cfg.model},
-        "inversion": {"method": "edit-friendly", "steps": steps, "skip": skip, "cfg_source": CFG_SOURCE},
-        "edit": {"cfg_target": CFG_TARGET, "seeds": cfg.seeds},
+        "inversion": {"method": method, "steps": steps, "skip": skip, "cfg_source": CFG_SOURCE if guided else 1.0},
+        "edit": {"cfg_target": CFG_TARGET if guided else 1.0, "seeds": cfg.seeds},
         # a compiled UNet gets padded rows (few batch shapes, no recompiles), as a job with model.compile does
         "batch": {"images": cfg.images, "max_unet_batch": cfg.batch, "max_decode_batch": cfg.decode_batch,
                   "pad_rows": 8 if cfg.compile else 0},
@@ -534,7 +552,9 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
         torch.set_num_threads(threads_before)  # leave the caller's setting as it was
 
 
-def _run_bench(cfg: BenchConfig, log) -> dict:
+def _setup(cfg: BenchConfig, log) -> dict:
+    """Device, dtype, models (the fp32 reference copy and ours), FLOPs per
+    evaluation and the environment both kinds of bench report."""
     import diffusers
     import torch
     import transformers
@@ -560,6 +580,34 @@ def _run_bench(cfg: BenchConfig, log) -> dict:
         flops = None
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     peak = bf16_peak_tflops(device_name) if device.type == "cuda" else None
+
+    def env() -> dict:
+        return {
+            "device": str(device), "device_name": device_name, "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version(),
+            "platform": platform.platform(), "loadavg_start": list(load0), "loadavg_end": list(os.getloadavg()),
+            "bf16_peak_tflops": peak, "model_load_s": load_s,
+            # what fp32 means for the reference on a GPU: TF32 tensor cores or not
+            "float32_matmul_precision": torch.get_float32_matmul_precision(),
+            "cudnn_allow_tf32": bool(torch.backends.cudnn.allow_tf32),
+        }
+
+    model = {"id": cfg.model, "resolution": res, "latent_shape": [int(ref_models.unet.config.in_channels), *latent_hw],
+             "random_weights": bool(ref_models.random_weights),
+             "unet_parameters": sum(p.numel() for p in ref_models.unet.parameters())}
+    return {"device": device, "dtype": dtype, "ref_models": ref_models, "models": models, "flops": flops,
+            "peak": peak, "env": env, "model": model}
+
+
+def _run_bench(cfg: BenchConfig, log) -> dict:
+    import torch
+
+    if cfg.method == "turbo-edit":
+        return _run_method_bench(cfg, log)
+    su = _setup(cfg, log)
+    device, dtype, ref_models, models, flops, peak = (su[k] for k in ("device", "dtype", "ref_models", "models", "flops", "peak"))
+    res = models.resolution
 
     scorers = None
     if cfg.score:
@@ -601,19 +649,8 @@ def _run_bench(cfg: BenchConfig, log) -> dict:
         "params": {**asdict(cfg), "cfg_source": CFG_SOURCE, "cfg_target": CFG_TARGET, "method": "edit-friendly",
                    "dtype_ours": str(dtype).removeprefix("torch."), "dtype_reference": "float32",
                    "output_format": OUTPUT_FORMAT},
-        "env": {
-            "device": str(device), "device_name": device_name, "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "diffusers": diffusers.__version__,
-            "transformers": transformers.__version__, "python": platform.python_version(),
-            "platform": platform.platform(), "loadavg_start": list(load0), "loadavg_end": list(os.getloadavg()),
-            "bf16_peak_tflops": peak, "model_load_s": load_s,
-            # what fp32 means for the reference on a GPU: TF32 tensor cores or not
-            "float32_matmul_precision": torch.get_float32_matmul_precision(),
-            "cudnn_allow_tf32": bool(torch.backends.cudnn.allow_tf32),
-        },
-        "model": {"id": cfg.model, "resolution": res, "latent_shape": [int(ref_models.unet.config.in_channels), *latent_hw],
-                  "random_weights": bool(ref_models.random_weights),
-                  "unet_parameters": sum(p.numel() for p in ref_models.unet.parameters())},
+        "env": su["env"](),
+        "model": su["model"],
         "unet_flops_per_image_eval": flops,
         "host_syncs_per_step": syncs,
         "paths": {"ours": ours},
@@ -642,6 +679,58 @@ def _run_bench(cfg: BenchConfig, log) -> dict:
     return result
 
 
+def _run_method_bench(cfg: BenchConfig, log) -> dict:
+    """turbo-edit at `turbo_steps` against edit-friendly at `steps`/`skip`
+    (the paper's 100/36 by default, with its guidance), both through the
+    engine on the same model, inputs, seeds and dtype, in one run: edits/s,
+    UNet image-evaluations per edit, and their ratios."""
+    su = _setup(cfg, log)
+    models, flops, peak = su["models"], su["flops"], su["peak"]
+    raws = synthetic_raw_samples(cfg.images, cfg.prompts, models.resolution, cfg.seed)
+    specs = {"turbo-edit": _ours_spec(cfg, cfg.turbo_steps, 0, "turbo-edit"),
+             "edit-friendly": _ours_spec(cfg, cfg.steps, cfg.skip, "edit-friendly")}
+    if cfg.warmup:
+        log("imprint bench: warm-up")
+        run_ours(models, _ours_spec(cfg, min(2, cfg.turbo_steps), 0, "turbo-edit"), raws)
+        run_ours(models, _ours_spec(cfg, 2, 0), raws)
+    runs: dict[str, list[dict]] = {name: [] for name in specs}
+    for r in range(cfg.repeats):
+        for name, spec in specs.items():  # back to back in each repeat: the pair shares the machine's conditions
+            log(f"imprint bench: repeat {r + 1}/{cfg.repeats}: {name}")
+            runs[name].append(run_ours(models, spec, raws))
+    k_n = cfg.images * cfg.prompts * cfg.seeds
+    closed = {"turbo-edit": evals_turbo(cfg.turbo_steps, cfg.prompts, cfg.seeds, cfg.images, cfg.recon),
+              "edit-friendly": evals_ours(cfg.steps, cfg.skip, cfg.prompts, cfg.seeds, cfg.images, cfg.recon)}
+    paths = {}
+    for name in specs:
+        paths[name] = _summary(runs[name], flops, peak, closed[name], k_n)
+        paths[name]["recon_error_max"] = runs[name][0]["recon_error_max"] if cfg.recon else None
+    turbo, ef = paths["turbo-edit"], paths["edit-friendly"]
+    return {
+        "bench_version": 2,
+        "kind": "methods",
+        "params": {**asdict(cfg), "cfg_source": CFG_SOURCE, "cfg_target": CFG_TARGET,
+                   "dtype_ours": str(su["dtype"]).removeprefix("torch."), "output_format": OUTPUT_FORMAT,
+                   "turbo_edit": {"steps": cfg.turbo_steps, "skip": 0, "cfg": 1.0, "w": 1.5},
+                   "edit_friendly": {"steps": cfg.steps, "skip": cfg.skip, "cfg_source": CFG_SOURCE, "cfg_target": CFG_TARGET}},
+        "env": su["env"](),
+        "model": su["model"],
+        "unet_flops_per_image_eval": flops,
+        "paths": paths,
+        # edits/s turbo-edit / edits/s edit-friendly (per edit: how many times faster)
+        "speedup": turbo["edits_per_s"] / ef["edits_per_s"],
+        "speedup_cpu_time": (turbo["edits_per_cpu_s"] / ef["edits_per_cpu_s"]
+                             if turbo["edits_per_cpu_s"] and ef["edits_per_cpu_s"] else None),
+        "speedup_per_repeat": [e["seconds"] / t["seconds"] for t, e in zip(runs["turbo-edit"], runs["edit-friendly"])],
+        "evals_per_edit_ratio": ef["unet_image_evals_per_edit"] / turbo["unet_image_evals_per_edit"],
+        "checks": {
+            "recon_error_max": {name: p["recon_error_max"] for name, p in paths.items()},
+            "counts_match_closed_form": all(p["unet_image_evals"] == p["unet_image_evals_closed_form"]
+                                            for p in paths.values()),
+        },
+    }
+
+
 # ---------------------------------------------------------------------------
 # Presentation
 # ---------------------------------------------------------------------------
@@ -659,11 +748,15 @@ def format_table(result: dict) -> str:
     p, env, model = result["params"], result["env"], result["model"]
     paths = result["paths"]
     names = list(paths)
+    methods = result.get("kind") == "methods"
+    what = (f"turbo-edit {p['turbo_steps']} steps vs edit-friendly {p['steps']} steps (skip {p['skip']}, cfg "
+            f"{p['cfg_source']}/{p['cfg_target']}), both {p['dtype_ours']} through the engine\n" if methods else
+            f"ours {p['dtype_ours']}, reference {p['dtype_reference']}\nsteps {p['steps']}, skip {p['skip']}, ")
     head = (
         f"imprint bench: {model['id']}{' (random weights)' if model['random_weights'] else ''} "
         f"{model['resolution']}x{model['resolution']} on {env['device']} ({env['device_name']}, "
-        f"{env['torch_threads']} threads), ours {p['dtype_ours']}, reference {p['dtype_reference']}\n"
-        f"steps {p['steps']}, skip {p['skip']}, K={p['prompts']} prompts, N={p['seeds']} seeds, "
+        f"{env['torch_threads']} threads), {what}"
+        f"K={p['prompts']} prompts, N={p['seeds']} seeds, "
         f"{p['images']} image(s), max UNet batch {p['batch']}, compile {p['compile']}, "
         f"channels-last {p['channels_last']}, sdpa {p['sdpa']}, recon row {p['recon']}, repeats {p['repeats']} (medians)\n"
         f"load average {env['loadavg_start'][0]:.2f} at start, {env['loadavg_end'][0]:.2f} at end"
@@ -690,11 +783,17 @@ def format_table(result: dict) -> str:
     lines.append("")
     if result["speedup"] is not None:
         per = ", ".join(f"{x:.2f}" for x in result["speedup_per_repeat"])
-        lines.append(f"speed-up (edits/s ours / reference): {result['speedup']:.2f}x (per repeat: {per})")
+        ratio = "turbo-edit / edit-friendly" if methods else "ours / reference"
+        lines.append(f"speed-up (edits/s {ratio}): {result['speedup']:.2f}x (per repeat: {per})")
+        if methods:
+            lines.append(f"UNet image-evals per edit, edit-friendly / turbo-edit: {result['evals_per_edit_ratio']:.2f}x")
         if result["speedup_cpu_time"] is not None:
             lines.append(f"speed-up by process CPU time: {result['speedup_cpu_time']:.2f}x")
     c = result["checks"]
-    lines.append(f"checks: reconstruction max |latent error| {_fmt(c['recon_error_max'], '.2e')}; "
+    recon = c["recon_error_max"]
+    recon = (", ".join(f"{k} {_fmt(v, '.2e')}" for k, v in recon.items()) if isinstance(recon, dict)
+             else _fmt(recon, ".2e"))
+    lines.append(f"checks: reconstruction max |latent error| {recon}; "
                  + (f"edits max |ours - reference| {c['edits_max_abs_diff_vs_reference']:.2e} (pixels in [-1, 1]); "
                     if "edits_max_abs_diff_vs_reference" in c else "")
                  + f"counts match closed form: {c['counts_match_closed_form']}")
@@ -731,14 +830,17 @@ def bench(
     score: bool = typer.Option(False, "--score/--no-score", help="Ours: time CLIP/LPIPS scoring (random-weight scorers)."),
     recon: bool = typer.Option(True, "--recon/--no-recon", help="Ours: the reconstruction-check row per image."),
     threads: int = typer.Option(0, help="torch threads (0 = torch's default)."),
+    method: str = typer.Option("edit-friendly", help="edit-friendly: the engine against the reference call pattern; "
+                               "turbo-edit: turbo-edit against edit-friendly at --steps/--skip on the same model."),
+    turbo_steps: int = typer.Option(4, help="--method turbo-edit: turbo-edit's steps."),
     out: Path = typer.Option(Path("bench.json"), help="Where to write the JSON result."),
 ) -> None:
-    """Measure edits/s of the engine against the reference call pattern on this machine."""
+    """Measure edits/s of the engine against the reference call pattern (or turbo-edit against edit-friendly) on this machine."""
     cfg = BenchConfig(model=model, steps=steps, skip=skip, prompts=prompts, seeds=seeds, images=images, batch=batch,
                       decode_batch=decode_batch,
                       dtype=dtype, device=device, compile=compile_, channels_last=channels_last, sdpa=sdpa,
                       reference=reference, repeats=repeats, warmup=warmup, score=score, recon=recon,
-                      threads=threads)
+                      threads=threads, method=method, turbo_steps=turbo_steps)
     try:
         result = run_bench(cfg, log=lambda m: typer.echo(m, err=True))
     except ValueError as exc:

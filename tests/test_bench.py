@@ -15,6 +15,7 @@ from pipeline.bench import (
     BenchConfig,
     bf16_peak_tflops,
     evals_ours,
+    evals_turbo,
     evals_reference,
     format_table,
     physical_limit_edits_per_s,
@@ -172,3 +173,44 @@ def test_ours_models_leave_the_reference_fp32(tiny):
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
     assert tiny.unet.dtype == torch.float32 and tiny.unet.conv_in.weight.is_contiguous()  # untouched
     assert _ours_models(tiny, torch.float32, channels_last=False, compile_unet=False) is tiny  # nothing to change: shared
+
+
+# ---------------------------------------------------------------------------
+# turbo-edit against 100-step edit-friendly (issue 23)
+# ---------------------------------------------------------------------------
+
+# TODO(tiny-sdxl): the issue asks for this on tiny-sdxl; it runs on the SD-shaped tiny model until the
+# SDXL adapter (branch sdxl) lands.
+TURBO = dict(model="tiny", steps=100, skip=36, prompts=2, seeds=2, images=1, method="turbo-edit", turbo_steps=4,
+             threads=1)
+
+
+@pytest.fixture(scope="module")
+def turbo_result():
+    return run_bench(BenchConfig(**TURBO), log=lambda m: None)
+
+
+def test_turbo_edit_is_at_least_8x_faster_per_edit_than_100_step_edit_friendly(turbo_result):
+    r = turbo_result
+    turbo, ef = r["paths"]["turbo-edit"], r["paths"]["edit-friendly"]
+    k, n = TURBO["prompts"], TURBO["seeds"]
+    assert turbo["edits"] == ef["edits"] == k * n
+    # counted work equals the closed forms: turbo-edit 4 x N inversion rows in one call, then per step
+    # the source prompt on K N + 1 rows and the target on K N rows; edit-friendly 64 guided steps each way
+    assert evals_turbo(4, k, n) == 4 * n + 4 * (2 * k * n + 1) == 44
+    assert turbo["unet_image_evals"] == 44 and turbo["unet_calls"] == 1 + 4
+    assert ef["unet_image_evals"] == evals_ours(100, 36, k, n) == 64 * 2 * n + 64 * 2 * (k * n + 1)
+    assert r["checks"]["counts_match_closed_form"] is True
+    assert r["evals_per_edit_ratio"] == pytest.approx(ef["unet_image_evals"] / 44)
+    # both reconstruct their source latents (turbo-edit's reconstruction rows are unclipped)
+    assert all(v < 1e-3 for v in r["checks"]["recon_error_max"].values())
+    # the issue's target, measured in one run on the same model: at least 8x the edits/s
+    assert r["speedup"] >= 8.0, r["speedup"]
+    assert r["speedup"] == pytest.approx(turbo["edits_per_s"] / ef["edits_per_s"])
+    table = format_table(r)
+    assert "turbo-edit / edit-friendly" in table and "UNet image-evals per edit" in table
+
+
+def test_bench_method_is_checked():
+    with pytest.raises(ValueError, match="method"):
+        BenchConfig(method="nope").validate()
