@@ -27,4 +27,8 @@ def test_gpu_check_cpu_smoke(tmp_path):
         assert run["targets"]["no_host_sync_in_step_loop"] is True
     assert summary["runs"]["compile"]["channels_last"] is True
     assert summary["demo"]["wall_s"] > 0 and summary["edit-codes"]["wall_s"] > 0
+    for name in ("eager", "compile"):  # the SDXL-shaped turbo-edit step (tiny in the smoke run)
+        run = summary["sdxl_turbo"][name]
+        assert run["turbo_edit_edits_per_s"] > 0 and run["edit_friendly_edits_per_s"] > 0 and run["nonfinite_edits"] == 0
+        assert run["evals_per_edit"]["turbo-edit"] < run["evals_per_edit"]["edit-friendly"]
     assert "gpu-check: wrote" in proc.stdout

@@ -7,12 +7,18 @@
 #      (CUDA events around every UNet call), peak memory (torch.cuda.max_memory_allocated) and the
 #      host syncs per denoising step (torch.cuda.set_sync_debug_mode around the step loops);
 #   2. the demo job (jobs/demo.toml, inline) and `imprint edit-codes` on its stored codes, on CUDA;
-#   3. a summary (summary.json) with the targets: UNet busy >= 90% of the engine's wall time,
+#   3. SDXL-shaped, random weights at real size (model $SDXL_MODEL, default sdxl-random), 512x512, bf16:
+#      `imprint bench --method turbo-edit` (turbo-edit, 4 steps, against 100-step edit-friendly, skip 36,
+#      on the same model in one run), eager, then torch.compile; each reports edits/s of both methods,
+#      UNet image-evaluations per edit and the ratio. A failure here is reported in the summary and
+#      makes the exit status non-zero, after the steps above have written their results;
+#   4. a summary (summary.json) with the targets: UNet busy >= 90% of the engine's wall time,
 #      no host sync inside the step loop, peak memory <= 40 GiB.
 #
 # Usage: tools/gpu-check.sh [--cpu-smoke] [OUT_DIR]
 #   --cpu-smoke  the same steps on the CPU with the tiny model and minimal sizes (seconds), so the
-#                script is exercised in CI (tests/test_gpu_check.py) and cannot rot.
+#                script is exercised in CI (tests/test_gpu_check.py) and cannot rot (step 3 on `tiny`
+#                until the SDXL adapter's tiny-sdxl is in; set SDXL_MODEL to override).
 # OUT_DIR defaults to $OUT (the device machine's output folder) or out/gpu-check.
 # Exit status: non-zero when a step fails; missed targets are reported, not fatal.
 set -euo pipefail
@@ -31,6 +37,8 @@ if [[ $mode == gpu ]]; then
   bench_common=(--model sd15-random --device cuda --dtype bf16 --prompts 4 --seeds 4 --images 8
                 --batch 64 --decode-batch 8 --no-reference --repeats 1)
   run_sets=()
+  sdxl_bench=(--model "${SDXL_MODEL:-sdxl-random}" --device cuda --dtype bf16 --method turbo-edit --turbo-steps 4
+              --steps 100 --skip 36 --prompts 4 --seeds 4 --images 2 --batch 64 --decode-batch 8 --repeats 1)
   "$py" - <<'PY' || { echo "gpu-check: no CUDA device" >&2; exit 2; }
 import torch
 assert torch.cuda.is_available()
@@ -43,6 +51,8 @@ else
                 --batch 64 --decode-batch 8 --no-reference --no-warmup --threads 1)
   run_sets=(--set inversion.steps=2 --set inversion.skip=0 --set edit.seeds=1 --set score.enabled=false
             --set run.threads=1)
+  sdxl_bench=(--model "${SDXL_MODEL:-tiny}" --device cpu --dtype fp32 --method turbo-edit --turbo-steps 2
+              --steps 3 --skip 1 --prompts 1 --seeds 1 --images 1 --batch 64 --decode-batch 8 --no-warmup --threads 1)
 fi
 
 step() { echo "gpu-check: [$(date -u +%H:%M:%S)] $*" >&2; }
@@ -77,12 +87,29 @@ timed edit-codes "${imprint[@]}" edit-codes "$out_dir/demo" jobs/demo.toml --exe
   --no-progress --set "model.device=\"$device\"" --set "output.path=\"$out_dir/demo-codes\"" \
   --set 'input.templates=["{source}, watercolor"]' "${run_sets[@]}"
 
+# SDXL-shaped turbo-edit runs: a failure is recorded (sdxl-NAME.failed) and reported, not fatal until the end
+sdxl_failed=0
+for variant in eager compile; do
+  step "SDXL-shaped bench, turbo-edit vs edit-friendly, $variant"
+  extra=()
+  [[ $variant == compile && $mode == gpu ]] && extra=(--compile)  # compiling on a CPU needs a C compiler and minutes
+  rm -f "$out_dir/sdxl-$variant.failed"
+  if ! "${imprint[@]}" bench "${sdxl_bench[@]}" "${extra[@]}" --out "$out_dir/bench-sdxl-$variant.json" \
+      > "$out_dir/bench-sdxl-$variant.txt" 2>&1; then
+    tail -n 20 "$out_dir/bench-sdxl-$variant.txt" >&2
+    echo "gpu-check: SDXL-shaped bench ($variant) failed" | tee "$out_dir/sdxl-$variant.failed" >&2
+    sdxl_failed=1
+  else
+    tail -n 6 "$out_dir/bench-sdxl-$variant.txt"
+  fi
+done
+
 step "summary"
 "$py" - "$out_dir" "$mode" <<'PY'
 import json, pathlib, sys
 
 out, mode = pathlib.Path(sys.argv[1]), sys.argv[2]
-summary = {"mode": mode, "runs": {}}
+summary = {"mode": mode, "runs": {}, "sdxl_turbo": {}}
 for name in ("eager", "compile"):
     r = json.loads((out / f"bench-{name}.json").read_text())
     o = r["paths"]["ours"]
@@ -112,6 +139,25 @@ for job in ("demo", "edit-codes"):
     wall = float((out / f"{job}.time").read_text())
     summary[job] = {"wall_s": wall, "last_lines": (out / f"{job}.log").read_text().splitlines()[-3:]}
     print(f"gpu-check {job}: {wall:.1f} s wall (process start to exit)")
+for name in ("eager", "compile"):
+    if (out / f"sdxl-{name}.failed").exists():
+        summary["sdxl_turbo"][name] = {"failed": True, "log": f"bench-sdxl-{name}.txt"}
+        print(f"gpu-check sdxl {name}: FAILED (see bench-sdxl-{name}.txt)")
+        continue
+    r = json.loads((out / f"bench-sdxl-{name}.json").read_text())
+    t, e = r["paths"]["turbo-edit"], r["paths"]["edit-friendly"]
+    summary["sdxl_turbo"][name] = {
+        "model": r["model"]["id"], "resolution": r["model"]["resolution"], "dtype": r["params"]["dtype_ours"],
+        "compile": r["params"]["compile"], "device_name": r["env"]["device_name"],
+        "turbo_edit_edits_per_s": t["edits_per_s"], "edit_friendly_edits_per_s": e["edits_per_s"],
+        "speedup_per_edit": r["speedup"], "evals_per_edit": {"turbo-edit": t["unet_image_evals_per_edit"],
+                                                             "edit-friendly": e["unet_image_evals_per_edit"]},
+        "turbo_edit_bf16_peak_fraction": t["bf16_peak_fraction"], "turbo_edit_peak_memory_gib": t["peak_memory_bytes"] / 2**30,
+        "recon_error_max": r["checks"]["recon_error_max"], "nonfinite_edits": t["nonfinite_edits"] + e["nonfinite_edits"],
+    }
+    print(f"gpu-check sdxl {name}: turbo-edit {t['edits_per_s']:.3g} edits/s ({t['unet_image_evals_per_edit']:.1f} UNet evals/edit), "
+          f"edit-friendly {e['edits_per_s']:.3g} edits/s ({e['unet_image_evals_per_edit']:.1f}): {r['speedup']:.1f}x per edit")
 (out / "summary.json").write_text(json.dumps(summary, indent=1))
 print(f"gpu-check: wrote {out / 'summary.json'}")
 PY
+if [[ $sdxl_failed == 1 ]]; then echo "gpu-check: an SDXL-shaped run failed" >&2; exit 1; fi
