@@ -32,6 +32,8 @@ from .models import ImageGeometry, Models, image_geometry
 from .spec import JobSpec, Variant
 
 STROKE_KEYS = ("mask", "stroke")
+# a stored code's params entry with the image geometry its SDXL micro-conditioning was built from
+GEOMETRY_PARAM = "image_geometry"
 
 
 def derive_seed(job_seed: int, key: str, seed_index: int) -> int:
@@ -250,7 +252,7 @@ class Engine:
         out: dict[int, SampleOut] = {}
         for group in by_kind.values():
             first = group[0].code
-            params = {k: v for k, v in first.params.items() if k not in ("cfg_source", "manipulations")}
+            params = {k: v for k, v in first.params.items() if k not in ("cfg_source", "manipulations", GEOMETRY_PARAM)}
             over = self.spec.inversion.per_method.get(first.method, {})
             control = self.spec.edit.controls[0]  # validation allows one control when editing stored codes
             variant = Variant(first.method, first.num_steps, first.skip, float(first.params.get("cfg_source", 1.0)),
@@ -260,9 +262,11 @@ class Engine:
             # stored codes are read on the CPU; the chain runs where the model is
             raw = NoiseCode.cat([it.code for it in group]).to(self.models.device)
             f = self.models.vae_scale_factor
-            # the model image each code was inverted from (a code keeps no record of resizing or cropping)
+            # the geometry an SDXL code was inverted under (stored with it), else the model image's own
             texts = self._texts([it.sample for it in group],
-                                [ImageGeometry.plain(it.latent_hw[0] * f, it.latent_hw[1] * f) for it in group])
+                                [ImageGeometry(*(tuple(v) for v in it.code.params[GEOMETRY_PARAM]))
+                                 if GEOMETRY_PARAM in it.code.params
+                                 else ImageGeometry.plain(it.latent_hw[0] * f, it.latent_hw[1] * f) for it in group])
             self._edit_and_decode(outs, self._manipulate(raw), 0, variant, texts, None, None, True,
                                   n_per=[len(it.code) for it in group], recon_code=raw)
             for o in outs:
@@ -414,7 +418,10 @@ class Engine:
                 rows_g = list(range(starts[g], starts[g] + n_per[g]))
                 if n_per[g] < len(o.seeds):  # one code for all seeds: store it once per seed, as before
                     rows_g = rows_g[:1] * len(o.seeds)
-                o.codes[vi] = code[rows_g].to("cpu")
+                kept = code[rows_g].to("cpu")
+                if m.n_time_ids:  # the code reconstructs only under its image's micro-conditioning: keep it with the code
+                    kept.params = {**kept.params, GEOMETRY_PARAM: [list(v) for v in texts.geometry[g]]}
+                o.codes[vi] = kept
 
     def _p2p_chain(self, v: Variant, rows: NoiseCode, cond, uncond, plan, outs, cfgs: torch.Tensor) -> torch.Tensor:
         """The edit chain under Prompt-to-Prompt control. Each (image, seed)

@@ -212,6 +212,11 @@ def test_job_end_to_end_with_p2p_and_stored_codes(tmp_path):
     for s in store.read_table("sources").to_pylist():
         errs = json.loads(s["recon_errors"])
         assert errs["edit-friendly"] < 1e-3 and errs["edit-friendly+p2p"] < 1e-3, errs
+    # each stored code keeps the micro-conditioning geometry it was inverted under (edit-codes reuses it)
+    noise = store.read_table("noise").to_pylist()
+    geo = {r["key"]: json.loads(r["params"])["image_geometry"] for r in noise}
+    assert geo["x000"][0] == [80, 96] and geo["x001"][0] == [80, 112]  # (h, w) as decoded
+    assert all(geo[r["key"]][2] == [r["height"], r["width"]] for r in noise)  # the model image's (h, w)
     raw2 = {
         "input": {"codes": str(tmp_path / "out"), "templates": ["{source} in the rain"]},
         "model": {"id": TINY_SDXL},
