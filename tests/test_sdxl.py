@@ -227,3 +227,10 @@ def test_job_end_to_end_with_p2p_and_stored_codes(tmp_path):
     }
     report = run_job(load_spec(raw=raw2), progress=False)
     assert not report.failed and report.edits > 0
+
+
+def test_bench_counts_flops_of_an_sdxl_unet(xl):
+    from pipeline.bench import unet_flops_per_eval
+
+    small, large = unet_flops_per_eval(xl.unet, (16, 16)), unet_flops_per_eval(xl.unet, (16, 32))
+    assert 0 < small < large
