@@ -183,8 +183,14 @@ def unet_flops_per_eval(unet, latent_hw: tuple[int, int], tokens: int = 77) -> i
         net = type(unet).from_config(cfg)
     x = torch.empty(1, cfg.in_channels, *latent_hw, device="meta")
     emb = torch.empty(1, tokens, cfg.cross_attention_dim, device="meta")
+    kwargs = {}
+    if getattr(cfg, "addition_embed_type", None) == "text_time":  # SDXL: 6 time ids + the pooled text embedding
+        per_id, n = int(cfg.addition_time_embed_dim), 6
+        pooled = int(net.add_embedding.linear_1.in_features) - n * per_id
+        kwargs["added_cond_kwargs"] = {"text_embeds": torch.empty(1, pooled, device="meta"),
+                                       "time_ids": torch.empty(1, n, device="meta")}
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        net(x, torch.tensor(1, device="meta"), emb)
+        net(x, torch.tensor(1, device="meta"), emb, **kwargs)
     return int(counter.get_total_flops())
 
 

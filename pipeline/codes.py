@@ -183,6 +183,12 @@ def _check_code_params(method: str, params: dict) -> None:
     for k, v in params.items():
         if k == "manipulations":  # recorded by noise-space edits; informational
             continue
+        if k == "image_geometry":  # SDXL: (orig h, w), (crop top, left), (target h, w) the code was inverted under
+            if not (isinstance(v, list) and len(v) == 3 and all(
+                    isinstance(p, list) and len(p) == 2 and all(type(n) is int and 0 <= n < 1 << 20 for n in p) for p in v)):
+                raise CodeError(f"stored code: params.image_geometry must be [[h, w], [top, left], [h, w]] of "
+                                f"non-negative integers, got {_short(v)}")
+            continue
         if k == "cfg_source":
             if not _is_number(v) or v < 0:
                 raise CodeError(f"stored code: params.cfg_source must be a finite number >= 0, got {_short(v)}")

@@ -27,11 +27,13 @@ import torch
 from .batching import unit_shape
 from .data import Sample, load_image, to_model_tensor
 from .inversion import get_method
-from .inversion.common import NoiseCode
-from .models import Models
+from .inversion.common import Conditioning, NoiseCode
+from .models import ImageGeometry, Models, image_geometry
 from .spec import JobSpec, Variant
 
 STROKE_KEYS = ("mask", "stroke")
+# a stored code's params entry with the image geometry its SDXL micro-conditioning was built from
+GEOMETRY_PARAM = "image_geometry"
 
 
 def derive_seed(job_seed: int, key: str, seed_index: int) -> int:
@@ -55,20 +57,20 @@ class CallCounter:
         self._cpu_seconds = 0.0
         self._events: list = []
 
-    def __call__(self, x, t, emb):
+    def __call__(self, x, t, emb, **kwargs):
         self.calls += 1
         self.rows += int(x.shape[0])
         if not self.timed:
-            return self.net(x, t, emb)
+            return self.net(x, t, emb, **kwargs)
         if x.device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            out = self.net(x, t, emb)
+            out = self.net(x, t, emb, **kwargs)
             end.record()
             self._events.append((start, end))
             return out
         t0 = time.perf_counter()
-        out = self.net(x, t, emb)
+        out = self.net(x, t, emb, **kwargs)
         self._cpu_seconds += time.perf_counter() - t0
         return out
 
@@ -93,16 +95,23 @@ class PaddedNet:
         self.multiple = multiple
         self.dtype = getattr(net, "dtype", None)
 
-    def __call__(self, x, t, emb):
+    def __call__(self, x, t, emb, added_cond_kwargs=None, **kwargs):
         n = x.shape[0]
         pad = (-n) % self.multiple
+        if added_cond_kwargs is not None:
+            kwargs["added_cond_kwargs"] = added_cond_kwargs
         if pad == 0:
-            return self.net(x, t, emb)
+            return self.net(x, t, emb, **kwargs)
+
+        def padded(v):
+            return torch.cat([v, v[-1:].expand(pad, *v.shape[1:])])
+
         if torch.is_tensor(t) and t.dim() == 1 and t.numel() == n:  # one timestep per row (turbo-edit's inversion)
-            t = torch.cat([t, t[-1:].expand(pad)])
-        x = torch.cat([x, x[-1:].expand(pad, *x.shape[1:])])
-        emb = torch.cat([emb, emb[-1:].expand(pad, *emb.shape[1:])])
-        out = self.net(x, t, emb)
+            t = padded(t)
+        x, emb = padded(x), padded(emb)
+        if added_cond_kwargs is not None:
+            kwargs["added_cond_kwargs"] = {k: padded(v) for k, v in added_cond_kwargs.items()}
+        out = self.net(x, t, emb, **kwargs)
         if hasattr(out, "sample"):
             out = out.sample
         elif isinstance(out, (tuple, list)):
@@ -203,7 +212,7 @@ class Engine:
         strokes = self._strokes(group, x0.shape[-2:]) if spec.manipulate.strokes else None
         t0 = self._timed("vae_encode", t0)
 
-        texts = self._texts(group)  # counted in the invert stage
+        texts = self._texts(group)
         seeds = [[derive_seed(spec.run.seed, s.key, n) for n in range(n_seeds)] for s in group]
         outs = [SampleOut(sample=s, seeds=seeds[g]) for g, s in enumerate(group)]
         codes: dict[tuple, NoiseCode] = {}  # variants that differ only in their edit control share an inversion
@@ -215,11 +224,11 @@ class Engine:
             first_use = key not in codes
             if first_use:
                 x0_rep = x0.repeat_interleave(codes_per_image, dim=0)
-                src_rows = torch.tensor([texts.row[s.source_prompt] for s in group for _ in range(codes_per_image)],
-                                        device=texts.emb.device)
+                src, uncond = texts.rows([texts.row[s.source_prompt] for s in group for _ in range(codes_per_image)],
+                                         [g for g in range(len(group)) for _ in range(codes_per_image)])
                 gens = [torch.Generator("cpu").manual_seed(sd) for per in seeds for sd in per[:codes_per_image]]
                 codes[key] = method.invert(
-                    self.unet, m.scheduler, x0_rep, texts.emb[src_rows], texts.uncond,
+                    self.unet, m.scheduler, x0_rep, src, uncond,
                     num_steps=v.steps, skip=v.skip, cfg_scale=v.cfg_source,
                     generator=gens, max_batch=mb, **v.params,
                 )
@@ -245,7 +254,7 @@ class Engine:
         out: dict[int, SampleOut] = {}
         for group in by_kind.values():
             first = group[0].code
-            params = {k: v for k, v in first.params.items() if k not in ("cfg_source", "manipulations")}
+            params = {k: v for k, v in first.params.items() if k not in ("cfg_source", "manipulations", GEOMETRY_PARAM)}
             over = self.spec.inversion.per_method.get(first.method, {})
             control = self.spec.edit.controls[0]  # validation allows one control when editing stored codes
             variant = Variant(first.method, first.num_steps, first.skip, float(first.params.get("cfg_source", 1.0)),
@@ -254,7 +263,12 @@ class Engine:
             outs = [SampleOut(sample=it.sample, seeds=it.seeds) for it in group]
             # stored codes are read on the CPU; the chain runs where the model is
             raw = NoiseCode.cat([it.code for it in group]).to(self.models.device)
-            texts = self._texts([it.sample for it in group])
+            f = self.models.vae_scale_factor
+            # the geometry an SDXL code was inverted under (stored with it), else the model image's own
+            texts = self._texts([it.sample for it in group],
+                                [ImageGeometry(*(tuple(v) for v in it.code.params[GEOMETRY_PARAM]))
+                                 if GEOMETRY_PARAM in it.code.params
+                                 else ImageGeometry.plain(it.latent_hw[0] * f, it.latent_hw[1] * f) for it in group])
             self._edit_and_decode(outs, self._manipulate(raw), 0, variant, texts, None, None, True,
                                   n_per=[len(it.code) for it in group], recon_code=raw)
             for o in outs:
@@ -266,10 +280,15 @@ class Engine:
 
     # -- shared ---------------------------------------------------------------
 
-    def _texts(self, samples: list[Sample]) -> "_Texts":
+    def _texts(self, samples: list[Sample], geometry: list[ImageGeometry] | None = None) -> "_Texts":
+        """The samples' prompts encoded once, with each image's geometry
+        (by default the geometry rule's, from its decoded size and image)."""
+        if geometry is None:
+            res = self.spec.image.resolution or self.models.resolution
+            geometry = [image_geometry(s.orig_size, tuple(s.image.shape[1:]), self.spec.image, res) for s in samples]
         prompts = list(dict.fromkeys([""] + [s.source_prompt for s in samples] + [p for s in samples for p in s.target_prompts]))
         emb = self.models.encode_text(prompts)
-        return _Texts(emb, {p: i for i, p in enumerate(prompts)})
+        return _Texts(emb, {p: i for i, p in enumerate(prompts)}, self.models.unconditional(emb[0:1]), geometry, self.models)
 
     def _manipulate(self, code: NoiseCode) -> NoiseCode:
         from . import noise_space
@@ -332,10 +351,10 @@ class Engine:
         device = code.x_start.device
         scale = cfgs[0] if len(set(cfgs)) == 1 else torch.tensor(cfgs, device=device)
         rows = code[code_idx]
-        cond = texts.emb[torch.tensor(cond_idx, device=texts.emb.device)]
+        cond, uncond = texts.rows(cond_idx, [p[1] for p in plan])
         row_args = self._row_args(v, texts, plan, outs)
         if v.control == "p2p":
-            latents = self._p2p_chain(v, rows, cond, texts, plan, outs, torch.tensor(cfgs, device=device), row_args)
+            latents = self._p2p_chain(v, rows, cond, uncond, plan, outs, torch.tensor(cfgs, device=device), row_args)
         elif strokes is not None:
             from .noise_space import edit_with_strokes
 
@@ -343,7 +362,7 @@ class Engine:
             rmask = torch.stack([mask[g] if kind == "edit" else torch.zeros_like(mask[g]) for kind, g, _, _ in plan])
             rstroke = torch.stack([stroke[g] for _, g, _, _ in plan])
             mp = spec.manipulate
-            latents = edit_with_strokes(self.unet, m.scheduler, rows, cond, texts.uncond, mask=rmask, stroke_latent=rstroke,
+            latents = edit_with_strokes(self.unet, m.scheduler, rows, cond, uncond, mask=rmask, stroke_latent=rstroke,
                                         strength=mp.strokes_strength, t_range=(mp.strokes_t1, mp.strokes_t2),
                                         cfg_scale=scale, max_batch=mb)
         elif recon_apart and any(p[0] == "recon" for p in plan):
@@ -354,15 +373,15 @@ class Engine:
             method = get_method(v.method)
             kinds = torch.tensor([p[0] == "edit" for p in plan])
             edit_at, recon_at = kinds.nonzero().flatten(), (~kinds).nonzero().flatten()
-            edits = method.edit(self.unet, m.scheduler, rows[edit_at], cond[edit_at.to(cond.device)], texts.uncond,
+            edits = method.edit(self.unet, m.scheduler, rows[edit_at], cond[edit_at], _rows_of(uncond, edit_at),
                                 cfg_scale=v.cfg_target, max_batch=mb, **spec.edit.params)
-            recons = method.edit(self.unet, m.scheduler, rows[recon_at], cond[recon_at.to(cond.device)], texts.uncond,
+            recons = method.edit(self.unet, m.scheduler, rows[recon_at], cond[recon_at], _rows_of(uncond, recon_at),
                                  cfg_scale=v.cfg_source, max_batch=mb, **spec.edit.params)
             latents = edits.new_empty((len(plan), *edits.shape[1:]))
             latents[edit_at.to(latents.device)] = edits
             latents[recon_at.to(latents.device)] = recons.to(latents.dtype)
         else:
-            latents = get_method(v.method).edit(self.unet, m.scheduler, rows, cond, texts.uncond,
+            latents = get_method(v.method).edit(self.unet, m.scheduler, rows, cond, uncond,
                                                 cfg_scale=scale, max_batch=mb, **spec.edit.params, **row_args)
         t0 = self._timed("edit", t0)
 
@@ -402,20 +421,22 @@ class Engine:
                 rows_g = list(range(starts[g], starts[g] + n_per[g]))
                 if n_per[g] < len(o.seeds):  # one code for all seeds: store it once per seed, as before
                     rows_g = rows_g[:1] * len(o.seeds)
-                o.codes[vi] = code[rows_g].to("cpu")
+                kept = code[rows_g].to("cpu")
+                if m.n_time_ids:  # the code reconstructs only under its image's micro-conditioning: keep it with the code
+                    kept.params = {**kept.params, GEOMETRY_PARAM: [list(v) for v in texts.geometry[g]]}
+                o.codes[vi] = kept
 
     @staticmethod
     def _row_args(v: Variant, texts, plan, outs) -> dict:
         """Per-row edit arguments of methods that edit against the source
-        prompt (turbo-edit): each row's source embedding, and which rows are
-        reconstructions (edited with the source prompt, unclipped)."""
+        prompt (turbo-edit): each row's source conditioning, and which rows
+        are reconstructions (edited with the source prompt, unclipped)."""
         if not getattr(get_method(v.method), "EDIT_NEEDS_SOURCE", False):
             return {}
-        src = [texts.row[outs[g].sample.source_prompt] for _, g, _, _ in plan]
-        return {"source": texts.emb[torch.tensor(src, device=texts.emb.device)],
-                "reconstruct": torch.tensor([kind != "edit" for kind, _, _, _ in plan])}
+        source, _ = texts.rows([texts.row[outs[g].sample.source_prompt] for _, g, _, _ in plan], [p[1] for p in plan])
+        return {"source": source, "reconstruct": torch.tensor([kind != "edit" for kind, _, _, _ in plan])}
 
-    def _p2p_chain(self, v: Variant, rows: NoiseCode, cond, texts, plan, outs, cfgs: torch.Tensor,
+    def _p2p_chain(self, v: Variant, rows: NoiseCode, cond, uncond, plan, outs, cfgs: torch.Tensor,
                    row_args: dict | None = None) -> torch.Tensor:
         """The edit chain under Prompt-to-Prompt control. Each (image, seed)
         group (its source row, then its target rows) must share UNet calls
@@ -442,7 +463,7 @@ class Engine:
         parts = []
         for a, b in chunks:
             idx = list(range(a, b))
-            parts.append(p2p.edit(method, self.unet, self.models.scheduler, rows[idx], cond[idx], texts.uncond,
+            parts.append(p2p.edit(method, self.unet, self.models.scheduler, rows[idx], cond[idx], _rows_of(uncond, idx),
                                   prompts=[row_prompts[i] for i in idx], source_of=[source_of[i] - a for i in idx],
                                   tokenizer=self.models.tokenizer, config=v.p2p, cfg_scale=cfgs[idx],
                                   **self.spec.edit.params, **{k: a[idx] for k, a in (row_args or {}).items()}))
@@ -487,9 +508,24 @@ def stroke_inputs(sample: Sample, spec: JobSpec) -> tuple[bytes, bytes]:
 
 @dataclass
 class _Texts:
-    emb: torch.Tensor
-    row: dict[str, int]
+    """The prompts of a group, encoded once, and what the model conditions
+    on about each image of the group (SDXL's micro-conditioning)."""
 
-    @property
-    def uncond(self) -> torch.Tensor:
-        return self.emb[0:1]
+    emb: Conditioning  # one row per prompt
+    row: dict[str, int]  # prompt -> its row
+    uncond: Conditioning  # the unconditional row
+    geometry: list[ImageGeometry]  # per image of the group
+    models: Models
+
+    def rows(self, prompt_rows: list[int], images: list[int]) -> tuple[Conditioning, Conditioning]:
+        """(cond, uncond) for chain rows: row r has prompt row prompt_rows[r]
+        and is an edit of image images[r]. uncond stays one shared row for a
+        model without per-image conditioning."""
+        geo = [self.geometry[g] for g in images]
+        cond = self.emb[torch.tensor(prompt_rows, device=self.emb.device)]
+        return self.models.for_images(cond, geo), self.models.for_images(self.uncond, geo, unconditional=True)
+
+
+def _rows_of(c: Conditioning, idx) -> Conditioning:
+    """Rows idx of a per-row conditioning; a shared 1-row one as it is."""
+    return c if len(c) == 1 else c[idx]

@@ -121,6 +121,6 @@ class gate_net:
         self.net, self.counter = net, counter
         self.dtype = getattr(net, "dtype", None)
 
-    def __call__(self, x, t, emb):
+    def __call__(self, x, t, emb, **kwargs):
         self.counter.start()
-        return self.net(x, t, emb)
+        return self.net(x, t, emb, **kwargs)

@@ -16,7 +16,7 @@ from pipeline.data import Sample
 from pipeline.engine import CodeItem, Engine, PaddedNet
 from pipeline.inversion import edict, get_method, method_names
 from pipeline.inversion import edit_friendly as ef
-from pipeline.inversion.common import Schedule, as_eps_model, ddim_mean, draw_noise, guided_eps, q_sample
+from pipeline.inversion.common import Conditioning, Schedule, as_eps_model, ddim_mean, draw_noise, guided_eps, q_sample
 from pipeline.models import build_random, sd_scheduler_config
 from pipeline.spec import load_spec
 from pipeline.syncs import count_host_syncs, gate_net
@@ -144,7 +144,7 @@ def _old_edit_friendly(unet, scheduler, x0, cond, uncond, steps, skip, cfg, nois
     ts = s.timesteps.tolist()
 
     def guided(x, i, c, scale):
-        both = model(torch.cat([x, x]), ts[i], torch.cat([uncond.expand(x.shape[0], -1, -1), c.expand(x.shape[0], -1, -1)]))
+        both = model(torch.cat([x, x]), ts[i], Conditioning.cat([uncond.expand(x.shape[0], -1, -1), c.expand(x.shape[0], -1, -1)]))
         eps_u, eps_c = both[: x.shape[0]], both[x.shape[0] :]
         return eps_u + scale * (eps_c - eps_u)
 
@@ -268,7 +268,7 @@ def test_padded_net_pads_to_a_multiple_and_keeps_rows(tiny):
 
     padded = PaddedNet(net, 8)
     x = torch.randn(5, 4, 16, 16, generator=torch.Generator().manual_seed(0))
-    emb = tiny.encode_text(["a", "b", "c", "d", "e"])
+    emb = tiny.encode_text(["a", "b", "c", "d", "e"]).tokens
     t = torch.tensor(500)
     out = padded(x, t, emb)
     assert sizes == [8] and out.shape == x.shape

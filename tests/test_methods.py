@@ -13,6 +13,7 @@ from helpers import gaussian_2d
 from pipeline.inversion import edit_friendly as ef
 from pipeline.inversion import get_method, method_names
 from pipeline.inversion import cycle, ddim, ddim_forward, edict
+from pipeline.inversion.common import Conditioning
 
 ALL = ["edit-friendly", "ddim", "edict", "ddim-forward", "cycle"]
 
@@ -215,7 +216,7 @@ def test_uniform_api_call_accounting_and_pairing(tiny, counting, name):
 
     # K = 2 prompts x N = 2 codes in one batched chain: rows (code k % N, prompt k // N)
     paired = code[[0, 1] * 2]
-    rows = torch.cat([src, src, tiny.encode_text(["a dog", "a dog"])])
+    rows = Conditioning.cat([src, src, tiny.encode_text(["a dog", "a dog"])])
     net.calls = net.rows = 0
     out = method.edit(net, tiny.scheduler, paired, rows, uncond, cfg_scale=2.0)
     assert out.shape == (2 * n, *x0.shape[1:])

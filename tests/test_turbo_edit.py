@@ -9,10 +9,8 @@ step_save_latents, step_use_latents; and the loop `main.py` runs through
 StableDiffusionXLImg2ImgPipeline with guidance 0), with its state in local
 variables instead of on the scheduler. It is test code only.
 
-TODO(tiny-sdxl): the issue asks for parity on `tiny-sdxl`; the SDXL adapter
-(branch sdxl) had not landed when this was written, so parity runs on the
-SD-shaped `tiny` model. The math under test does not depend on the family
-(the UNet's conditioning is all that differs).
+Parity runs on both the SD-shaped `tiny` and `tiny-sdxl` (the SDXL adapter's
+model: two text encoders, pooled text embeddings and time ids on every call).
 """
 
 from dataclasses import replace
@@ -23,7 +21,8 @@ from diffusers import DDIMScheduler, DDPMScheduler
 
 from pipeline.inversion import get_method, method_names
 from pipeline.inversion import turbo_edit as te
-from pipeline.models import sd_scheduler_config
+from pipeline.inversion.common import Conditioning
+from pipeline.models import TINY_SDXL, ImageGeometry, load_models, sd_scheduler_config
 
 SRC, TGT = "a photo of a cat", "a photo of a dog"
 
@@ -37,8 +36,15 @@ def _scheduler():
     return DDIMScheduler(**{**sd_scheduler_config(), "timestep_spacing": "trailing"})
 
 
-def _texts(tiny):
-    return tiny.encode_text([SRC]), tiny.encode_text([TGT])
+def _texts(m, hw=(8, 8)):
+    """Source and target conditioning (SDXL: with the time ids of an image of latent size hw)."""
+    geo = [ImageGeometry.plain(hw[0] * m.vae_scale_factor, hw[1] * m.vae_scale_factor)]
+    return tuple(m.for_images(m.encode_text([p]), geo) for p in (SRC, TGT))
+
+
+@pytest.fixture(scope="module", params=["tiny", "tiny-sdxl"])
+def family(request, tiny):
+    return tiny if request.param == "tiny" else load_models(TINY_SDXL, device="cpu", dtype="float32")
 
 
 # ---------------------------------------------------------------------------
@@ -107,10 +113,10 @@ def _reference_edit(unet, timesteps, x_0, noise, src, tgt, *, w1=1.5, max_norm_z
     latents_saved = [x_ts[0]]
     x_ts_c_predicted = [None]
     sample = x_ts[0].expand(3, -1, -1, -1)
-    emb = torch.cat([src, src, tgt])
+    emb = Conditioning.cat([src, src, tgt])  # tokens, plus SDXL's added conditioning when the model has it
     for timestep_index, t in enumerate(timesteps):
         with torch.no_grad():
-            model_output = unet(sample, torch.tensor(t), emb).sample
+            model_output = unet(sample, torch.tensor(t), emb.tokens, **emb.unet_kwargs()).sample
         next_i = timestep_index + 1
         # step_save_latents (row 0)
         u_hat_t = _ref_ddpm_step(model_output[:1], t, sample[:1], sch)
@@ -144,7 +150,8 @@ def _reference_edit(unet, timesteps, x_0, noise, src, tgt, *, w1=1.5, max_norm_z
     (3, [599, 299, 0], (-1, -1, 15.5), True),  # run_configs/noise_shift_steps_3.yaml
     (4, None, (-1, -1, -1, 1.0), False),  # a clip that bites, no x0 clamp
 ])
-def test_equal_to_reference_for_the_same_noise(tiny, steps, noise_timesteps, max_norm_zs, clip):
+def test_equal_to_reference_for_the_same_noise(family, steps, noise_timesteps, max_norm_zs, clip):
+    tiny = family  # the SD-shaped tiny model, then tiny-sdxl (two text encoders, added conditioning)
     sch = _scheduler()
     x0 = _latents(1, seed=11) * 1.5  # some values beyond the clamp range
     src, tgt = _texts(tiny)

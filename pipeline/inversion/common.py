@@ -186,6 +186,121 @@ def to_prediction(out: torch.Tensor, x: torch.Tensor, ab: "float | torch.Tensor"
     raise ValueError(f"unsupported prediction_type {prediction_type!r}: expected one of {', '.join(PREDICTION_TYPES)}")
 
 
+class Conditioning:
+    """What a UNet is conditioned on, row by row: the text encoder's token
+    embeddings [B, L, D] and, for models with added conditioning (SDXL's
+    pooled text embedding and micro-conditioning ids), the UNet's
+    `added_cond_kwargs` tensors, each with the same B rows.
+
+    The methods treat it as they treat a batch of embeddings: index or slice
+    rows, expand one row to many, concatenate (guidance doubles the rows),
+    cast. A plain tensor is a Conditioning without added tensors
+    (`as_conditioning`), and the UNet then gets exactly the call it always
+    got: `net(x, t, tokens)`."""
+
+    __slots__ = ("tokens", "added")
+
+    def __init__(self, tokens: torch.Tensor, added: dict[str, torch.Tensor] | None = None):
+        if not torch.is_tensor(tokens) or tokens.dim() != 3:
+            raise ValueError(f"token embeddings must be [rows, tokens, dim], got {getattr(tokens, 'shape', type(tokens))}")
+        added = dict(added or {})
+        for k, v in added.items():
+            if not torch.is_tensor(v) or v.shape[0] != tokens.shape[0]:
+                raise ValueError(f"added conditioning {k!r} must have one row per token row ({tokens.shape[0]}), "
+                                 f"got {getattr(v, 'shape', type(v))}")
+        self.tokens = tokens
+        self.added = added
+
+    def __repr__(self) -> str:
+        extra = ", ".join(f"{k}={tuple(v.shape)}" for k, v in self.added.items())
+        return f"Conditioning(tokens={tuple(self.tokens.shape)}{', ' + extra if extra else ''})"
+
+    def __len__(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def shape(self) -> torch.Size:
+        """The token embeddings' shape (rows first)."""
+        return self.tokens.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.tokens.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tokens.dtype
+
+    def dim(self) -> int:
+        return self.tokens.dim()
+
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "Conditioning":
+        return Conditioning(fn(self.tokens), {k: fn(v) for k, v in self.added.items()})
+
+    def __getitem__(self, idx) -> "Conditioning":
+        """Rows `idx` (an int keeps its row dimension)."""
+        if isinstance(idx, int):
+            idx = slice(idx, idx + 1 if idx != -1 else None)
+        if torch.is_tensor(idx):
+            return self._map(lambda v: v[idx.to(v.device)])
+        return self._map(lambda v: v[idx])
+
+    def expand(self, batch: int, *rest: int) -> "Conditioning":
+        """One row repeated `batch` times (a view); as `Tensor.expand`, the
+        other sizes may be given as -1 (kept)."""
+        if len(self) != 1:
+            raise ValueError(f"only a 1-row conditioning expands, this one has {len(self)} rows")
+        if any(r not in (-1, n) for r, n in zip(rest, self.tokens.shape[1:])):
+            raise ValueError(f"a conditioning expands along its rows only, got sizes {(batch, *rest)}")
+        return self._map(lambda v: v.expand(batch, *v.shape[1:]))
+
+    def repeat_interleave(self, repeats: int, dim: int = 0) -> "Conditioning":
+        """Each row `repeats` times in a row (rows only)."""
+        if dim != 0:
+            raise ValueError("a conditioning repeats along its rows (dim 0) only")
+        return self._map(lambda v: v.repeat_interleave(repeats, dim=0))
+
+    def to(self, *args, **kwargs) -> "Conditioning":
+        return self._map(lambda v: v.to(*args, **kwargs))
+
+    def split(self, size: int) -> tuple["Conditioning", ...]:
+        return tuple(self[i : i + size] for i in range(0, len(self), size))
+
+    def with_added(self, **added: torch.Tensor) -> "Conditioning":
+        """The same rows with added tensors set or replaced."""
+        return Conditioning(self.tokens, {**self.added, **added})
+
+    def unet_kwargs(self) -> dict:
+        """Keyword arguments of a UNet call besides (x, t, tokens): none
+        without added tensors, so a plain UNet callable keeps working."""
+        return {"added_cond_kwargs": dict(self.added)} if self.added else {}
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        # torch.cat of conditionings concatenates their rows, as it does for embedding tensors
+        kwargs = kwargs or {}
+        if func is torch.cat and kwargs.get("dim", args[1] if len(args) > 1 else 0) == 0:
+            return cls.cat(args[0])
+        return NotImplemented
+
+    @staticmethod
+    def cat(items: Sequence["Conditioning | torch.Tensor"]) -> "Conditioning":
+        """Rows of several conditionings, in order (all with the same added keys)."""
+        items = [as_conditioning(c) for c in items]
+        keys = set(items[0].added)
+        if any(set(c.added) != keys for c in items[1:]):
+            raise ValueError("cannot concatenate conditionings with different added tensors")
+        return Conditioning(torch.cat([c.tokens for c in items]), {k: torch.cat([c.added[k] for c in items]) for k in items[0].added})
+
+
+def as_conditioning(emb: "Conditioning | torch.Tensor") -> Conditioning:
+    """A Conditioning from a Conditioning or a plain token-embedding tensor."""
+    return emb if isinstance(emb, Conditioning) else Conditioning(emb)
+
+
+Cond = Conditioning | torch.Tensor
+
+
 class EpsModel:
     """Adapts a denoiser to the schedule: `predict(x, i, emb)` at schedule
     index i gives its float32 output, which `guided` turns into a
@@ -193,8 +308,9 @@ class EpsModel:
     v_prediction or sample).
 
     `net` is a diffusers UNet2DConditionModel or any callable
-    `(x, t, encoder_hidden_states)`; outputs with `.sample` or tuples are
-    unwrapped. Inputs are cast to the net's dtype and outputs back to
+    `(x, t, encoder_hidden_states, **kwargs)`; the conditioning's added
+    tensors go as `added_cond_kwargs=` on every call (only when it has any);
+    outputs with `.sample` or tuples are unwrapped. Inputs are cast to the net's dtype and outputs back to
     float32: latent math stays in fp32 even when the net runs in half
     precision. Large batches are split into chunks of `max_batch` so callers
     can batch freely without exhausting memory.
@@ -213,10 +329,11 @@ class EpsModel:
         self.dtype = getattr(net, "dtype", None)
         self._timesteps: dict[torch.device, torch.Tensor] = {}
 
-    def _call(self, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def _call(self, x: torch.Tensor, t: torch.Tensor, emb: Cond) -> torch.Tensor:
+        emb = as_conditioning(emb)
         if self.dtype is not None and isinstance(self.dtype, torch.dtype):
             x, emb = x.to(self.dtype), emb.to(self.dtype)
-        out = self.net(x, t, emb)
+        out = self.net(x, t, emb.tokens, **emb.unet_kwargs())
         if hasattr(out, "sample"):
             out = out.sample
         elif isinstance(out, (tuple, list)):
@@ -231,7 +348,7 @@ class EpsModel:
             ts = self._timesteps[device] = self.schedule.timesteps.to(device)
         return ts[i]
 
-    def output(self, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def output(self, x: torch.Tensor, t: torch.Tensor, emb: Cond) -> torch.Tensor:
         """The net's float32 output at timestep tensor `t` (0-d, or [rows]:
         one timestep per row), in chunks of at most `max_batch` rows."""
         n = x.shape[0]
@@ -244,11 +361,11 @@ class EpsModel:
         return torch.cat([self._call(x[s : s + step], t[s : s + step] if per_row else t, emb[s : s + step])
                           for s in range(0, n, step)])
 
-    def predict(self, x: torch.Tensor, i: int, emb: torch.Tensor) -> torch.Tensor:
+    def predict(self, x: torch.Tensor, i: int, emb: Cond) -> torch.Tensor:
         """The net's float32 output at schedule index i."""
         return self.output(x, self.timestep(i, x.device), emb)
 
-    def __call__(self, x: torch.Tensor, t: int, emb: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: int, emb: Cond) -> torch.Tensor:
         """eps at timestep t (any training timestep; one host-to-device copy
         of t per call, for callers outside a chain)."""
         tt = torch.tensor(int(t), device=x.device, dtype=torch.long)
@@ -256,15 +373,16 @@ class EpsModel:
         return to_prediction(self.output(x, tt, emb), x, ab, self.schedule.prediction_type).eps
 
 
-def expand_rows(emb: torch.Tensor, batch: int, name: str) -> torch.Tensor:
-    """Text embeddings of 1 row (shared) or `batch` rows (paired)."""
+def expand_rows(emb: Cond, batch: int, name: str) -> Conditioning:
+    """A conditioning (or token embeddings) of 1 row (shared) or `batch` rows (paired), as `batch` rows."""
     if emb.dim() != 3:
         raise ValueError(f"{name} must be [rows, tokens, dim], got shape {tuple(emb.shape)}")
-    if emb.shape[0] == batch:
+    emb = as_conditioning(emb)
+    if len(emb) == batch:
         return emb
-    if emb.shape[0] == 1:
-        return emb.expand(batch, -1, -1)
-    raise ValueError(f"{name} has {emb.shape[0]} rows; expected 1 or {batch} (one per latent)")
+    if len(emb) == 1:
+        return emb.expand(batch)
+    raise ValueError(f"{name} has {len(emb)} rows; expected 1 or {batch} (one per latent)")
 
 
 def scale_on(scale: float | torch.Tensor, batch: int, device: torch.device) -> float | torch.Tensor:
@@ -282,8 +400,8 @@ def guided(
     model: EpsModel,
     x: torch.Tensor,
     i: int,
-    cond: torch.Tensor,
-    uncond: torch.Tensor | None,
+    cond: Cond,
+    uncond: Cond | None,
     scale: float | torch.Tensor,
 ) -> Prediction:
     """The classifier-free-guided prediction at schedule index i, as one
@@ -306,7 +424,7 @@ def guided(
     if uncond is None:
         raise ValueError("per-row cfg_scale needs an unconditional embedding")
     uncond = expand_rows(uncond, b, "uncond")
-    both = model.predict(torch.cat([x, x]), i, torch.cat([uncond, cond.to(uncond.dtype)]))
+    both = model.predict(torch.cat([x, x]), i, Conditioning.cat([uncond, cond.to(uncond.dtype)]))
     out_u, out_c = both[:b], both[b:]
     return to_prediction(out_u + scale * (out_c - out_u), x, ab, kind)
 

@@ -50,6 +50,7 @@ from typing import Callable, Sequence
 import torch
 
 from .common import (
+    Conditioning,
     Generator,
     NoiseCode,
     Schedule,
@@ -239,7 +240,7 @@ def invert(
     model = as_eps_model(unet, schedule, max_batch)
     x_in = torch.cat([xs[i] for i in steps])
     t_rows = schedule.timesteps[steps].repeat_interleave(b).to(x0.device)
-    emb = expand_rows(cond, b, "cond").repeat(len(steps), 1, 1)
+    emb = Conditioning.cat([expand_rows(cond, b, "cond")] * len(steps))
     ab_rows, abp_rows = (v[steps].repeat_interleave(b).view(-1, 1, 1, 1) for v in (schedule.ab, schedule.ab_prev))
     on_device = (lambda v: v.to(x0.device, torch.float32))
     coeffs = tuple(on_device(c) for c in posterior_coefficients(ab_rows, abp_rows))
@@ -297,7 +298,7 @@ def edit(
         raise ValueError(f"reconstruct has {recon.numel()} entries for {n} code rows")
     edit_rows = (~recon).nonzero().flatten().to(x.device)
     src, tgt = expand_rows(source, n, "source"), expand_rows(cond, n, "cond")
-    emb = torch.cat([src, tgt[edit_rows.to(tgt.device)].to(src.dtype)])
+    emb = Conditioning.cat([src, tgt[edit_rows.to(tgt.device)].to(src.dtype)])
     limits = [float(v) for v in code.params.get("max_norm", [0.0] * code.zs.shape[0])][code.skip:]
     clip = bool(code.params.get("clip_sample", True))
     keep = recon.to(x.device).view(-1, 1, 1, 1)
