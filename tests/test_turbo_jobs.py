@@ -1,9 +1,9 @@
 """turbo-edit through the pipeline: the shipped SDXL jobs, stored residual
 codes and `edit-codes`, P2P control, and job validation.
 
-TODO(tiny-sdxl): the jobs are meant to run on `model.id = "tiny-sdxl"`; the
-SDXL adapter (branch sdxl) had not landed when this was written, so they run
-on the SD-shaped `tiny` model here (MODEL below). Switch MODEL once it has.
+The shipped jobs run with `model.id = "tiny-sdxl"` (MODEL below), the SDXL
+adapter's random model; the P2P and stored-code unit tests use the SD-shaped
+`tiny` model.
 """
 
 import io
@@ -23,7 +23,7 @@ from pipeline.inversion import get_method
 from pipeline.spec import SpecError, load_spec
 from pipeline.store import OutputStore
 
-MODEL = "tiny"
+MODEL = "tiny-sdxl"
 TINY_SCORES = ["score.clip_model=imprint-tiny-clip", "score.clip_pretrained=none", "score.lpips_net=squeeze",
                "score.lpips_pretrained=false"]
 
