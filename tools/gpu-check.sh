@@ -7,7 +7,8 @@
 #      (CUDA events around every UNet call), peak memory (torch.cuda.max_memory_allocated) and the
 #      host syncs per denoising step (torch.cuda.set_sync_debug_mode around the step loops);
 #   2. the demo job (jobs/demo.toml, inline) and `imprint edit-codes` on its stored codes, on CUDA;
-#   3. SDXL-shaped, random weights at real size (model $SDXL_MODEL, default sdxl-random), 512x512, bf16:
+#   3. SDXL-shaped, random weights at real size (model $SDXL_MODEL, default sdxl-random: a random-weight
+#      SDXL-base-shaped model id the adapter is to provide, like sd15-random), 512x512, bf16:
 #      `imprint bench --method turbo-edit` (turbo-edit, 4 steps, against 100-step edit-friendly, skip 36,
 #      on the same model in one run), eager, then torch.compile; each reports edits/s of both methods,
 #      UNet image-evaluations per edit and the ratio. A failure here is reported in the summary and
@@ -17,8 +18,8 @@
 #
 # Usage: tools/gpu-check.sh [--cpu-smoke] [OUT_DIR]
 #   --cpu-smoke  the same steps on the CPU with the tiny model and minimal sizes (seconds), so the
-#                script is exercised in CI (tests/test_gpu_check.py) and cannot rot (step 3 on `tiny`
-#                until the SDXL adapter's tiny-sdxl is in; set SDXL_MODEL to override).
+#                script is exercised in CI (tests/test_gpu_check.py) and cannot rot (step 3 on
+#                tiny-sdxl; set SDXL_MODEL to override).
 # OUT_DIR defaults to $OUT (the device machine's output folder) or out/gpu-check.
 # Exit status: non-zero when a step fails; missed targets are reported, not fatal.
 set -euo pipefail
@@ -51,7 +52,7 @@ else
                 --batch 64 --decode-batch 8 --no-reference --no-warmup --threads 1)
   run_sets=(--set inversion.steps=2 --set inversion.skip=0 --set edit.seeds=1 --set score.enabled=false
             --set run.threads=1)
-  sdxl_bench=(--model "${SDXL_MODEL:-tiny}" --device cpu --dtype fp32 --method turbo-edit --turbo-steps 2
+  sdxl_bench=(--model "${SDXL_MODEL:-tiny-sdxl}" --device cpu --dtype fp32 --method turbo-edit --turbo-steps 2
               --steps 3 --skip 1 --prompts 1 --seeds 1 --images 1 --batch 64 --decode-batch 8 --no-warmup --threads 1)
 fi
 
