@@ -123,8 +123,7 @@ class Models:
 
 
 def _vae_scale_factor(vae) -> int:
-    # AutoencoderKL halves the size at every block but the last; the toy
-    # model's pixel-unshuffle stand-in mirrors that field.
+    # AutoencoderKL halves the size at every block but the last
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
@@ -295,8 +294,7 @@ def load_models(
     trained toy model shipped in the package, offline), a Hugging Face hub id
     (e.g. "CompVis/stable-diffusion-v1-4", "stabilityai/stable-diffusion-2-1")
     or a local diffusers-format folder. A folder without tokenizer/ gets the
-    CLIP BPE tokenizer (`clip_tokenizer`); one whose vae/ is the toy model's
-    pixel-unshuffle map gets that instead of an AutoencoderKL.
+    CLIP BPE tokenizer (`clip_tokenizer`).
     device/dtype default to CUDA with bf16/fp16 when available, else CPU fp32.
     The scheduler is always a DDIMScheduler made from the checkpoint's own
     scheduler configuration (betas, offset, prediction type)."""
@@ -310,7 +308,7 @@ def load_models(
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from .toy.model import TOY, TOY_DIR, PixelUnshuffleAutoencoder, is_pixel_autoencoder
+    from .toy.model import TOY, TOY_DIR
 
     name, model_id = model_id, (str(TOY_DIR) if model_id == TOY else model_id)
     if name == TOY and not (TOY_DIR / "unet").is_dir():
@@ -325,10 +323,7 @@ def load_models(
         else:
             tokenizer = CLIPTokenizer.from_pretrained(model_id, subfolder="tokenizer", **kw)
         text_encoder = CLIPTextModel.from_pretrained(model_id, subfolder="text_encoder", torch_dtype=dt, **kw)
-        if local and is_pixel_autoencoder(model_id):
-            vae = PixelUnshuffleAutoencoder.from_pretrained(os.path.join(model_id, "vae"))
-        else:
-            vae = AutoencoderKL.from_pretrained(model_id, subfolder="vae", torch_dtype=dt, **kw)
+        vae = AutoencoderKL.from_pretrained(model_id, subfolder="vae", torch_dtype=dt, **kw)
         unet = UNet2DConditionModel.from_pretrained(model_id, subfolder="unet", torch_dtype=dt, **kw)
     except (OSError, ValueError) as exc:
         raise ValueError(
@@ -350,8 +345,7 @@ class ModelLimits:
 
 
 def _limits_from_configs(scheduler: dict, text: dict, tokenizer: dict, unet: dict, vae: dict) -> ModelLimits:
-    # an exact pixel-unshuffle map (the toy model) names its factor; a VAE halves per extra block
-    vae_factor = int(vae["factor"]) if "factor" in vae else 2 ** (len(vae.get("block_out_channels", (128, 256, 512, 512))) - 1)
+    vae_factor = 2 ** (len(vae.get("block_out_channels", (128, 256, 512, 512))) - 1)  # halves per extra block
     unet_factor = 2 ** (len(unet.get("block_out_channels", (320, 640, 1280, 1280))) - 1)
     context = int(text.get("max_position_embeddings", 77))
     if tokenizer.get("model_max_length"):

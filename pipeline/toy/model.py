@@ -40,6 +40,7 @@ TOY_DIR = WEIGHTS_DIR / TOY
 TOY_CLIP_DIR = WEIGHTS_DIR / TOY_CLIP
 # What outputs and reports say about runs on this model (instead of the random-weights warning).
 TOY_NOTE = "toy model trained on synthetic shapes"
+TOY_DOMAIN = "toy scene"  # the `domain` field of toy-scene samples (toy.demo); reports put other inputs last
 
 UNET_CONFIG = dict(
     sample_size=RESOLUTION // FACTOR,
