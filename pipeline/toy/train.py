@@ -47,7 +47,7 @@ from .model import PREDICTION_TYPE, TOY, TOY_CLIP, build_autoencoder, build_untr
 from .scenes import random_batch
 
 DEFAULTS = dict(seed=0, ae_steps=600, ae_batch=32, ae_lr=1e-3, ae_latent_noise=0.1,
-                steps=5000, stop_at=0, batch=48, lr=5e-4, warmup=200, ema=0.999, caption_dropout=0.1,
+                steps=4500, stop_at=0, batch=48, lr=5e-4, warmup=200, ema=0.999, caption_dropout=0.1,
                 edit_t_max=700, edit_t_share=0.5,
                 clip_steps=800, clip_batch=128, clip_lr=1e-3, threads=1, prediction_type=PREDICTION_TYPE,
                 ckpt_minutes=10.0)
