@@ -518,3 +518,121 @@ def test_the_simulator_finds_each_old_defect(broken, finds):
             assert finds in str(exc), f"seed {seed}: {exc}"
             return
     pytest.fail(f"no seed out of {RUNS} shows the defect of {broken.__name__}")
+
+
+# -- scripted orderings ---------------------------------------------------------------
+
+LIM = Limits(max_attempts=3, shard_timeout_s=100, placement_timeout_s=50, start_timeout_s=30, demand="1 GPU")
+ERR = {"type": "RuntimeError", "message": "could not load model", "traceback": []}
+
+
+def two_ready(shards, cap=2, limits=LIM) -> Scheduler:
+    s = Scheduler(shards, limits, cap, 0)
+    assert [type(a) for a in s.start(0)] == [Request] * min(cap, len(shards))
+    s.ready(0, "a", 1)
+    s.ready(1, "b", 1)
+    return s
+
+
+def test_a_lost_shard_goes_at_once_to_the_idle_worker():
+    """The measured hang: two workers on a fixed cluster; the node running the
+    big shard is lost while the other worker idles."""
+    s = two_ready(["small", "big"])
+    assert s.workers[0].shards == ["small"] and s.workers[1].shards == ["big"]
+    s.shard_done(0, "small", 5)
+    assert s.workers[0].shards == [] and s.workers[0].state == READY  # kept: the tail may need it
+    acts = s.worker_lost(1, PREEMPTED, {"type": "ActorDiedError", "message": "preempted"}, 6)
+    assert Submit(0, "big") in acts and not any(isinstance(a, (Charge, Request)) for a in acts), acts
+    assert s.shards["big"].attempts == 0
+    assert s.shard_done(0, "big", 9)[-1] == Finish()
+
+
+def test_no_shard_waits_behind_another_at_the_tail():
+    s = two_ready(["a", "b", "c"])
+    assert [len(w.shards) for w in s.workers.values()] == [1, 1] and list(s.queue) == ["c"]
+    assert s.shard_done(1, "b", 2) == [Succeed("b", 1), Submit(1, "c")]  # c went to whoever finished first
+
+
+def test_only_work_failures_charge_and_deterministic_errors_are_not_retried():
+    s = two_ready(["a", "b", "c"], cap=2)
+    acts = s.worker_lost(0, NODE, {"type": "ActorDiedError", "message": "node died"}, 2)
+    assert not any(isinstance(a, Charge) for a in acts) and s.shards["a"].losses == 1
+    acts = s.worker_lost(1, CRASH, {"type": "ActorDiedError", "message": "exit 3"}, 3)
+    assert Charge("b", 1, {"type": "ActorDiedError", "message": "exit 3"}) in acts
+    s.ready(2, "c", 4)
+    s.ready(3, "d", 4)
+    held = {w.shards[0]: w.id for w in s.live() if w.shards}
+    bad = {"type": "ValueError", "message": "p2p replace needs the same word count", "traceback": []}
+    acts = s.shard_failed(held["a"], "a", bad, 5, deterministic=True)
+    assert [type(x) for x in acts[:2]] == [Charge, Fail] and acts[1].attempts == 1 and acts[1].failure == bad
+    assert Submit(held["a"], "b") in acts  # the next shard, on the worker that just failed one
+    flaky = {"type": "OSError", "message": "connection reset", "traceback": []}
+    acts = s.shard_failed(held["c"], "c", flaky, 6)
+    assert acts == [Charge("c", 1, flaky), Requeue("c"), Submit(held["c"], "c")]  # retried on the idle worker
+
+
+def test_node_losses_alone_end_a_shard_only_after_max_losses():
+    s = Scheduler(["a"], Limits(max_losses=2), 1, 0)
+    s.start(0)
+    s.ready(0, "n0", 1)
+    s.worker_lost(0, NODE, {"type": "X", "message": "gone"}, 2)
+    s.ready(1, "n1", 3)
+    acts = s.worker_lost(1, NODE, {"type": "X", "message": "gone"}, 4)
+    fail = next(a for a in acts if isinstance(a, Fail))
+    assert fail.attempts == 0 and "lost its worker with its node 2 times" in fail.failure["message"]
+    assert acts[-1] == Finish()
+
+
+def test_start_failures():
+    # The first worker of the job cannot start: the job stops with its error.
+    s = Scheduler(["a"], LIM, 2, 0)
+    s.start(0)
+    acts = s.start_failed(0, "n0", ERR, 1)
+    assert isinstance(acts[-1], Stop) and acts[-1].start_error == ERR and "could not load model" in acts[-1].message
+    # Once a worker has started, a node where one cannot is avoided and the job goes on ...
+    s = two_ready(["a", "b", "c", "d"], cap=3)
+    acts = s.start_failed(2, "bad1", ERR, 2)
+    assert any(isinstance(a, Notice) for a in acts) and Request(3, ("bad1",)) in acts
+    acts = s.start_failed(3, "bad2", ERR, 3)
+    assert Request(4, ("bad1", "bad2")) in acts
+    # ... until the same error has happened on start_error_nodes (3) nodes.
+    acts = s.start_failed(4, "bad3", ERR, 4)
+    assert isinstance(acts[-1], Stop) and "on 3 nodes with the same error" in acts[-1].message
+    assert s.start_failed(1, "b", ERR, 5) == []  # nothing after the stop
+
+
+def test_a_hung_start_is_told_from_waiting_for_placement():
+    s = Scheduler(["a"], LIM, 1, 0)
+    s.start(0)
+    assert not any(isinstance(a, Stop) for a in s.tick(40))  # waiting for placement (deadline 50) ...
+    s.placed(0, "n0", 45)
+    assert s.tick(70) == []  # ... placed: the placement deadline no longer applies, the start one does
+    acts = s.tick(76)
+    assert isinstance(acts[-1], Stop) and "run.start_timeout_s = 30 s" in acts[-1].message
+
+
+def test_no_worker_placed_in_time_stops_with_what_it_waited_for():
+    s = Scheduler(["a", "b"], LIM, 2, 0)
+    s.start(0)
+    acts = s.tick(51)
+    assert isinstance(acts[-1], Stop) and acts[-1].start_error is None
+    msg = acts[-1].message
+    assert "run.placement_timeout_s = 50 s" in msg and "1 GPU" in msg and "2 requested" in msg and "2 shards left" in msg
+
+
+def test_shard_deadline_kills_the_worker_and_charges_the_shard():
+    s = Scheduler(["a"], LIM, 1, 0)
+    s.start(0)
+    s.ready(0, "n0", 1)
+    acts = s.tick(102)
+    assert acts[0] == Kill(0) and isinstance(acts[1], Charge) and acts[1].failure["type"] == "TimeoutError"
+    assert Request(1, ()) in acts
+    assert s.shard_done(0, "a", 103) == []  # a late result of the killed worker does not count
+
+
+def test_a_cuda_error_replaces_the_worker_and_its_shard_is_retried():
+    s = Scheduler(["a"], LIM, 1, 0)
+    s.start(0)
+    s.ready(0, "n0", 1)
+    acts = s.shard_failed(0, "a", {"type": "RuntimeError", "message": "CUDA error"}, 2, broken=True)
+    assert [type(a) for a in acts] == [Charge, Requeue, Kill, Request]
