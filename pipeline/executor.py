@@ -766,7 +766,10 @@ def _request(actor_cls, avoid: tuple, spec: JobSpec, worker_cls, expect_cuda: bo
     """A new actor, on none of the `avoid` nodes (where workers could not
     start), through a label selector on Ray's node-id label."""
     opts = {"label_selector": {"ray.io/node-id": f"!in({','.join(avoid)})"}} if avoid else {}
-    h = actor_cls.options(**opts).remote(spec, worker_cls, expect_cuda)
+    try:
+        h = actor_cls.options(**opts).remote(spec, worker_cls, expect_cuda)
+    except (TypeError, ValueError):  # a Ray without label selectors: the node may be tried again
+        h = actor_cls.remote(spec, worker_cls, expect_cuda)
     return _Worker(handle=h, ready_ref=h.ready.remote())
 
 
