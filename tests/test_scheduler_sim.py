@@ -91,6 +91,8 @@ class Sim:
         self.losses_left = r.randint(0, 4)
         for _ in range(self.losses_left):
             self._push(r.uniform(0, 600), "node_loss", r.random() < 0.5)
+        for _ in range(r.choice([0, 0, 1, 3])):  # the cluster's reach changes (autoscaler limits, max_workers)
+            self._push(r.uniform(0, 600), "cap", r.randint(1, 4))
         self.sched = cls(list(self.shards), self.limits, self.cap, 0.0)
         # checker state
         self.ended: dict[str, str] = {}  # shard -> "done" | "failed"
@@ -209,6 +211,8 @@ class Sim:
         if kind == "tick":
             self._push(self.t + r.uniform(5, 60), "tick")
             self._check(self.sched.tick(self.t), ("tick",))
+        elif kind == "cap":
+            self._check(self.sched.set_cap(payload[0], self.t), ("cap",))
         elif kind == "node_up":
             self.adding -= 1
             self._add_node(self.global_error)
@@ -384,8 +388,10 @@ class Sim:
             raise Violation(f"shards {waiting} wait while ready worker(s) {idle} are idle")
         if any(w.state in (STARTING, READY) for w in s.workers.values()):
             self.last_placed = self.t
-        if len(s.live()) > max(s.cap, 1):
-            raise Violation(f"{len(s.live())} workers for a cap of {s.cap}")
+        live = s.live()
+        spare = [w.id for w in live if w.state == REQUESTED or (w.state == READY and not w.shards)]
+        if len(live) > s.cap and spare:
+            raise Violation(f"{len(live)} workers for a cap of {s.cap}, and {spare} could go")
 
 
 def run_seed(seed: int, cls=Scheduler, log=None) -> Sim:
