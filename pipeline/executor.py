@@ -466,7 +466,7 @@ class _ShardActor:
             if expect_cuda:
                 _check_cuda(spec, self.where)
             self.worker = (worker_cls or ShardWorker)(spec)
-        except BaseException as exc:  # reported by ready(); the driver stops the job
+        except BaseException as exc:  # reported by ready(); the scheduler decides (stop, or avoid the node)
             self.startup_error = failure_info(exc)
 
     def ready(self) -> dict:

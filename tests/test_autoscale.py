@@ -241,8 +241,8 @@ def test_only_the_running_shard_is_charged_when_its_worker_dies(cluster, tmp_pat
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
     ray.init(address=cluster.address, logging_level="warning", log_to_driver=False)
     try:
-        # One worker gets both shards: the crashing one runs first, the
-        # healthy one waits behind it in the same actor.
+        # One worker at a time: the crashing shard runs first; its crash (the
+        # worker's process died, not its node) charges it, never the healthy one.
         report = run_job(spec, progress=False, worker_cls=CrashOnShard)
     finally:
         ray.shutdown()
