@@ -283,6 +283,7 @@ def test_node_lost_mid_shard_every_row_once(gpu_nodes, tmp_path):
     assert "worker lost" in err or list((tmp_path / "out" / "_failed").glob("*.json")) == [], err[-3000:]
 
 
+@pytest.mark.slow  # several minutes on a loaded machine: two workers start, then one redoes the big shard
 def test_a_lost_shard_goes_to_the_idle_worker(gpu_nodes, tmp_path):
     """The measured hang: two GPU nodes, run.max_workers = 2; one worker runs
     a big shard while the other has finished the small ones and idles; the
@@ -295,11 +296,14 @@ def test_a_lost_shard_goes_to_the_idle_worker(gpu_nodes, tmp_path):
     proc = imprint(cluster, str(job_file(tmp_path, [big, *small], run={"max_workers": 2, "max_attempts": 1})),
                    "--no-progress")
     done_dir = tmp_path / "out" / "_done"
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + 240
     while True:  # until the small shards are done and the big one still runs
         assert proc.poll() is None, proc.communicate()[1][-5000:]
-        assert time.monotonic() < deadline, "the small shards did not finish while the big one ran"
         done = [json.loads(p.read_text()) for p in done_dir.glob("*.json")] if done_dir.is_dir() else []
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"the small shards did not finish while the big one ran: done {[m['shard'] for m in done]}, "
+                        f"busy nodes {_nodes_running_shards(cluster)}\n{proc.communicate()[1][-5000:]}")
         assert big not in {m["shard"] for m in done}, "the big shard finished before its node could be lost"
         busy = _nodes_running_shards(cluster)
         if len(done) == 3 and len(busy) == 1:
