@@ -60,17 +60,18 @@ def run(
 
 def _run_job(spec, **kwargs):
     """run_job, with the two ways a job stops early turned into messages and
-    exit codes: a worker that cannot start (1) and Ctrl-C / SIGTERM (130 / 143)."""
-    from .executor import JobInterrupted, WorkerStartError, run_job
+    exit codes: the scheduler stopped it (workers that cannot start, no
+    worker placed in time: 1) and Ctrl-C / SIGTERM (130 / 143)."""
+    from .executor import JobInterrupted, JobStopped, run_job
 
     try:
         return run_job(spec, **kwargs)
-    except WorkerStartError as exc:
+    except JobStopped as exc:
         typer.echo(f"imprint: error: {exc}", err=True)
         for line in exc.info.get("traceback", []):
             typer.echo(f"    {line}", err=True)
-        typer.echo(f"imprint: the job stopped before charging any shard; `imprint status {spec.output.path}` "
-                   "keeps this message", err=True)
+        typer.echo(f"imprint: the job stopped; shards done are kept and the same command resumes; "
+                   f"`imprint status {spec.output.path}` keeps this message", err=True)
         raise typer.Exit(1)
     except JobInterrupted as exc:
         r = exc.report

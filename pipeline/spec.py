@@ -169,6 +169,12 @@ class RunSpec:
     gpus_per_worker: float | None = None
     cpus_per_worker: float = 0.5  # fractional: leaves room for Ray's own tasks
     shard_timeout_s: float = 14400.0  # one shard's deadline; its worker is replaced after it
+    # With shards left and no worker placed on any node for this long (the
+    # cluster has no room and adds none), the job stops and says what it waited for.
+    placement_timeout_s: float = 1800.0
+    # A worker placed on a node but not ready (model download and load) within
+    # this long is stopped as a start failure (a hung download).
+    start_timeout_s: float = 1800.0
     max_attempts: int = 3
     threads: int = 0  # torch threads per worker; 0 = leave torch's default
 
@@ -451,6 +457,8 @@ def validate(spec: JobSpec) -> JobSpec:
          "run.gpus_per_worker", "above 1 must be a whole number of GPUs")
     need(spec.run.cpus_per_worker > 0, "run.cpus_per_worker", "must be > 0")
     need(spec.run.shard_timeout_s > 0, "run.shard_timeout_s", "must be > 0 seconds")
+    need(spec.run.placement_timeout_s > 0, "run.placement_timeout_s", "must be > 0 seconds")
+    need(spec.run.start_timeout_s > 0, "run.start_timeout_s", "must be > 0 seconds")
     need(spec.run.max_attempts >= 1, "run.max_attempts", "must be >= 1")
     need(spec.run.threads >= 0, "run.threads", "must be >= 0")
     need(0 <= spec.run.seed < 2**63, "run.seed", "must be in [0, 2^63)")
