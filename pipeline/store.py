@@ -73,6 +73,7 @@ INDEX_FILE = "_index.json"
 # A lease not refreshed for this long belongs to a driver that is gone; the
 # holder refreshes it every LEASE_TTL_S / 4.
 LEASE_TTL_S = float(os.environ.get("IMPRINT_LEASE_TTL_S", "120"))
+LEASE_SETTLE_S = 0.2  # between writing the lease and reading it back (see Lease)
 PART_BYTES = 64 * 2**20  # rows buffered (all tables together, Arrow bytes) before a part is written
 ATTEMPT_HEX = 12
 # `<shard>.<attempt>.<part>.parquet`; earlier versions wrote `<shard>.<part>.parquet` (attempt "")
@@ -190,18 +191,25 @@ class OutputStore:
                 raise OutputError(
                     f"output.path {self.root!r} holds results of another job spec (hash {old_hash}, "
                     f"this one {spec_hash}); use a new output path, or --force to move them aside and redo every shard")
-            if self.lease is None:
-                self.lease = Lease(self)
-                self.lease.acquire()
+            self.prepare_lease()
             if force:
                 self.move_aside(old_hash or spec_hash)
             self.sweep(spec_hash)
             self.write_bytes(SPEC_FILE, spec_toml.encode())
             self.write_json(META_FILE, {"spec_hash": spec_hash, "updated": time.time()})
         except OutputError:
+            self.release()
             raise
         except (OSError, pa.ArrowException) as exc:
+            self.release()
             raise OutputError(f"output.path {self.root!r}: {one_line(exc)}") from None
+
+    def prepare_lease(self) -> None:
+        """Take the output's lease (LeaseHeld when another driver holds it)."""
+        if self.lease is None:
+            lease = Lease(self)
+            lease.acquire()
+            self.lease = lease
 
     def release(self) -> None:
         """Stop the lease's heartbeat and give the lease up."""
@@ -304,17 +312,19 @@ class OutputStore:
 
     def _valid_markers(self, listing: "_Listing") -> dict[tuple[str, str], list[tuple[str, str]]]:
         """(shard, spec hash) -> [(marker name, attempt)] of the markers whose
-        digest matches one attempt's files as listed, sorted by name (the
-        first one counts when an attempt committed twice)."""
+        digest matches one attempt's files as listed, oldest first (the first
+        one counts when two attempts committed: a commit reported as failed
+        after it landed, then retried)."""
         digests = {shard: {files_digest(files): attempt for attempt, files in attempts.items()}
                    for shard, attempts in listing.groups().items()}
-        out: dict[tuple[str, str], list[tuple[str, str]]] = {}
+        out: dict[tuple[str, str], list[tuple[int, str, str]]] = {}
         for info in listing.markers:
             shard, h, digest = parse_marker_name(info.base_name)
             attempt = digests.get(shard, {}).get(digest)
             if attempt is not None:
-                out.setdefault((shard, h), []).append((info.base_name, attempt))
-        return {k: sorted(v) for k, v in out.items()}
+                out.setdefault((shard, h), []).append((info.mtime_ns or 0, info.base_name, attempt))
+        # the earliest commit counts: a reader that saw it keeps seeing it
+        return {k: [(name, attempt) for _, name, attempt in sorted(v)] for k, v in out.items()}
 
     def _valid(self, listing: "_Listing", spec_hash: str) -> dict[str, str]:
         """shard -> its valid marker's file name."""
@@ -632,16 +642,22 @@ class Lease:
                                    "(no id or heartbeat); nothing was changed")
         return rec
 
-    def acquire(self, settle_s: float = 0.2) -> None:
+    def acquire(self, settle_s: float | None = None) -> None:
+        settle_s = LEASE_SETTLE_S if settle_s is None else settle_s
         rec = self.holder()
         if rec is not None and rec["id"] != self.id:
             age = time.time() - rec["heartbeat"]
             ttl = float(rec.get("ttl_s") or LEASE_TTL_S)
             if age < ttl and not _gone(rec):
                 raise LeaseHeld(self._held_message(rec, age, ttl))
-        self.store.write_json(LEASE_FILE, self.record())
-        time.sleep(settle_s + random.random() * settle_s)
-        rec = self.holder()
+        try:
+            self.store.write_json(LEASE_FILE, self.record())
+            if settle_s:
+                time.sleep(settle_s + random.random() * settle_s)
+            rec = self.holder()
+        except BaseException:
+            self.release()  # ours, if the write landed and it can be read back
+            raise
         if rec is None or rec["id"] != self.id:
             raise LeaseHeld(self._held_message(rec or {}, 0.0, self.ttl_s))
         self._thread = threading.Thread(target=self._beat, daemon=True, name="imprint-lease")
@@ -716,6 +732,15 @@ class _Listing:
         return out
 
 
+def encode_part(table: str, batches: list[pa.Table], metadata: dict[str, str]) -> pa.Buffer:
+    """One part file's bytes: the batches as one zstd Parquet file (an empty
+    one with the table's schema when there are none)."""
+    data = pa.concat_tables(batches) if batches else table_from_rows(table, [], metadata)
+    sink = pa.BufferOutputStream()
+    pq.write_table(data, sink, compression="zstd", row_group_size=ROW_GROUP_ROWS[table])
+    return sink.getvalue()  # a pyarrow Buffer: no second copy of the part
+
+
 @dataclass
 class ShardWriter:
     """Streams one attempt's rows into part files as they come: rows are
@@ -744,12 +769,7 @@ class ShardWriter:
             self.flush(max(self._buffers, key=lambda t: sum(b.nbytes for b in self._buffers[t])))
 
     def flush(self, table: str) -> None:
-        batches = self._buffers.pop(table, [])
-        data = pa.concat_tables(batches) if batches else table_from_rows(table, [], self.metadata)
-        sink = pa.BufferOutputStream()
-        pq.write_table(data, sink, compression="zstd", row_group_size=ROW_GROUP_ROWS[table])
-        del data, batches
-        blob = sink.getvalue()  # a pyarrow Buffer: no second copy of the part
+        blob = encode_part(table, self._buffers.pop(table, []), self.metadata)
         part = self._parts.get(table, 0)
         rel = f"{table}/{part_name(self.shard, part, self.attempt)}"
         self._parts[table] = part + 1
@@ -767,8 +787,12 @@ class ShardWriter:
         digest = files_digest([(f["path"], f["size"]) for f in self.files])
         self.store.delete(f"{FAILED}/{self.shard}.json")
         name = marker_name(self.shard, spec_hash, digest)
-        self.store.write_json(f"{DONE}/{name}",
-                              {**marker, "spec_hash": spec_hash, "attempt": self.attempt, "files": self.files})
+        try:
+            self.store.write_json(f"{DONE}/{name}",
+                                  {**marker, "spec_hash": spec_hash, "attempt": self.attempt, "files": self.files})
+        except OutputWriteError:
+            if not self.store.exists(f"{DONE}/{name}"):  # an error after the marker landed is a commit
+                raise
         return name
 
     def abort(self) -> None:
