@@ -720,6 +720,10 @@ class _Listing:
     markers: list[pafs.FileInfo]
     tables: dict[str, list[pafs.FileInfo]]
 
+    def shard_files(self) -> dict[str, list[tuple[str, int]]]:
+        """shard -> every part listed for it, all attempts together."""
+        return {shard: [f for files in attempts.values() for f in files] for shard, attempts in self.groups().items()}
+
     def groups(self) -> dict[str, dict[str, list[tuple[str, int]]]]:
         """shard -> attempt -> its (rel path, size) list across the tables."""
         out: dict[str, dict[str, list[tuple[str, int]]]] = {}
