@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 import pipeline.store as store_mod
 from pipeline.cli import app
-from pipeline.data import ShardReadError, read_raw_samples, shard_name
+from pipeline.data import ShardReadError, read_raw_samples
 from pipeline.executor import JobError, _finish_output, run_job
 from pipeline.store import (DONE, FAILED, LEASE_FILE, META_FILE, LeaseHeld, OutputStore, OutputUnreadable,
                             parse_marker_name)

@@ -11,7 +11,7 @@ for every seed: every row is present exactly once; a committed file of a
 completed shard, and any file of another job's output beside it, is never
 deleted; a finished output's globs (every part under results/ and sources/)
 hold committed rows only. A failing seed is printed: replay it with
-`pytest tests/test_store_faults.py -k replay --seed N` (see test_replay)."""
+`IMPRINT_FAULT_SEED=N pytest tests/test_store_faults.py -k replay`."""
 
 from __future__ import annotations
 
