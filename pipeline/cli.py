@@ -180,6 +180,40 @@ def status(
 
 
 @app.command()
+def verify(
+    out: str = typer.Argument(..., help="Output path of a job (local or URL)."),
+    mark: bool = typer.Option(True, help="Mark bad shards for rerun (their marker goes; the next run redoes them)."),
+) -> None:
+    """Read every committed file back and check it against the SHA-256 and size
+    its marker recorded (bit flips, truncation, missing files). Exit 1 when
+    anything is bad."""
+    from .store import LEASE_FILE, OutputError, OutputStore
+
+    store = OutputStore.open(out)
+    try:
+        spec_hash = store.current_hash()
+        if spec_hash is None:
+            die(f"{out!r} is not an imprint output (no job.json)")
+        bad = store.verify(spec_hash)
+        checked = len(store.done_shards(spec_hash))
+        for shard, what in sorted(bad.items()):
+            typer.echo(f"imprint: bad shard {shard}: {what}", err=True)
+        if bad and mark:
+            store.prepare_lease()
+            try:
+                store.mark_for_rerun(bad, spec_hash)
+            finally:
+                store.release()
+    except OutputError as exc:
+        die(f"{exc}" + (f" ({LEASE_FILE}: a job is writing this output; run verify after it ends)"
+                        if "another driver" in str(exc) else ""))
+    typer.echo(f"imprint: verified {checked} committed shard(s) of spec {spec_hash}: {len(bad)} bad"
+               + (", marked for rerun" if bad and mark else ""))
+    if bad:
+        raise typer.Exit(1)
+
+
+@app.command()
 def export(
     out: str = typer.Argument(..., help="Output path of a job (local or URL)."),
     dest: Path = typer.Argument(..., help="Local folder to write into."),

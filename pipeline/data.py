@@ -42,7 +42,8 @@ REMOTE_SCHEMES = ("http", "https", *OBJECT_STORE_SCHEMES)
 # A tar member larger than this is not read into memory; its sample becomes an
 # error row (no legitimate image, caption or mask of this contract is that big).
 MAX_MEMBER_BYTES = 256 * 1024 * 1024
-TOY_DEMO = "toy-demo"  # the toy model's scenes (pipeline.toy.demo)
+TOY_DEMO = "toy-demo"
+OBJECT_READ_BUFFER = 8 * 2**20  # bytes per request when reading a shard from an object store  # the toy model's scenes (pipeline.toy.demo)
 
 
 @dataclass
@@ -63,6 +64,13 @@ class Sample:
 ERROR_TYPES = ("decode", "format_refused", "too_large", "too_small", "no_image", "prompt_missing", "prompt_invalid",
                "prompt_too_long", "no_targets", "bad_json", "duplicate_key", "tar_damaged", "no_key", "no_strokes",
                "bad_code", "other")
+
+
+class ShardReadError(OSError):
+    """Reading a shard's bytes failed (a refused or failed request, a
+    connection reset, an I/O error): nothing says the shard is bad, so the
+    attempt fails and the driver retries the shard. Only bytes that were read
+    and are not a valid tar are damage (a `tar_damaged` error row)."""
 
 
 class SampleError(ValueError):
@@ -240,17 +248,59 @@ def read_raw_samples(url: str, *, allow_pipe: bool = False, allow_remote: bool =
       broken compressed stream) ends the shard with one sample carrying
       `__error__` (`tar_damaged`): the sample being read when it happened,
       whose members may be incomplete.
-    - A stream that is not a tar at all raises OSError (the shard fails)."""
+    - A stream that is not a tar at all raises OSError (the shard fails).
+    - A read that fails (any OSError from the stream: a refused request,
+      a reset connection) raises ShardReadError: the attempt fails and the
+      shard is retried, never committed with the samples read so far."""
     check_url_allowed(url, allow_pipe=allow_pipe, allow_remote=allow_remote)
-    stream = open_shard(url, allow_pipe=allow_pipe, allow_remote=allow_remote)
+    try:
+        stream = _ReadGuard(open_shard(url, allow_pipe=allow_pipe, allow_remote=allow_remote), url)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise ShardReadError(f"cannot open shard {url}: {type(exc).__name__}: {exc}") from exc
     try:
         try:
             tar = tarfile.open(fileobj=stream, mode="r|*", tarinfo=_TrackedTarInfo)
+        except ShardReadError:
+            raise
         except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
             raise OSError(f"cannot read shard {url}: not a readable tar ({type(exc).__name__}: {exc})") from exc
         yield from _group_members(tar, url)
     finally:
         stream.close()
+
+
+class _ReadGuard(io.RawIOBase):
+    """The shard's stream, with every failed read turned into ShardReadError,
+    so the tar reader below cannot mistake an I/O error for damage."""
+
+    def __init__(self, stream, url: str):
+        self.stream, self.url, self.offset = stream, url, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        try:
+            data = self.stream.read(n) if n is not None and n >= 0 else self.stream.read()
+        except OSError as exc:
+            raise ShardReadError(f"reading shard {self.url} failed at byte {self.offset}: "
+                                 f"{type(exc).__name__}: {' '.join(str(exc).split())}") from exc
+        self.offset += len(data)
+        return bytes(data)
+
+    def readinto(self, b) -> int:
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        try:
+            self.stream.close()
+        except OSError:
+            pass
+        super().close()
 
 
 class _TrackedTarInfo(tarfile.TarInfo):
@@ -276,6 +326,8 @@ def _group_members(tar: tarfile.TarFile, url: str) -> Iterator[dict]:
         while True:
             try:
                 member = tar.next()
+            except ShardReadError:
+                raise
             except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
                 damage = f"{type(exc).__name__}: {exc}"
                 break
@@ -305,6 +357,8 @@ def _group_members(tar: tarfile.TarFile, url: str) -> Iterator[dict]:
                 continue  # tarfile skips the unread data when asked for the next member
             try:
                 current[ext] = tar.extractfile(member).read()
+            except ShardReadError:
+                raise
             except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
                 damage = f"member {member.name!r}: {type(exc).__name__}: {exc}"
                 break
@@ -325,8 +379,10 @@ def open_shard(url: str, *, allow_pipe: bool = False, allow_remote: bool = True)
     check_url_allowed(url, allow_pipe=allow_pipe, allow_remote=allow_remote)
     scheme = url_scheme(url)
     if scheme in OBJECT_STORE_SCHEMES:
+        # Read ahead in large blocks: the tar reader asks for 512 B-10 KiB at a
+        # time, and unbuffered each ask is one ranged GET.
         fs, path = object_store(url)
-        return fs.open_input_stream(path)
+        return fs.open_input_stream(path, buffer_size=OBJECT_READ_BUFFER)
     if scheme == "":
         return open(local_path(url), "rb")
     from webdataset import gopen

@@ -251,9 +251,24 @@ def plan(spec: JobSpec, force: bool = False) -> tuple[OutputStore, list[str], li
         return store, shards, shards
     try:
         done = store.done_shards(h)
-    except OSError as exc:
+    except (OSError, OutputError) as exc:
+        store.release()
         raise JobError(f"output.path {spec.output.path!r}: {exc}") from None
     return store, shards, [s for s in shards if shard_name(s) not in done]
+
+
+def _finish_output(store: OutputStore, spec_hash: str) -> None:
+    """End of a run (done, failed or stopped): remove the parts of shards
+    without a valid marker, so the finished output holds committed rows
+    only, then give the output's lease up."""
+    try:
+        if store.finish(spec_hash) is None and store.lease is not None:
+            print(f"[imprint] {store.lease.lost or 'the output lease is no longer ours'}: "
+                  "leaving the output as it is", file=sys.stderr, flush=True)
+    except (OSError, OutputError) as exc:
+        print(f"[imprint] could not clean up the output ({exc}); the next run sweeps it", file=sys.stderr, flush=True)
+    finally:
+        store.release()
 
 
 def run_job(spec: JobSpec, *, executor: str | None = None, force: bool = False, progress: bool = True,
@@ -263,11 +278,11 @@ def run_job(spec: JobSpec, *, executor: str | None = None, force: bool = False, 
     Raises JobStopped (WorkerStartError when workers cannot start) when the
     scheduler stops the job, and JobInterrupted on
     Ctrl-C / SIGTERM (after stopping the workers and any cluster it started)."""
-    store, shards, pending = plan(spec, force)
-    report = JobReport(output=spec.output.path, total=len(shards), skipped=len(shards) - len(pending))
     mode = executor or spec.run.executor
     if mode not in ("inline", "ray"):
         raise SpecError(f"run.executor: must be ray or inline, got {mode!r}")
+    store, shards, pending = plan(spec, force)
+    report = JobReport(output=spec.output.path, total=len(shards), skipped=len(shards) - len(pending))
     bar = Progress(len(shards), report.skipped, progress)
     t0 = time.perf_counter()
     try:
@@ -284,6 +299,7 @@ def run_job(spec: JobSpec, *, executor: str | None = None, force: bool = False, 
         raise JobInterrupted(getattr(exc, "signum", signal.SIGINT), report) from None
     finally:
         bar.close()
+        _finish_output(store, spec.hash())
     report.seconds = time.perf_counter() - t0
     return report
 
