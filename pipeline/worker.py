@@ -123,8 +123,9 @@ class ShardWorker:
 
         tok = self.models.tokenizer
         try:
-            p2p.check_prompts(self.spec.edit.p2p(), tok, sample.source_prompt, sample.target_prompts,
-                              p2p.context_length(tok))
+            with self.models.tokenizer_lock:  # this runs in the reader thread (see Models.count_tokens)
+                p2p.check_prompts(self.spec.edit.p2p(), tok, sample.source_prompt, sample.target_prompts,
+                                  p2p.context_length(tok))
         except ValueError as exc:
             sample.error, sample.error_type = str(exc), "p2p_unaligned"
 
