@@ -90,13 +90,10 @@ def edit_codes(
 ) -> None:
     """Edit stored noise codes with new target prompts, without inverting again."""
     from .executor import JobError
-    from .spec import SpecError, load_raw, load_spec
+    from .spec import SpecError
 
     try:
-        raw = load_raw(job)
-        raw.setdefault("input", {}).pop("shards", None)
-        raw["input"]["codes"] = codes
-        spec = load_spec(raw=raw, overrides=list(set_) + ([f"run.executor={executor}"] if executor else []))
+        spec = _codes_spec(codes, job, list(set_) + ([f"run.executor={executor}"] if executor else []))
         report = _run_job(spec, progress=progress)
     except (SpecError, JobError) as exc:
         die(str(exc))
@@ -104,6 +101,17 @@ def edit_codes(
                f"({report.errors} unusable, {len(report.failed)} files failed); results in {spec.output.path}/results")
     if report.failed:
         raise typer.Exit(1)
+
+
+def _codes_spec(codes: str, job: Path, overrides: list[str]):
+    """The spec of an edit-codes job: the job file with its input.shards
+    replaced by the stored codes."""
+    from .spec import load_raw, load_spec
+
+    raw = load_raw(job)
+    raw.setdefault("input", {}).pop("shards", None)
+    raw["input"]["codes"] = codes
+    return load_spec(raw=raw, overrides=overrides)
 
 
 @app.command("inspect-noise")
@@ -130,19 +138,25 @@ def inspect_noise(
 def validate(
     job: Path = typer.Argument(..., help="Job spec (TOML)."),
     set_: list[str] = typer.Option([], "--set", help="Override a field (repeatable)."),
+    codes: Optional[str] = typer.Option(None, help="Validate it as an edit-codes job on these stored codes "
+                                                   "(a job's output folder or its noise/ folder)."),
+    force: bool = typer.Option(False, help="As run --force: the output may hold another spec's results."),
 ) -> None:
-    """Check a job spec (and that its model and device resolve) and print it
-    resolved, without running anything."""
-    from .preflight import preflight
+    """Run every check `imprint run` makes before it starts (the spec, the
+    model and device, weights at hand, the shards, the output path) and print
+    the spec resolved, without running anything."""
+    from .preflight import JobError, preflight
     from .spec import SpecError, load_spec, to_toml
 
     try:
-        spec = load_spec(job, list(set_))
-        preflight(spec)
-    except SpecError as exc:
+        spec = _codes_spec(codes, job, list(set_)) if codes is not None else load_spec(job, list(set_))
+        found = preflight(spec, force=force)
+    except (SpecError, JobError) as exc:
         die(str(exc))
     typer.echo(to_toml(spec))
     typer.echo(f"# spec hash {spec.hash()}")
+    typer.echo(f"# {len(found.shards)} {'code file' if spec.input.codes else 'shard'}(s); output "
+               f"{spec.output.path} is free or holds this spec")
 
 
 @app.command()

@@ -63,7 +63,7 @@ class Sample:
 # The kinds of bad sample this module produces (Sample.error_type).
 ERROR_TYPES = ("decode", "format_refused", "too_large", "too_small", "no_image", "prompt_missing", "prompt_invalid",
                "prompt_too_long", "no_targets", "bad_json", "duplicate_key", "tar_damaged", "no_key", "no_strokes",
-               "bad_code", "other")
+               "bad_code", "p2p_unaligned", "other")
 
 
 class ShardReadError(OSError):

@@ -25,8 +25,8 @@ import traceback
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
-from .data import expand_shards, missing_shards, shard_name
-from .preflight import preflight
+from .data import expand_shards, missing_shards, shard_name  # noqa: F401
+from .preflight import JobError, holds_results, preflight  # noqa: F401 (JobError: its public home)
 from . import scheduler as sch
 from .spec import JobSpec, SpecError, to_toml
 from .store import STATS, OutputError, OutputStore
@@ -37,10 +37,6 @@ from .store import STATS, OutputError, OutputStore
 UNKNOWN_REACH_WORKERS = 16
 TRACEBACK_LINES = 8
 JOB_ERROR_FILE = "job.error.json"  # why the last run stopped, for `imprint status`
-
-
-class JobError(RuntimeError):
-    """A job that cannot start; the message says why."""
 
 
 class JobStopped(RuntimeError):
@@ -221,29 +217,20 @@ class Progress:
 
 
 def plan(spec: JobSpec, force: bool = False) -> tuple[OutputStore, list[str], list[str]]:
-    """Everything checked before any model is loaded: shards exist, output is
-    writable and not another job's. Returns (store, all shards, pending).
-    O(n) in the shards, with one listing of the output's done markers."""
-    preflight(spec)
-    try:
-        if spec.input.codes:
-            from .codes import code_shards
-
-            shards = code_shards(spec.input.codes)
-        else:
-            shards = expand_shards(spec.input.shards, allow_pipe=spec.input.allow_pipe)
-    except ValueError as exc:
-        raise JobError(str(exc)) from None
-    if not shards:
-        raise JobError("input.shards: the patterns expand to no shards")
-    missing = missing_shards(shards)
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise JobError(f"input.shards: shard not found: {missing[0]}{more}")
+    """Everything checked before any model is loaded (`preflight`: the spec
+    against the model, weights at hand, shards exist and the first opens,
+    output free or this spec's), then the output path is claimed. Returns
+    (store, all shards, pending). O(n) in the shards, with one listing of the
+    output's done markers."""
+    shards = preflight(spec, force=force).shards
     store = OutputStore.open(spec.output.path)
     h = spec.hash()
+    old = store.current_hash()
+    # An output whose job.json names another spec but that holds no results
+    # (its run stopped before committing anything) is free: take it over.
+    take_over = bool(old and old != h and not holds_results(store))
     try:
-        store.prepare(to_toml(spec), h, force=force)
+        store.prepare(to_toml(spec), h, force=force or take_over)
     except OutputError as exc:
         raise JobError(str(exc)) from None
     store.delete(JOB_ERROR_FILE)  # a new run: the last one's stop reason no longer applies

@@ -416,3 +416,45 @@ def _config_file(model_id: str, rel: str, revision: str | None) -> str:
         raise FileNotFoundError(rel) from None
     except (HfHubHTTPError, OSError, ValueError) as exc:  # unknown repo, no access, malformed id
         raise ValueError(f"cannot resolve on the hub: {type(exc).__name__}: {exc}") from None
+
+
+# Weight files diffusers/transformers load for a component (single or sharded).
+_WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin", "model.safetensors",
+                 "pytorch_model.bin", "diffusion_pytorch_model.safetensors.index.json",
+                 "model.safetensors.index.json")
+
+
+def missing_model_weights(model_id: str, revision: str | None = None) -> str | None:
+    """Why `load_models` would not find the model's weights, without loading
+    them; None when they are at hand. Built-in random models need none; the
+    toy model's and a local folder's must be files in their component
+    folders; a hub model's must be in the local cache while the hub is
+    offline (HF_HUB_OFFLINE=1; online, the worker downloads them)."""
+    if model_id in RANDOM_MODELS:
+        return None
+    from .toy.model import TOY, TOY_DIR, is_pixel_autoencoder
+
+    folder = str(TOY_DIR) if model_id == TOY else model_id
+    parts = ["unet", "vae", "text_encoder"]
+    if os.path.isdir(folder):
+        if is_pixel_autoencoder(folder):  # the toy model's VAE stand-in has no weights
+            parts.remove("vae")
+        for part in parts:
+            d = os.path.join(folder, part)
+            if not any(os.path.isfile(os.path.join(d, f)) for f in _WEIGHT_FILES):
+                hint = " (incomplete installation? `make toy-model` trains them)" if model_id == TOY else ""
+                return f"model {model_id!r} has no weights in {d} (expected one of {', '.join(_WEIGHT_FILES[:4])}){hint}"
+        return None
+    from .scoring import hub_offline
+
+    if not hub_offline():
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    for part in parts:
+        if not any(isinstance(try_to_load_from_cache(model_id, f"{part}/{f}", revision=revision), str)
+                   for f in _WEIGHT_FILES):
+            return (f"the {part} weights of model {model_id!r} are not in the Hugging Face cache "
+                    f"(HF_HOME={os.environ.get('HF_HOME', '~/.cache/huggingface')}) and HF_HUB_OFFLINE is set; "
+                    "download them once online (huggingface-cli download " + model_id + ")")
+    return None

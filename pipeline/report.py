@@ -451,20 +451,36 @@ def _scores_enabled(run: Run) -> bool:
     return bool(run.spec.get("score", {}).get("enabled", True))
 
 
+def _random_scorers(run) -> str:
+    """Which of a run's scorers had random weights, by name and setting (from
+    the scorer description written into its files); "the scorers" when the
+    files predate that description."""
+    try:
+        d = json.loads(run.meta.get("scorers") or "{}")
+    except ValueError:
+        d = {}
+    names = []
+    if d.get("clip_random_weights") or d.get("clip_pretrained") in ("random", "none", ""):
+        names.append(f'the CLIP scorer {d.get("clip_model", "?")} (clip_pretrained = "random")')
+    if d.get("lpips_trunk") == "random":
+        names.append(f'the LPIPS {d.get("lpips_net", "?")} trunk (lpips_pretrained = false)')
+    return " and ".join(names) or "the scorers"
+
+
 def _warning(runs: list[Run]) -> str:
     from .toy.model import TOY, TOY_NOTE
 
     if runs and all(run.meta.get("model_id") == TOY for run in runs):
         # The shipped toy model is trained (not random): say what it knows instead.
-        random_scores = [esc(run.label) for run in runs if run.random_scores]
+        random_scores = [f"{esc(run.label)}: {esc(_random_scorers(run))}" for run in runs if run.random_scores]
         return ('<div class="warning-banner" role="note">' + esc(TOY_NOTE[0].upper() + TOY_NOTE[1:]) + "; "
                 "it knows only toy scenes (one coloured circle, square or triangle on a plain background): "
                 "photos and other inputs not marked [toy scene] are outside its domain."
-                + (f"<br>Scores of {', '.join(random_scores)} used randomly initialised weights (e.g. an LPIPS "
-                   "trunk) and are not meaningful." if random_scores else "") + "</div>")
+                + (f"<br>Randomly initialised scorer weights ({'; '.join(random_scores)}): those scores are not "
+                   "meaningful." if random_scores else "") + "</div>")
     lines = []
     for run in runs:
-        what = [w for w, flag in (("the model", run.random_model), ("the scorers", run.random_scores)) if flag]
+        what = [w for w, flag in (("the model", run.random_model), (_random_scorers(run), run.random_scores)) if flag]
         if what:
             note = run.meta.get("note", "")
             lines.append(f"{esc(run.label)} ({esc(run.path)}): {' and '.join(what)} had randomly initialised weights"

@@ -79,7 +79,9 @@ class EditSpec:
     control: str | list[str] = "none"
     cross_until: float = 0.6  # p2p: fraction of the edit's steps with cross-attention injected
     self_until: float = 0.2  # p2p: fraction of the edit's steps with self-attention injected
-    mode: str = "replace"  # p2p: "replace" (same number of words) | "refine" (any prompts, token alignment)
+    # p2p: "auto" (replace when source and target have the same number of words, else refine) |
+    # "replace" (same number of words) | "refine" (any prompts, token alignment)
+    mode: str = "auto"
     reweight: dict = field(default_factory=dict)  # p2p: {target word = attention factor}
 
     @property
@@ -133,8 +135,11 @@ class OutputSpec:
 @dataclass
 class ScoreSpec:
     enabled: bool = True
-    clip_model: str = "ViT-L-14"
-    clip_pretrained: str = "openai"  # "none" = random weights (offline)
+    # "auto": the scorer that fits the model: toy-clip for model "toy", else ViT-L-14
+    clip_model: str = "auto"
+    # "auto": the CLIP model's own weights (toy-clip: its shipped ones; ViT-L-14: OpenAI's);
+    # "random": randomly initialised (scores not meaningful; "none" says the same)
+    clip_pretrained: str = "auto"
     lpips_net: str = "alex"
     lpips_pretrained: bool = True
     batch_size: int = 16
@@ -345,10 +350,14 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     parts = key.strip().split(".")
     if len(parts) < 2 or not all(parts):
         raise SpecError(f"--set {item!r}: KEY must be section.field, e.g. edit.seeds")
+    text = text.strip()
     try:
-        value = tomllib.loads(f"v = {text.strip()}")["v"]
+        value = tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
-        value = text.strip()  # bare words are strings: --set model.id=tiny
+        if text[:1] in "[{\"'":  # meant as a list, table or quoted string: never a bare word
+            raise SpecError(f"--set {item!r}: {text!r} is not a TOML value; quote the strings inside, "
+                            f"e.g. {key.strip()}=[\"a.tar\", \"b.tar\"] (in a shell: '{key.strip()}=[\"a.tar\"]')") from None
+        value = text  # bare words are strings: --set model.id=tiny
     return parts, value
 
 
@@ -373,6 +382,7 @@ def validate(spec: JobSpec) -> JobSpec:
         if not cond:
             raise SpecError(f"{path}: {msg}")
 
+    resolve_scorers(spec)
     need(len(spec.input.shards) > 0 or bool(spec.input.codes), "input.shards", "at least one shard path or URL is required (or input.codes)")
     need(not (spec.input.shards and spec.input.codes), "input.codes", "give input.shards or input.codes, not both")
     for s in spec.input.shards:
@@ -514,6 +524,16 @@ def _validate_control(spec: JobSpec) -> None:
     except ValueError as exc:
         field_name = "edit.reweight" if "reweight" in str(exc) else "edit.mode"
         raise SpecError(f"{field_name}: {exc}") from None
+    if ed.mode == "replace":
+        # a template that changes every source's word count can never be aligned word for word
+        from .p2p import template_word_change
+
+        for t in spec.input.templates:
+            change = template_word_change(t)
+            if change:
+                raise SpecError(f"edit.mode: 'replace' needs target prompts with the source's number of words, and "
+                                f"template {t!r} {'adds' if change > 0 else 'removes'} {abs(change)}; "
+                                "use mode 'auto' (the default) or 'refine'")
     if spec.model.compile:
         raise SpecError("model.compile: p2p attention control runs the eager UNet; set model.compile = false")
     if spec.batch.pad_rows > 1:
@@ -596,6 +616,24 @@ def _check_shard_urls(spec: "JobSpec") -> None:
             pass
     except ValueError as exc:
         raise SpecError(f"input.shards: {exc}") from None
+
+
+def resolve_scorers(spec: JobSpec) -> None:
+    """Replace "auto" in [score] by what it means for this job's model, so
+    that the resolved spec (`imprint validate`, job.resolved.toml) names the
+    scorer and the weights actually used: the toy model scores with its
+    trained toy-clip, every other model with ViT-L-14 and OpenAI's weights."""
+    sc = spec.score
+    if sc.clip_model == "auto":
+        from .toy.model import TOY, TOY_CLIP
+
+        sc.clip_model = TOY_CLIP if spec.model.id == TOY else "ViT-L-14"
+    if sc.clip_pretrained == "auto" and isinstance(sc.clip_model, str):
+        try:
+            from .scoring import default_pretrained
+        except ImportError:  # scoring not installed in this build
+            return
+        sc.clip_pretrained = default_pretrained(sc.clip_model)
 
 
 def _validate_scoring(spec: JobSpec) -> None:

@@ -118,11 +118,11 @@ def test_job_scales_from_zero_to_two_gpu_nodes(cluster, tmp_path):
 def test_model_that_cannot_load_stops_the_job_with_its_message(gpu_nodes, tmp_path):
     cluster = gpu_nodes
     shards = make_shards(tmp_path, 2, 1)
-    # A model folder whose configs are fine (the driver's preflight reads only
-    # configs and passes) but whose weights are missing, as with un-pulled LFS
-    # files: only the worker's loader finds out.
+    # A model folder whose configs are fine and whose weight files are there
+    # (the driver's preflight checks no more) but are un-pulled LFS pointers:
+    # only the worker's loader finds out.
     model_dir = tmp_path / "no-weights-model"
-    _config_only_model(model_dir)
+    _lfs_pointer_model(model_dir)
     t0 = time.monotonic()
     proc = imprint(cluster, str(job_file(tmp_path, shards, model={"id": str(model_dir)})), "--no-progress")
     code, out, err = finish(proc, timeout=120)
@@ -137,16 +137,21 @@ def test_model_that_cannot_load_stops_the_job_with_its_message(gpu_nodes, tmp_pa
     assert st.returncode == 0 and "last run stopped" in st.stdout and "no-weights-model" in st.stdout, st.stdout
 
 
-def _config_only_model(path) -> None:
-    """A diffusers-format folder of the tiny model's configs, without weights."""
+def _lfs_pointer_model(path) -> None:
+    """A diffusers-format folder of the tiny model (text encoder included)
+    whose UNet and VAE weight files are git-lfs pointers (a clone without
+    `git lfs pull`)."""
     from pipeline.models import build_tiny
 
     m = build_tiny()
     m.unet.save_config(path / "unet")
     m.vae.save_config(path / "vae")
     m.scheduler.save_config(path / "scheduler")
-    m.text_encoder.config.save_pretrained(path / "text_encoder")
+    m.text_encoder.save_pretrained(path / "text_encoder")
     m.tokenizer.save_pretrained(path / "tokenizer")
+    pointer = "version https://git-lfs.github.com/spec/v1\noid sha256:" + "0" * 64 + "\nsize 1234\n"
+    for part, name in (("unet", "diffusion_pytorch_model.safetensors"), ("vae", "diffusion_pytorch_model.safetensors")):
+        (path / part / name).write_text(pointer)
 
 
 def test_cuda_expected_but_absent_stops_the_job_with_the_workers_message(gpu_nodes, tmp_path):
