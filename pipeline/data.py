@@ -316,7 +316,8 @@ def _group_members(tar: tarfile.TarFile, url: str) -> Iterator[dict]:
                 break
             if not member.isfile():
                 continue
-            key, ext = split_member_name(member.name)
+            # "./a.jpg" (`tar cf x.tar -C folder .`) is the sample "a", as "a.jpg" is
+            key, ext = split_member_name(member.name[2:] if member.name.startswith("./") else member.name)
             if key is None or os.path.basename(member.name).startswith("__"):
                 continue  # no extension, or WebDataset metadata: not part of a sample
             if current is not None and (key != current["__key__"] or ext in current):
@@ -325,7 +326,9 @@ def _group_members(tar: tarfile.TarFile, url: str) -> Iterator[dict]:
             if current is None:
                 current = {"__key__": key, "__url__": url}
                 if key in seen:
-                    current["__error__"] = f"duplicate key {key!r} in shard (a sample with this key came earlier)"
+                    current["__error__"] = (f"duplicate key {key!r} in shard (a sample with this key came earlier; "
+                                            "a sample's files must be next to each other in the tar: "
+                                            "`tar --sort=name` or `imprint shards`)")
                     current["__error_type__"] = "duplicate_key"
                 seen.add(key)
             if member.size > MAX_MEMBER_BYTES:
@@ -485,8 +488,9 @@ class TemplateFields(dict):
             return self.source
         value = super().__getitem__(name)  # __missing__ when absent
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-            raise SampleError(f"template field {{{name}}}: the sample's json field {name!r} is "
-                              f"{type(value).__name__}, not a string or number", "template_field")
+            kind = "null" if value is None else f"a {type(value).__name__}"
+            raise SampleError(f"template field {{{name}}}: the sample's json field {name!r} is {kind}, "
+                              "not a string or number", "template_field")
         return value
 
 

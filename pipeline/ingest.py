@@ -493,7 +493,7 @@ def _json_fields(rec: Record) -> dict:
         if k == "target_prompts":
             continue
         v = _jsonable(v)
-        if v is not _DROP:
+        if v is not _DROP and v is not None:  # an empty cell is no field
             out[str(k)] = v
     cap = rec.fields.get("source_prompt")
     if cap is not None and not (isinstance(cap, float) and math.isnan(cap)):

@@ -253,3 +253,126 @@ def test_shard_list_refuses_image_folders_and_image_globs_with_the_fix(tmp_path)
     res = CliRunner().invoke(app, ["run", str(job), "--no-progress"])
     assert res.exit_code == 2 and "Traceback" not in res.output, res.output
     assert f"imprint shards {photos} SHARDS_FOLDER" in res.output
+
+
+# -- templates over json fields, the empty source prompt ------------------------
+
+
+def decode(raw, **input_fields):
+    from pipeline.data import decode_sample
+
+    raw = {"__key__": "k", "png": image_bytes(), **raw}
+    raw = {k: json.dumps(v).encode() if isinstance(v, dict) else v.encode() if isinstance(v, str) else v
+           for k, v in raw.items()}
+    return decode_sample(raw, "shard", InputSpec(**input_fields), ImageSpec(), 64)
+
+
+def test_templates_use_json_fields_and_a_missing_field_is_an_error_row_naming_it():
+    s = decode({"json": {"label": "cat", "n": 3}}, source_prompt="a photo of a {label}",
+               templates=["{label} in the snow", "a painting of {n} {label}s", "{source}, at night"])
+    assert not s.error, s.error
+    assert s.source_prompt == "a photo of a cat"
+    assert s.target_prompts == ["cat in the snow", "a painting of 3 cats", "a photo of a cat, at night"]
+    assert s.meta == {"label": "cat", "n": 3}
+    # the sample's own caption is {source} in the source template
+    s = decode({"txt": "a tabby", "json": {"label": "cat"}}, source_prompt="{source}, a {label}", templates=["x"])
+    assert s.source_prompt == "a tabby, a cat"
+    for raw, fields, needle in [
+        ({"json": {"species": "cat"}}, {"templates": ["{label} in the snow"]}, "{label}: the sample's json has no field 'label'"),
+        ({"json": {"label": ["cat"]}}, {"source_prompt": "a {label}", "templates": ["x"]}, "'label' is a list, not a string"),
+        ({"json": {"label": None}}, {"source_prompt": "a {label}", "templates": ["x"]}, "'label' is null"),
+        ({"json": {"label": "cat"}}, {"source_prompt": "{source} {label}", "templates": ["x"]}, "{source}: the sample has no caption"),
+    ]:
+        s = decode(raw, **({"source_prompt": ""} | fields))
+        assert s.error_type == "template_field" and needle in s.error, (raw, s.error)
+        assert s.image is None
+
+
+def test_empty_source_prompt_is_an_explicit_choice():
+    s = decode({"txt": "a caption that is ignored"}, source_prompt="", templates=["a cat in the snow"])
+    assert not s.error and s.source_prompt == "" and s.target_prompts == ["a cat in the snow"]
+    s = decode({"json": {"target_prompts": ["a dog"]}}, source_prompt="")  # no caption at all: fine
+    assert not s.error and s.source_prompt == ""
+    s = decode({"json": {"target_prompts": ["a dog"]}})  # unset: the caption is required, and the error says what to do
+    assert s.error_type == "prompt_missing" and "input.source_prompt" in s.error
+    s = decode({"txt": ""}, source_prompt="", templates=["{source}"])  # renders empty: an error, not an empty target
+    assert s.error_type == "prompt_invalid"
+
+
+def test_source_prompt_in_the_spec_schema_and_hash():
+    from pipeline.spec import job_json_schema, load_spec
+
+    base = {"input": {"shards": ["a.tar"], "templates": ["{label}, snow"]}}
+    assert job_json_schema()["properties"]["input"]["properties"]["source_prompt"] == {"type": "string"}
+    unset, empty = load_spec(raw=base), load_spec(raw=base, overrides=['input.source_prompt=""'])
+    assert unset.input.source_prompt is None and empty.input.source_prompt == ""
+    assert unset.hash() != empty.hash()
+    saved = json.loads((__import__("pathlib").Path(__file__).parent.parent / "schemas" / "job.schema.json").read_text())
+    assert saved == job_json_schema()
+
+
+# -- the user's own data through a job ------------------------------------------
+
+
+def tiny_job(tmp_path, shards, out, **input_fields):
+    from pipeline.spec import load_spec
+
+    return load_spec(raw={
+        "input": {"shards": [str(s) for s in shards], **input_fields},
+        "model": {"id": "tiny"}, "inversion": {"steps": 4, "skip": 1},
+        "output": {"path": str(tmp_path / out), "image_format": "png"},
+        "score": {"enabled": False}, "run": {"executor": "inline", "threads": 1},
+    })
+
+
+def test_tar_cf_of_files_and_an_img2dataset_shard_run_through_a_job(tmp_path):
+    import subprocess
+
+    from pipeline.data import write_shards
+    from pipeline.executor import run_job
+    from pipeline.store import OutputStore
+
+    files = tmp_path / "files"
+    files.mkdir()
+    for i, ext in enumerate(("jpg", "png")):
+        (files / f"img{i}.{ext}").write_bytes(image_bytes("RGB", (96, 80), "JPEG" if ext == "jpg" else "PNG", seed=i))
+        (files / f"img{i}.txt").write_text(f"a photo number {i}")
+    plain = tmp_path / "plain.tar"
+    # the README's command: a sample's files must be adjacent (sorted), and "./img0.jpg" is the sample "img0"
+    subprocess.run(["tar", "--sort=name", "-cf", str(plain), "-C", str(files), "."], check=True)
+    meta = {"url": "https://example.com/0.jpg", "caption": "a cat on a sofa", "key": "000000000", "status": "success",
+            "error_message": None, "width": 96, "height": 80, "original_width": 960, "original_height": 800,
+            "exif": "{}", "sha256": "ab" * 32}
+    i2d = write_shards([{"__key__": "000000000", "jpg": image_bytes("RGB", (96, 80), "JPEG", seed=7),
+                         "txt": "a cat on a sofa", "json": meta}], str(tmp_path / "00000.tar"))
+    spec = tiny_job(tmp_path, [plain, i2d], "out", templates=["{source}, oil painting"])
+    report = run_job(spec, progress=False)
+    assert not report.failed and report.errors == 0
+    sources = {r["key"]: r for r in OutputStore.open(spec.output.path).read_table("sources").to_pylist()}
+    assert {k: r["source_prompt"] for k, r in sources.items()} == {
+        "img0": "a photo number 0", "img1": "a photo number 1", "000000000": "a cat on a sofa"}
+    assert all(r["status"] == "ok" for r in sources.values())
+    assert json.loads(sources["000000000"]["meta"]) == meta  # img2dataset's json fields, all of them, in `meta`
+    results = OutputStore.open(spec.output.path).read_table("results").to_pylist()
+    assert sorted(r["target_prompt"] for r in results if r["key"] == "000000000") == ["a cat on a sofa, oil painting"]
+
+
+def test_labelled_images_to_shards_to_a_job_with_the_empty_source_prompt(tmp_path):
+    from pipeline.executor import run_job
+    from pipeline.store import OutputStore
+
+    (tmp_path / "imgs").mkdir()
+    for i in range(3):
+        (tmp_path / "imgs" / f"{i}.png").write_bytes(image_bytes(seed=i))
+    (tmp_path / "labels.csv").write_text("file_name,label\nimgs/0.png,cat\nimgs/1.png,dog\nimgs/2.png,\n")
+    s = make_shards(str(tmp_path / "labels.csv"), str(tmp_path / "shards"), progress=False)
+    assert s.written == 3 and s.uncaptioned == 3
+    spec = tiny_job(tmp_path, [tmp_path / "shards"], "out", source_prompt="", templates=["a {label} in the snow"])
+    report = run_job(spec, progress=False)
+    assert not report.failed and report.errors == 1
+    sources = {r["key"]: r for r in OutputStore.open(spec.output.path).read_table("sources").to_pylist()}
+    assert sources["000000000"]["status"] == "ok" and sources["000000000"]["source_prompt"] == ""
+    assert sources["000000002"]["status"] == "error" and "no field 'label'" in sources["000000002"]["error"]
+    results = OutputStore.open(spec.output.path).read_table("results").to_pylist()
+    assert sorted((r["key"], r["target_prompt"]) for r in results) == [
+        ("000000000", "a cat in the snow"), ("000000001", "a dog in the snow")]
