@@ -713,24 +713,31 @@ def _demo_samples() -> list[dict]:
     return samples
 
 
-def write_shards(samples: list[dict], path: str) -> str:
-    """Write samples (extension -> bytes/str/dict) as one WebDataset tar."""
+def write_shards(samples: Iterable[dict], path: str) -> str:
+    """Write samples (extension -> bytes/str/dict, and `__key__`) as one
+    WebDataset tar, complete or not at all (written beside it, then renamed).
+    The samples are streamed: any iterable, held one at a time."""
     import tarfile
 
     tmp = f"{path}.tmp-{os.getpid()}"
-    with tarfile.open(tmp, "w") as tar:
-        for s in samples:
-            key = s["__key__"]
-            for ext, value in s.items():
-                if ext.startswith("__"):
-                    continue
-                if isinstance(value, (dict, list)):
-                    value = json.dumps(value).encode()
-                elif isinstance(value, str):
-                    value = value.encode()
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(value)
-                info.mtime = 0  # reproducible archives
-                tar.addfile(info, io.BytesIO(value))
-    os.replace(tmp, path)
+    try:
+        with tarfile.open(tmp, "w") as tar:
+            for s in samples:
+                key = s["__key__"]
+                for ext, value in s.items():
+                    if ext.startswith("__"):
+                        continue
+                    if isinstance(value, (dict, list)):
+                        value = json.dumps(value).encode()
+                    elif isinstance(value, str):
+                        value = value.encode()
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(value)
+                    info.mtime = 0  # reproducible archives
+                    tar.addfile(info, io.BytesIO(value))
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     return path

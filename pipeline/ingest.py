@@ -34,9 +34,9 @@ import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from itertools import islice
+from itertools import chain, islice
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from PIL import Image
 
@@ -148,10 +148,10 @@ def _folder_source(root: Path, images: list[Path]) -> Source:
                 try:
                     obj = json.loads(side_json.read_text(encoding="utf-8"))
                 except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-                    yield Skip(f"bad_json: {side_json.name}: {type(exc).__name__}: {exc}")
+                    yield Skip(f"bad_json: {side_json.relative_to(root)}: {type(exc).__name__}: {exc}")
                     continue
                 if not isinstance(obj, dict):
-                    yield Skip(f"bad_json: {side_json.name} is not a JSON object")
+                    yield Skip(f"bad_json: {side_json.relative_to(root)} is not a JSON object")
                     continue
                 fields.update(obj)
                 caption_from = "source_prompt" if "source_prompt" in obj else ""
@@ -159,7 +159,7 @@ def _folder_source(root: Path, images: list[Path]) -> Source:
                 try:
                     fields["source_prompt"] = side_txt.read_text(encoding="utf-8")
                 except UnicodeDecodeError as exc:
-                    yield Skip(f"bad_caption: {side_txt.name} is not UTF-8 ({exc})")
+                    yield Skip(f"bad_caption: {side_txt.relative_to(root)} is not UTF-8 ({exc})")
                     continue
                 caption_from = "source_prompt"
             yield Record(key=rel, image=str(img), base=str(root), fields=fields, caption_from=caption_from,
@@ -623,7 +623,7 @@ class ShardSink:
             else:
                 self.fs.delete_file(e)
 
-    def write(self, index: int, samples: list[dict]) -> str:
+    def write(self, index: int, samples: Iterable[dict]) -> str:
         name = f"{self.prefix}-{index:06d}.tar"
         if self.local:
             return write_shards(samples, str(self.root / name))
@@ -680,14 +680,16 @@ def make_shards(src: str, dest: str, *, image_col: str | None = None, caption_co
                     summary.uncaptioned += "source_prompt" not in out["json"]
                     yield out
 
+    def counted(items: Iterator[dict]) -> Iterator[dict]:
+        for item in items:
+            summary.written += 1
+            yield item
+
+    # streamed into each tar: memory holds the samples loading ahead, never a whole shard
     stream = samples()
     index = 0
-    while True:
-        batch = list(islice(stream, samples_per_shard))
-        if not batch:
-            break
-        summary.shards.append(sink.write(index, batch))
-        summary.written += len(batch)
+    while (first := next(stream, None)) is not None:
+        summary.shards.append(sink.write(index, counted(chain([first], islice(stream, samples_per_shard - 1)))))
         index += 1
     return summary
 

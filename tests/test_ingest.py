@@ -268,6 +268,9 @@ def decode(raw, **input_fields):
 
 
 def test_templates_use_json_fields_and_a_missing_field_is_an_error_row_naming_it():
+    from pipeline.data import ERROR_TYPES
+
+    assert "template_field" in ERROR_TYPES
     s = decode({"json": {"label": "cat", "n": 3}}, source_prompt="a photo of a {label}",
                templates=["{label} in the snow", "a painting of {n} {label}s", "{source}, at night"])
     assert not s.error, s.error
