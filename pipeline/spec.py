@@ -521,6 +521,9 @@ def _validate_control(spec: JobSpec) -> None:
         raise SpecError("batch.pad_rows: p2p needs each chain's rows unpadded in its UNet calls; leave pad_rows at 0")
     if spec.manipulate.strokes:
         raise SpecError("edit.control: p2p cannot be combined with manipulate.strokes (both steer the same chain)")
+    if ed.mode == "replace" and spec.input.source_prompt == "":
+        raise SpecError("edit.mode: 'replace' swaps the source prompt's words for the target's one for one; with "
+                        "input.source_prompt = \"\" there are none: use mode = \"refine\"")
 
 
 def _check_method_params(method: str, params: dict, path: str) -> None:
