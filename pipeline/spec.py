@@ -309,6 +309,8 @@ def _coerce(path: str, value: Any, default: Any, annotation: str) -> Any:
             raise SpecError(f"{path}: expected an integer, got {value!r}")
         return value
     if ann in ("str", "str | None"):
+        if value is None and ann == "str | None":  # a spec's own to_dict(); TOML has no null
+            return None
         if not isinstance(value, str):
             raise SpecError(f"{path}: expected a string, got {value!r}")
         return value

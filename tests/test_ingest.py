@@ -310,6 +310,8 @@ def test_source_prompt_in_the_spec_schema_and_hash():
     unset, empty = load_spec(raw=base), load_spec(raw=base, overrides=['input.source_prompt=""'])
     assert unset.input.source_prompt is None and empty.input.source_prompt == ""
     assert unset.hash() != empty.hash()
+    assert load_spec(raw=unset.to_dict()).input.source_prompt is None  # a spec's own dict loads back (None = unset)
+    assert load_spec(raw=empty.to_dict()).hash() == empty.hash()
     saved = json.loads((__import__("pathlib").Path(__file__).parent.parent / "schemas" / "job.schema.json").read_text())
     assert saved == job_json_schema()
 
