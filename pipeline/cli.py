@@ -247,6 +247,41 @@ def export(
 
 
 @app.command()
+def shards(
+    src: str = typer.Argument(..., help="A folder of images with .txt/.json captions, a Hugging Face imagefolder "
+                                        "(metadata.jsonl) or dataset folder (save_to_disk, Parquet), or a "
+                                        "CSV/TSV/JSONL/Parquet file."),
+    dest: str = typer.Argument(..., help="Folder (local, s3://, gs://, hdfs://) for the .tar shards."),
+    image_col: Optional[str] = typer.Option(None, help="Column with the image path, URL or bytes (default: "
+                                                       "image, file_name, path, url, ... or the dataset's Image column)."),
+    caption_col: Optional[str] = typer.Option(None, help="Column with the caption, used as the source prompt "
+                                                         "(default: source_prompt, caption, text or prompt if present)."),
+    targets_col: Optional[str] = typer.Option(None, help="Column with target prompts: a list, a JSON list or one "
+                                                         "prompt (default: target_prompts if present)."),
+    samples_per_shard: int = typer.Option(1000, help="Samples per .tar shard."),
+    prefix: str = typer.Option("shard", help="Shard names: PREFIX-000000.tar, ..."),
+    overwrite: bool = typer.Option(False, help="Replace PREFIX-*.tar shards already in DEST."),
+    timeout: float = typer.Option(30.0, help="Seconds before an image URL download gives up."),
+    workers: int = typer.Option(8, help="Threads reading files and downloading URLs."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Write one's own images (with captions, labels, or nothing) as WebDataset shards for `imprint run`; bad
+    inputs are skipped and listed with their reasons."""
+    from .ingest import IngestError, make_shards, summary_lines
+
+    try:
+        summary = make_shards(src, dest, image_col=image_col, caption_col=caption_col, targets_col=targets_col,
+                              samples_per_shard=samples_per_shard, prefix=prefix, overwrite=overwrite,
+                              timeout=timeout, workers=workers, progress=progress)
+    except (IngestError, OSError) as exc:
+        die(str(exc))
+    for line in summary_lines(summary):
+        typer.echo(line)
+    if not summary.written:
+        die(f"no samples written from {src}")
+
+
+@app.command()
 def schemas(
     write: Optional[Path] = typer.Option(None, help="Write the table schemas as JSON into this folder."),
 ) -> None:

@@ -31,7 +31,10 @@ class InputSpec:
     shards: list[str] = field(default_factory=list)  # paths/URLs, brace expansion allowed; "demo" = built-in sample
     codes: str = ""  # edit from stored codes: a job output folder or its noise/ folder (instead of shards)
     allow_pipe: bool = False  # allow `pipe:` shell-command URLs
-    templates: list[str] = field(default_factory=list)  # job-level targets, "{source}" is the source prompt
+    templates: list[str] = field(default_factory=list)  # job-level targets: "{source}" = the source prompt, "{label}" = a json field
+    # unset: each sample's caption (json source_prompt or txt); "" = invert with the empty prompt (as LEDITS++ does);
+    # a template such as "a photo of a {label}" = filled from the sample's json fields ("{source}" = its caption)
+    source_prompt: str | None = None
     max_prompt_tokens: int = 77  # CLIP's context incl. start/end markers; longer prompts are errors, not truncated
 
 
@@ -214,6 +217,8 @@ class JobSpec:
         d = self.to_dict()
         for k in ("shards", "codes", "allow_pipe"):
             d["input"].pop(k, None)
+        if d["input"]["source_prompt"] is None:  # unset: the hash of specs written before the field existed
+            d["input"].pop("source_prompt")
         d.pop("batch")
         for k in ("compile", "device"):
             d["model"].pop(k, None)
@@ -314,7 +319,9 @@ def _coerce(path: str, value: Any, default: Any, annotation: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise SpecError(f"{path}: expected an integer, got {value!r}")
         return value
-    if ann == "str":
+    if ann in ("str", "str | None"):
+        if value is None and ann == "str | None":  # a spec's own to_dict(); TOML has no null
+            return None
         if not isinstance(value, str):
             raise SpecError(f"{path}: expected a string, got {value!r}")
         return value
@@ -391,6 +398,10 @@ def validate(spec: JobSpec) -> JobSpec:
     for t in spec.input.templates:
         need(bool(t.strip()), "input.templates", "empty template")
         check_template(t)
+    if spec.input.source_prompt:
+        need(bool(spec.input.source_prompt.strip()), "input.source_prompt",
+             "only blanks: give \"\" for the empty prompt, a template or a fixed prompt")
+        check_template(spec.input.source_prompt, "input.source_prompt")
     need(spec.input.max_prompt_tokens >= 3, "input.max_prompt_tokens", "must be >= 3")
     im = spec.image
     need(im.resolution == 0 or im.resolution >= im.multiple, "image.resolution", f"must be 0 (model default) or >= image.multiple ({im.multiple})")
@@ -540,6 +551,9 @@ def _validate_control(spec: JobSpec) -> None:
         raise SpecError("batch.pad_rows: p2p needs each chain's rows unpadded in its UNet calls; leave pad_rows at 0")
     if spec.manipulate.strokes:
         raise SpecError("edit.control: p2p cannot be combined with manipulate.strokes (both steer the same chain)")
+    if ed.mode == "replace" and spec.input.source_prompt == "":
+        raise SpecError("edit.mode: 'replace' swaps the source prompt's words for the target's one for one; with "
+                        "input.source_prompt = \"\" there are none: use mode = \"refine\"")
 
 
 def _check_method_params(method: str, params: dict, path: str) -> None:
@@ -588,22 +602,24 @@ def _check_device_name(device: str) -> None:
         raise SpecError(f"model.device: {device!r} is not a device name (expected auto, cpu, cuda, cuda:N, mps or xpu)")
 
 
-def check_template(template: str) -> None:
-    """A target template may hold `{source}` and literal braces (`{{`, `}}`)
-    only: no attribute or index access, conversions, format specs or other
-    fields (templates are Python format strings, and those reach object internals)."""
+def check_template(template: str, path: str = "input.templates") -> None:
+    """A template may name fields (`{source}`, `{label}`: plain names, which
+    `data.render_templates` fills from the sample's json) and hold literal
+    braces (`{{`, `}}`), nothing else: no positional fields, attribute or
+    index access, conversions or format specs (templates are Python format
+    strings, and those reach object internals)."""
     problem = ""
     try:
         for _, name, fmt_spec, conversion in string.Formatter().parse(template):
-            if name is not None and (name != "source" or fmt_spec or conversion):
+            if name is not None and (not name.isidentifier() or fmt_spec or conversion):
                 shown = "{" + name + (f"!{conversion}" if conversion else "") + (f":{fmt_spec}" if fmt_spec else "") + "}"
                 problem = f"{shown} is not allowed"
                 break
     except ValueError as exc:  # unbalanced braces
         problem = str(exc)
     if problem:
-        raise SpecError(f"input.templates: {template!r} is not a valid template ({problem}; only {{source}} "
-                        "and literal braces {{ }} may be used)")
+        raise SpecError(f"{path}: {template!r} is not a valid template ({problem}; use field names of the samples' "
+                        "json such as {source} or {label}, and {{ }} for literal braces)")
 
 
 def _check_shard_urls(spec: "JobSpec") -> None:
@@ -702,6 +718,8 @@ def job_json_schema() -> dict:
             return {"type": "array", "items": {"type": "string"}}
         if ann.startswith("float"):
             return {"type": "number"}
+        if ann == "str | None":
+            return {"type": "string"}
         return {"bool": {"type": "boolean"}, "int": {"type": "integer"}, "str": {"type": "string"}}.get(ann, {})
 
     sections = {}
