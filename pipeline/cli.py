@@ -10,11 +10,31 @@ from typing import Optional
 
 import typer
 
-from .console import die
+from .console import die, quiet_libraries
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Batch edit-friendly DDPM inversion and editing.")
+app = typer.Typer(add_completion=False, help="Batch edit-friendly DDPM inversion and editing.",
+                  context_settings={"help_option_names": ["-h", "--help"]})
 
 
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"imprint {__version__}")
+        raise typer.Exit()
+
+
+@app.callback(invoke_without_command=True)
+def main_options(
+    ctx: typer.Context,
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    """Batch edit-friendly DDPM inversion and editing."""
+    quiet_libraries()
+    if ctx.invoked_subcommand is None:  # bare `imprint`: the help, and success
+        typer.echo(ctx.get_help())
+        raise typer.Exit()
 
 
 @app.command()
@@ -64,6 +84,10 @@ def _run_job(spec, **kwargs):
     worker placed in time: 1) and Ctrl-C / SIGTERM (130 / 143)."""
     from .executor import JobInterrupted, JobStopped, run_job
 
+    if spec.run.executor == "ray" and not (spec.run.ray_address or os.environ.get("RAY_ADDRESS")):
+        # The local cluster this run starts: Ray's default, token authentication, chosen explicitly (an
+        # unset mode makes Ray warn on every start); the raylet and its workers inherit it.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     try:
         return run_job(spec, **kwargs)
     except JobStopped as exc:
@@ -231,12 +255,13 @@ def verify(
 def export(
     out: str = typer.Argument(..., help="Output path of a job (local or URL)."),
     dest: Path = typer.Argument(..., help="Local folder to write into."),
-    format_: str = typer.Option("webdataset", "--format", help="webdataset | files"),
+    format_: str = typer.Option("webdataset", "--format", help="webdataset | files (a Hugging Face imagefolder)."),
     maxcount: int = typer.Option(1000, help="Edits per WebDataset shard."),
     rejected: bool = typer.Option(False, help="Also export rejected edits whose images were written."),
 ) -> None:
     """Export the kept edits (edit, pixel-aligned source, prompts, seed, parameters,
-    scores, carried metadata) as WebDataset shards or image files with a manifest."""
+    scores, carried metadata) as WebDataset shards, or with --format files as a Hugging Face imagefolder
+    (metadata.jsonl: the edit in file_name, its source in source_file_name)."""
     from .export import export as run_export
 
     try:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .batching import ShapeBuckets, unit_shape
+from .console import quiet_libraries
 from .data import Sample, decode_sample, encode_image, read_raw_samples, render_templates, shard_name
 from .engine import CodeItem, Engine, SampleOut, stroke_inputs
 from .inversion.common import NoiseCode
@@ -53,6 +54,7 @@ class ShardWorker:
         if spec.run.threads:
             torch.set_num_threads(spec.run.threads)
         device = None if spec.model.device == "auto" else spec.model.device
+        quiet_libraries()  # also on a cluster whose workers did not inherit the driver's environment
         self.models = load_models(spec.model.id, device=device, dtype=spec.model.dtype, revision=spec.model.revision or None)
         self.engine = Engine(self.models, spec)
         self.scorers = None
