@@ -84,10 +84,13 @@ def _run_job(spec, **kwargs):
     worker placed in time: 1) and Ctrl-C / SIGTERM (130 / 143)."""
     from .executor import JobInterrupted, JobStopped, run_job
 
-    if spec.run.executor == "ray" and not (spec.run.ray_address or os.environ.get("RAY_ADDRESS")):
+    set_auth = (spec.run.executor == "ray" and not (spec.run.ray_address or os.environ.get("RAY_ADDRESS"))
+                and "RAY_AUTH_MODE" not in os.environ)
+    if set_auth:
         # The local cluster this run starts: Ray's default, token authentication, chosen explicitly (an
-        # unset mode makes Ray warn on every start); the raylet and its workers inherit it.
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
+        # unset mode makes Ray warn on every start); the raylet and its workers inherit it. Only for this
+        # run: a caller in the same process (a notebook, a test) keeps its own environment afterwards.
+        os.environ["RAY_AUTH_MODE"] = "token"
     try:
         return run_job(spec, **kwargs)
     except JobStopped as exc:
@@ -102,6 +105,9 @@ def _run_job(spec, **kwargs):
         typer.echo(f"imprint: interrupted ({exc}): {r.done + r.skipped} of {r.total} shards done "
                    f"({r.done} in this run); run the same command again to resume", err=True)
         raise typer.Exit(128 + exc.signum)
+    finally:
+        if set_auth:
+            os.environ.pop("RAY_AUTH_MODE", None)
 
 
 @app.command("edit-codes")

@@ -225,7 +225,10 @@ def plan(spec: JobSpec, force: bool = False) -> tuple[OutputStore, list[str], li
     shards = preflight(spec, force=force).shards
     store = OutputStore.open(spec.output.path)
     h = spec.hash()
-    old = store.current_hash()
+    try:
+        old = store.current_hash()
+    except OutputError as exc:  # job.json unreadable (run --force skips preflight's output check)
+        raise JobError(str(exc)) from None
     # An output whose job.json names another spec but that holds no results
     # (its run stopped before committing anything) is free: take it over.
     take_over = bool(old and old != h and not holds_results(store))

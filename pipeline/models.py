@@ -432,13 +432,11 @@ def missing_model_weights(model_id: str, revision: str | None = None) -> str | N
     offline (HF_HUB_OFFLINE=1; online, the worker downloads them)."""
     if model_id in RANDOM_MODELS:
         return None
-    from .toy.model import TOY, TOY_DIR, is_pixel_autoencoder
+    from .toy.model import TOY, TOY_DIR
 
     folder = str(TOY_DIR) if model_id == TOY else model_id
     parts = ["unet", "vae", "text_encoder"]
     if os.path.isdir(folder):
-        if is_pixel_autoencoder(folder):  # the toy model's VAE stand-in has no weights
-            parts.remove("vae")
         for part in parts:
             d = os.path.join(folder, part)
             if not any(os.path.isfile(os.path.join(d, f)) for f in _WEIGHT_FILES):

@@ -46,8 +46,8 @@ def preflight(spec: JobSpec, force: bool = False) -> Preflight:
     another spec's results (run --force moves them aside)."""
     limits = check_model(spec)
     _check_device(spec)
+    shards = _check_input(spec)  # the user's own data first; weights are the machine's
     _check_weights(spec)
-    shards = _check_input(spec)
     _check_output(spec, force)
     return Preflight(limits, shards)
 
@@ -172,10 +172,13 @@ def _check_output(spec: JobSpec, force: bool) -> None:
     the path is claimed by `OutputStore.prepare` once every check passed)."""
     if force:
         return
-    from .store import OutputStore
+    from .store import OutputError, OutputStore
 
     store = OutputStore.open(spec.output.path)
-    old = store.current_hash()
+    try:
+        old = store.current_hash()
+    except OutputError as exc:  # job.json there but unreadable: refuse, decide nothing from it
+        raise JobError(str(exc)) from None
     if old and old != spec.hash() and holds_results(store):
         raise JobError(f"output.path: {spec.output.path!r} holds results of another job spec (hash {old}, this one "
                         f"{spec.hash()}); use a new output path, or run --force to move them aside and redo every shard")

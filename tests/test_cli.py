@@ -103,6 +103,7 @@ def test_local_cluster_runs_with_explicit_token_auth(monkeypatch, tmp_path):
     cli._run_job(load_spec(raw={**base, "run": {"executor": "inline"}}))
     cli._run_job(load_spec(raw=base))
     assert seen == [None, None, "token"]
+    assert "RAY_AUTH_MODE" not in os.environ  # set for that run only, not left behind in the process
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # a user's choice wins
     cli._run_job(load_spec(raw=base))
     assert seen[-1] == "disabled"

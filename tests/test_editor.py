@@ -172,8 +172,9 @@ def test_one_editor_serves_threads(tiny_editor):
 
 def test_toy_reconstruction_and_diversity(toy_editor):
     """On the trained toy model: editing a code with its own source prompt at
-    cfg_source gives the image back (the toy 'VAE' is exact); N codes give N
-    different edits; a deterministic method gives one."""
+    cfg_source gives the image back up to the toy autoencoder's own round-trip
+    error (every code decodes to the same image); N codes give N different
+    edits; a deterministic method gives one."""
     from pipeline.toy.scenes import Scene
 
     scene = Scene("circle", "red", "white", 30.0, 34.0, 12.0)
@@ -181,7 +182,8 @@ def test_toy_reconstruction_and_diversity(toy_editor):
     steps = dict(steps=12, skip=4)
     codes = toy_editor.invert(img, scene.caption, seeds=2, **steps)
     recon = toy_editor.edit(codes, scene.caption, cfg_target=JobSpec().inversion.cfg_source)
-    assert all(_diff(r, img) <= 2 for r in recon)
+    assert _diff(recon[0], recon[1]) <= 2  # exact in latent space: both codes give the same latent back
+    assert all(np.abs(np.asarray(r, np.float32) - np.asarray(img, np.float32)).mean() < 4.0 for r in recon)
     edits = toy_editor.edit(codes, scene.with_color("blue").caption, cfg_target=3)
     assert _diff(edits[0], edits[1]) > 10
     assert _diff(edits[0], img) > 30

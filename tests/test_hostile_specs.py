@@ -31,7 +31,7 @@ BAD_SPECS = [
     ({"input": {"source_prompt": "a photo of a {label.__class__}"}}, "input.source_prompt"),
     ({"input": {"source_prompt": "a photo of a {label"}}, "input.source_prompt"),
     ({"input": {"source_prompt": "   "}}, "input.source_prompt"),
-    ({"input": {"source_prompt": ""}, "edit": {"control": "p2p"}}, "edit.mode"),
+    ({"input": {"source_prompt": ""}, "edit": {"control": "p2p", "mode": "replace"}}, "edit.mode"),
     ({"input": {"templates": ["{source!r}"]}}, "input.templates"),
     ({"inversion": {"method": ["edit-friendly", "ddim"], "per_method": {"ddim": {"skip": "2"}}}}, "inversion.per_method.ddim.skip"),
     ({"inversion": {"method": ["edit-friendly", "ddim"], "per_method": {"ddim": {"cfg_target": "high"}}}},

@@ -89,7 +89,7 @@ def test_validate_checks_the_shards_like_run(tmp_path, shard):
     empty.mkdir()
     not_tar = tmp_path / "photo.tar"
     not_tar.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 600)
-    for shards, expect in (([str(empty)], "expand to no shards"), ([str(tmp_path / "nope.tar")], "shard not found"),
+    for shards, expect in (([str(empty)], "is a folder without .tar shards"), ([str(tmp_path / "nope.tar")], "shard not found"),
                            ([str(not_tar)], "not a readable tar")):
         raw = job(tmp_path, shard, input={"shards": shards})
         assert expect in one_error(*validate(tmp_path, raw), "input.shards")

@@ -371,10 +371,13 @@ def test_job_retries_a_shard_whose_read_was_refused(tmp_path, monkeypatch):
 
     a = write(tmp_path / "a-000.tar", samples("a", 3))
     b = write(tmp_path / "b-001.tar", samples("b", 2))
-    real, refused = data.open_shard, []
+    real, opened, refused = data.open_shard, [], []
 
     def flaky(url, **kw):
-        if url == str(a) and not refused:
+        # the first open of a is the preflight's (it reads a's first sample);
+        # the second is the worker's, and that one is refused mid-shard
+        opened.append(url)
+        if url == str(a) and opened.count(url) == 2:
             refused.append(url)
             return _Refused(url, 5000)
         return real(url, **kw)
