@@ -23,8 +23,7 @@ as a Ray job on the cluster at ADDR, under a stable submission id.
 Options:
   --address ADDR       Ray dashboard address (default: \$RAY_ADDRESS, else $DEFAULT_ADDRESS)
   --set KEY=VALUE      job spec override for imprint run, repeatable
-                       (e.g. --set output.path=s3://bucket/runs/run-1; output paths
-                       must be absolute or URLs: the job runs in a copy of its files)
+                       (e.g. --set output.path=s3://bucket/runs/run-1)
   --working-dir DIR    upload DIR (e.g. the repository root) as the job's working_dir;
                        JOB.toml must lie inside DIR. Default: upload JOB.toml alone
                        (the cluster's image provides imprint itself).
@@ -41,6 +40,11 @@ If the cluster already has a job with that id that is PENDING, RUNNING or SUCCEE
 its status is printed and nothing is submitted (without --no-wait, the logs of a
 running job are followed). If it FAILED or was STOPPED, the job is submitted again
 as <id>-r1, <id>-r2, ...; imprint skips the shards that earlier attempts finished.
+
+Paths: the job runs in Ray's copy of its files, so output.path must be absolute or
+a URL, and relative input paths (input.shards, input.codes, manipulate.strokes_*)
+must lie inside --working-dir; the spec (with the --set overrides) is checked
+before anything is submitted.
 
 Exit status: 0 when the job succeeded, or with --no-wait when it is submitted,
 pending or running; 1 when it failed or was stopped, or on errors; 2 on usage errors.
@@ -126,6 +130,89 @@ follow() {
   exit 0
 }
 
+# Every local path of the spec (with the --set overrides applied) must work on
+# the cluster, where the job runs in Ray's copy of the working_dir: a relative
+# output path would land in that copy (deleted with the session), a relative
+# input path exists there only when --working-dir uploads it. Absolute paths
+# are taken as they are (a filesystem the nodes mount). Python reads the TOML.
+check_paths() {
+  local rc=0
+  command -v python3 > /dev/null || {
+    printf '%s: warning: python3 not found; the spec'"'"'s paths are not checked\n' "$PROG" >&2
+    return 0
+  }
+  python3 - "$job_file" "$working_dir" ${overrides[@]+"${overrides[@]}"} <<'PY' || rc=$?
+import os
+import sys
+
+try:
+    import tomllib
+except ImportError:
+    try:
+        import tomli as tomllib
+    except ImportError:
+        sys.exit(3)
+job, working_dir, overrides = sys.argv[1], sys.argv[2], sys.argv[3:]
+try:
+    with open(job, "rb") as fh:
+        spec = tomllib.load(fh)
+except (OSError, tomllib.TOMLDecodeError) as exc:
+    print(f"{job}: invalid TOML: {exc}", file=sys.stderr)
+    sys.exit(2)
+for item in overrides:  # imprint's rule: a TOML value, else a bare string
+    key, text = item.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {text.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text.strip()
+    node, parts = spec, key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            break
+    else:
+        node[parts[-1]] = value
+
+
+def section(name):
+    value = spec.get(name)
+    return value if isinstance(value, dict) else {}
+
+
+inp, manipulate = section("input"), section("manipulate")
+shards = inp.get("shards", [])
+paths = [("output.path", section("output").get("path", "out/job"))]
+paths += [("input.shards", s) for s in ([shards] if isinstance(shards, str) else shards)]
+paths += [(f, sec.get(f.split(".")[1], "")) for f, sec in
+          (("input.codes", inp), ("manipulate.strokes_mask", manipulate), ("manipulate.strokes_image", manipulate))]
+problems = []
+for field, path in paths:
+    if not isinstance(path, str) or not path or path.startswith(("/", "pipe:")) or "://" in path \
+            or path in ("demo", "toy-demo"):
+        continue
+    if field == "output.path":
+        problems.append(f"output.path must be absolute or a URL (s3://...) for a cluster job, got '{path}' "
+                        "(a relative path lands in Ray's temporary copy of the job's files)")
+    elif not working_dir:
+        problems.append(f"{field} '{path}' is relative: the job runs next to a copy of the job file alone; give an "
+                        "absolute path the cluster's nodes can read, a URL (s3://...), or upload it with --working-dir")
+    else:
+        cut = min([path.index(c) for c in "*?[{" if c in path] + [len(path)])
+        fixed = path if cut == len(path) else os.path.dirname(path[:cut])
+        if not os.path.exists(os.path.join(working_dir, fixed or ".")):
+            problems.append(f"{field} '{path}' is relative to --working-dir {working_dir}, where "
+                            f"{os.path.join(working_dir, fixed)} does not exist")
+for line in problems:
+    print(line, file=sys.stderr)
+sys.exit(2 if problems else 0)
+PY
+  case $rc in
+    0) ;;
+    3) printf '%s: warning: python3 has neither tomllib nor tomli; the spec'"'"'s paths are not checked\n' "$PROG" >&2 ;;
+    *) printf "%s: the spec's paths above would not work on the cluster (see deploy/README.md)\n" "$PROG" >&2; exit 2 ;;
+  esac
+}
+
 address=${RAY_ADDRESS:-$DEFAULT_ADDRESS}
 job_file=
 working_dir=
@@ -184,15 +271,12 @@ for item in ${overrides[@]+"${overrides[@]}"}; do
   [[ $item =~ ^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)+=.*$ ]] \
     || usage_error "--set expects KEY=VALUE with KEY like section.field, got '$item'"
   [[ $item != *$'\n'* ]] || usage_error "--set values must be one line: '$item'"
-  # The job runs in Ray's copy of the working_dir: a relative output path
-  # would land there, out of reach and deleted with the session.
-  if [[ $item == output.path=* ]]; then
-    out=${item#output.path=}
-    [[ $out == /* || $out == *://* ]] \
-      || usage_error "output.path must be absolute or a URL (s3://...) for a cluster job, got '$out'"
-  fi
 done
 [[ -n $address ]] || usage_error "--address is empty"
+if [[ -n $working_dir ]]; then
+  [[ -d $working_dir ]] || die "working directory not found: $working_dir" 2
+fi
+check_paths
 
 id=$(submission_id)
 if [[ $mode == print-id ]]; then
@@ -210,7 +294,6 @@ done
 # What the cluster runs: the job file inside the uploaded working_dir, named
 # relative to it (the entrypoint's current directory is the working_dir).
 if [[ -n $working_dir ]]; then
-  [[ -d $working_dir ]] || die "working directory not found: $working_dir" 2
   upload_dir=$(cd "$working_dir" && pwd -P)
   job_abs=$(cd "$(dirname "$job_file")" && pwd -P)/$(basename "$job_file")
   [[ $job_abs == "$upload_dir"/* ]] || die "job file $job_file is not inside --working-dir $working_dir" 2

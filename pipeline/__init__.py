@@ -10,3 +10,12 @@ def read_table(out: str, table: str = "results", columns: list[str] | None = Non
     from .store import read_table as _read_table
 
     return _read_table(out, table, columns)
+
+
+def __getattr__(name: str):
+    # `pipeline.Editor` without importing torch and the models for `import pipeline`
+    if name in ("Editor", "Code"):
+        from . import editor
+
+        return getattr(editor, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

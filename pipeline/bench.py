@@ -63,7 +63,7 @@ BF16_PEAK_TFLOPS: tuple[tuple[tuple[str, ...], float], ...] = (
 
 @dataclass
 class BenchConfig:
-    model: str = "tiny"  # tiny | sd15-random | a diffusers SD 1.x/2.x checkpoint id or folder
+    model: str = "tiny"  # tiny | tiny-sdxl | sd15-random | sdxl-random | a diffusers SD or SDXL checkpoint id or folder
     steps: int = 100
     skip: int = 36
     prompts: int = 4  # K target prompts per image
@@ -98,7 +98,7 @@ class BenchConfig:
         if self.threads < 0:
             raise ValueError(f"threads must be >= 0 (0 = torch's default), got {self.threads}")
         if not self.model:
-            raise ValueError("model must be tiny, sd15-random or a checkpoint id")
+            raise ValueError("model must be tiny, tiny-sdxl, sd15-random, sdxl-random or a checkpoint id")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if isinstance(self.turbo_steps, bool) or not isinstance(self.turbo_steps, int) or self.turbo_steps < 1:
@@ -383,7 +383,11 @@ def host_syncs_per_step(models, steps: int = 4, rows: int = 2) -> dict:
     dev = models.device
     hw = models.resolution // models.vae_scale_factor
     x0 = torch.randn(rows, int(models.unet.config.in_channels), hw, hw, generator=torch.Generator().manual_seed(0)).to(dev)
-    cond, uncond = models.encode_text(["a photo"] * rows), models.encode_text([""])
+    from .models import ImageGeometry
+
+    geo = [ImageGeometry.plain(models.resolution, models.resolution)] * rows  # SDXL: the time ids of square images
+    cond = models.for_images(models.encode_text(["a photo"] * rows), geo)
+    uncond = models.for_images(models.unconditional(), geo, unconditional=True)
     gens = [torch.Generator().manual_seed(k) for k in range(rows)]
     with torch.inference_mode():
         # once uncounted: a compiled UNet compiles for these shapes here, not inside the count
@@ -444,6 +448,17 @@ def run_reference(models, raws: list[dict], *, steps: int, skip: int, seeds: int
         eps_c = eps_model(x, ts[i], cond)
         return eps_u + scale * (eps_c - eps_u)
 
+    def prompt_pair(s, prompt):
+        # (unconditional, conditional), as the engine conditions them: an SDXL
+        # model's zero unconditional embedding and the image's time ids
+        from .models import image_geometry
+        from .spec import ImageSpec
+
+        emb = models.encode_text(["", prompt])
+        geo = [image_geometry(s.orig_size, tuple(s.image.shape[1:]), ImageSpec(resize="square"), models.resolution)]
+        return (models.for_images(models.unconditional(emb[0:1]), geo, unconditional=True),
+                models.for_images(emb[1:2], geo))
+
     edits = {}
     _peak_memory_reset(dev)
     sw.sync()
@@ -456,7 +471,7 @@ def run_reference(models, raws: list[dict], *, steps: int, skip: int, seeds: int
                 x0 = models.encode_images(s.image[None])
             for n in range(seeds):
                 with sw("invert"):
-                    uncond, cond = models.encode_text(["", s.source_prompt]).split(1)
+                    uncond, cond = prompt_pair(s, s.source_prompt)
                     g = torch.Generator("cpu").manual_seed(derive_seed(run_seed, s.key, n))
                     noise = torch.randn((steps, *x0.shape[1:]), generator=g).to(dev)  # index 0 = t smallest
                     xts = [q_sample(x0, ab[i], noise[steps - 1 - i][None]) for i in range(steps)] + [x0]
@@ -470,7 +485,7 @@ def run_reference(models, raws: list[dict], *, steps: int, skip: int, seeds: int
                         x_t = mu + sigma[i] * z
                 for k, target in enumerate(s.target_prompts):
                     with sw("edit"):
-                        uncond, cond = models.encode_text(["", target]).split(1)
+                        uncond, cond = prompt_pair(s, target)
                         x = xts[skip]
                         for i in range(skip, steps):
                             eps = guided(x, i, uncond, cond, CFG_TARGET)
@@ -817,7 +832,7 @@ def format_table(result: dict) -> str:
 
 
 def bench(
-    model: str = typer.Option("tiny", help="tiny | sd15-random (SD-1.5-shaped, random weights, 512px) | a checkpoint id or folder."),
+    model: str = typer.Option("tiny", help="tiny | tiny-sdxl | sd15-random (SD-1.5-shaped, random weights, 512px) | sdxl-random (SDXL-shaped, random weights, 512px) | a checkpoint id or folder."),
     steps: int = typer.Option(100, help="Inference steps."),
     skip: int = typer.Option(36, help="Steps skipped by the edit (T_skip)."),
     prompts: int = typer.Option(4, help="K target prompts per image."),

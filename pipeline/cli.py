@@ -10,11 +10,31 @@ from typing import Optional
 
 import typer
 
-from .console import die
+from .console import die, quiet_libraries
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Batch edit-friendly DDPM inversion and editing.")
+app = typer.Typer(add_completion=False, help="Batch edit-friendly DDPM inversion and editing.",
+                  context_settings={"help_option_names": ["-h", "--help"]})
 
 
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"imprint {__version__}")
+        raise typer.Exit()
+
+
+@app.callback(invoke_without_command=True)
+def main_options(
+    ctx: typer.Context,
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    """Batch edit-friendly DDPM inversion and editing."""
+    quiet_libraries()
+    if ctx.invoked_subcommand is None:  # bare `imprint`: the help, and success
+        typer.echo(ctx.get_help())
+        raise typer.Exit()
 
 
 @app.command()
@@ -60,23 +80,34 @@ def run(
 
 def _run_job(spec, **kwargs):
     """run_job, with the two ways a job stops early turned into messages and
-    exit codes: a worker that cannot start (1) and Ctrl-C / SIGTERM (130 / 143)."""
-    from .executor import JobInterrupted, WorkerStartError, run_job
+    exit codes: the scheduler stopped it (workers that cannot start, no
+    worker placed in time: 1) and Ctrl-C / SIGTERM (130 / 143)."""
+    from .executor import JobInterrupted, JobStopped, run_job
 
+    set_auth = (spec.run.executor == "ray" and not (spec.run.ray_address or os.environ.get("RAY_ADDRESS"))
+                and "RAY_AUTH_MODE" not in os.environ)
+    if set_auth:
+        # The local cluster this run starts: Ray's default, token authentication, chosen explicitly (an
+        # unset mode makes Ray warn on every start); the raylet and its workers inherit it. Only for this
+        # run: a caller in the same process (a notebook, a test) keeps its own environment afterwards.
+        os.environ["RAY_AUTH_MODE"] = "token"
     try:
         return run_job(spec, **kwargs)
-    except WorkerStartError as exc:
+    except JobStopped as exc:
         typer.echo(f"imprint: error: {exc}", err=True)
         for line in exc.info.get("traceback", []):
             typer.echo(f"    {line}", err=True)
-        typer.echo(f"imprint: the job stopped before charging any shard; `imprint status {spec.output.path}` "
-                   "keeps this message", err=True)
+        typer.echo(f"imprint: the job stopped; shards done are kept and the same command resumes; "
+                   f"`imprint status {spec.output.path}` keeps this message", err=True)
         raise typer.Exit(1)
     except JobInterrupted as exc:
         r = exc.report
         typer.echo(f"imprint: interrupted ({exc}): {r.done + r.skipped} of {r.total} shards done "
                    f"({r.done} in this run); run the same command again to resume", err=True)
         raise typer.Exit(128 + exc.signum)
+    finally:
+        if set_auth:
+            os.environ.pop("RAY_AUTH_MODE", None)
 
 
 @app.command("edit-codes")
@@ -89,13 +120,10 @@ def edit_codes(
 ) -> None:
     """Edit stored noise codes with new target prompts, without inverting again."""
     from .executor import JobError
-    from .spec import SpecError, load_raw, load_spec
+    from .spec import SpecError
 
     try:
-        raw = load_raw(job)
-        raw.setdefault("input", {}).pop("shards", None)
-        raw["input"]["codes"] = codes
-        spec = load_spec(raw=raw, overrides=list(set_) + ([f"run.executor={executor}"] if executor else []))
+        spec = _codes_spec(codes, job, list(set_) + ([f"run.executor={executor}"] if executor else []))
         report = _run_job(spec, progress=progress)
     except (SpecError, JobError) as exc:
         die(str(exc))
@@ -103,6 +131,17 @@ def edit_codes(
                f"({report.errors} unusable, {len(report.failed)} files failed); results in {spec.output.path}/results")
     if report.failed:
         raise typer.Exit(1)
+
+
+def _codes_spec(codes: str, job: Path, overrides: list[str]):
+    """The spec of an edit-codes job: the job file with its input.shards
+    replaced by the stored codes."""
+    from .spec import load_raw, load_spec
+
+    raw = load_raw(job)
+    raw.setdefault("input", {}).pop("shards", None)
+    raw["input"]["codes"] = codes
+    return load_spec(raw=raw, overrides=overrides)
 
 
 @app.command("inspect-noise")
@@ -129,19 +168,25 @@ def inspect_noise(
 def validate(
     job: Path = typer.Argument(..., help="Job spec (TOML)."),
     set_: list[str] = typer.Option([], "--set", help="Override a field (repeatable)."),
+    codes: Optional[str] = typer.Option(None, help="Validate it as an edit-codes job on these stored codes "
+                                                   "(a job's output folder or its noise/ folder)."),
+    force: bool = typer.Option(False, help="As run --force: the output may hold another spec's results."),
 ) -> None:
-    """Check a job spec (and that its model and device resolve) and print it
-    resolved, without running anything."""
-    from .preflight import preflight
+    """Run every check `imprint run` makes before it starts (the spec, the
+    model and device, weights at hand, the shards, the output path) and print
+    the spec resolved, without running anything."""
+    from .preflight import JobError, preflight
     from .spec import SpecError, load_spec, to_toml
 
     try:
-        spec = load_spec(job, list(set_))
-        preflight(spec)
-    except SpecError as exc:
+        spec = _codes_spec(codes, job, list(set_)) if codes is not None else load_spec(job, list(set_))
+        found = preflight(spec, force=force)
+    except (SpecError, JobError) as exc:
         die(str(exc))
     typer.echo(to_toml(spec))
     typer.echo(f"# spec hash {spec.hash()}")
+    typer.echo(f"# {len(found.shards)} {'code file' if spec.input.codes else 'shard'}(s); output "
+               f"{spec.output.path} is free or holds this spec")
 
 
 @app.command()
@@ -179,15 +224,50 @@ def status(
 
 
 @app.command()
+def verify(
+    out: str = typer.Argument(..., help="Output path of a job (local or URL)."),
+    mark: bool = typer.Option(True, help="Mark bad shards for rerun (their marker goes; the next run redoes them)."),
+) -> None:
+    """Read every committed file back and check it against the SHA-256 and size
+    its marker recorded (bit flips, truncation, missing files). Exit 1 when
+    anything is bad."""
+    from .store import LEASE_FILE, OutputError, OutputStore
+
+    store = OutputStore.open(out)
+    try:
+        spec_hash = store.current_hash()
+        if spec_hash is None:
+            die(f"{out!r} is not an imprint output (no job.json)")
+        bad = store.verify(spec_hash)
+        checked = len(store.done_shards(spec_hash))
+        for shard, what in sorted(bad.items()):
+            typer.echo(f"imprint: bad shard {shard}: {what}", err=True)
+        if bad and mark:
+            store.prepare_lease()
+            try:
+                store.mark_for_rerun(bad, spec_hash)
+            finally:
+                store.release()
+    except OutputError as exc:
+        die(f"{exc}" + (f" ({LEASE_FILE}: a job is writing this output; run verify after it ends)"
+                        if "another driver" in str(exc) else ""))
+    typer.echo(f"imprint: verified {checked} committed shard(s) of spec {spec_hash}: {len(bad)} bad"
+               + (", marked for rerun" if bad and mark else ""))
+    if bad:
+        raise typer.Exit(1)
+
+
+@app.command()
 def export(
     out: str = typer.Argument(..., help="Output path of a job (local or URL)."),
     dest: Path = typer.Argument(..., help="Local folder to write into."),
-    format_: str = typer.Option("webdataset", "--format", help="webdataset | files"),
+    format_: str = typer.Option("webdataset", "--format", help="webdataset | files (a Hugging Face imagefolder)."),
     maxcount: int = typer.Option(1000, help="Edits per WebDataset shard."),
     rejected: bool = typer.Option(False, help="Also export rejected edits whose images were written."),
 ) -> None:
     """Export the kept edits (edit, pixel-aligned source, prompts, seed, parameters,
-    scores, carried metadata) as WebDataset shards or image files with a manifest."""
+    scores, carried metadata) as WebDataset shards, or with --format files as a Hugging Face imagefolder
+    (metadata.jsonl: the edit in file_name, its source in source_file_name)."""
     from .export import export as run_export
 
     try:
@@ -195,6 +275,41 @@ def export(
     except ValueError as exc:
         die(str(exc))
     typer.echo(f"imprint: exported {done['edits']} edits to {dest} ({len(done['files'])} file(s))")
+
+
+@app.command()
+def shards(
+    src: str = typer.Argument(..., help="A folder of images with .txt/.json captions, a Hugging Face imagefolder "
+                                        "(metadata.jsonl) or dataset folder (save_to_disk, Parquet), or a "
+                                        "CSV/TSV/JSONL/Parquet file."),
+    dest: str = typer.Argument(..., help="Folder (local, s3://, gs://, hdfs://) for the .tar shards."),
+    image_col: Optional[str] = typer.Option(None, help="Column with the image path, URL or bytes (default: "
+                                                       "image, file_name, path, url, ... or the dataset's Image column)."),
+    caption_col: Optional[str] = typer.Option(None, help="Column with the caption, used as the source prompt "
+                                                         "(default: source_prompt, caption, text or prompt if present)."),
+    targets_col: Optional[str] = typer.Option(None, help="Column with target prompts: a list, a JSON list or one "
+                                                         "prompt (default: target_prompts if present)."),
+    samples_per_shard: int = typer.Option(1000, help="Samples per .tar shard."),
+    prefix: str = typer.Option("shard", help="Shard names: PREFIX-000000.tar, ..."),
+    overwrite: bool = typer.Option(False, help="Replace PREFIX-*.tar shards already in DEST."),
+    timeout: float = typer.Option(30.0, help="Seconds before an image URL download gives up."),
+    workers: int = typer.Option(8, help="Threads reading files and downloading URLs."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Write one's own images (with captions, labels, or nothing) as WebDataset shards for `imprint run`; bad
+    inputs are skipped and listed with their reasons."""
+    from .ingest import IngestError, make_shards, summary_lines
+
+    try:
+        summary = make_shards(src, dest, image_col=image_col, caption_col=caption_col, targets_col=targets_col,
+                              samples_per_shard=samples_per_shard, prefix=prefix, overwrite=overwrite,
+                              timeout=timeout, workers=workers, progress=progress)
+    except (IngestError, OSError) as exc:
+        die(str(exc))
+    for line in summary_lines(summary):
+        typer.echo(line)
+    if not summary.written:
+        die(f"no samples written from {src}")
 
 
 @app.command()

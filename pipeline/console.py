@@ -5,9 +5,39 @@ other."""
 
 from __future__ import annotations
 
+import os
+
 import typer
 
 
 def die(msg: str, code: int = 2) -> None:
     typer.echo(f"imprint: error: {msg}", err=True)
     raise typer.Exit(code)
+
+
+def quiet_libraries() -> None:
+    """No weight-loading progress bars in `imprint` commands and their
+    workers: the libraries' own switches (Hugging Face hub, transformers and
+    diffusers), plus the environment variable, which a local Ray cluster's
+    workers inherit before they import anything. A user's explicit setting
+    of the variable wins."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if os.environ["HF_HUB_DISABLE_PROGRESS_BARS"].upper() not in ("1", "ON", "YES", "TRUE"):
+        return
+    try:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    except ImportError:  # pragma: no cover - a dependency
+        pass
+    import sys
+
+    # transformers and diffusers read their switch once: set it only when they are loaded (importing them costs seconds)
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+    if "diffusers" in sys.modules:
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.disable_progress_bar()

@@ -42,7 +42,8 @@ REMOTE_SCHEMES = ("http", "https", *OBJECT_STORE_SCHEMES)
 # A tar member larger than this is not read into memory; its sample becomes an
 # error row (no legitimate image, caption or mask of this contract is that big).
 MAX_MEMBER_BYTES = 256 * 1024 * 1024
-TOY_DEMO = "toy-demo"  # the toy model's scenes (pipeline.toy.demo)
+TOY_DEMO = "toy-demo"
+OBJECT_READ_BUFFER = 8 * 2**20  # bytes per request when reading a shard from an object store  # the toy model's scenes (pipeline.toy.demo)
 
 
 @dataclass
@@ -62,7 +63,14 @@ class Sample:
 # The kinds of bad sample this module produces (Sample.error_type).
 ERROR_TYPES = ("decode", "format_refused", "too_large", "too_small", "no_image", "prompt_missing", "prompt_invalid",
                "prompt_too_long", "no_targets", "bad_json", "duplicate_key", "tar_damaged", "no_key", "no_strokes",
-               "bad_code", "other")
+               "bad_code", "p2p_unaligned", "template_field", "other")
+
+
+class ShardReadError(OSError):
+    """Reading a shard's bytes failed (a refused or failed request, a
+    connection reset, an I/O error): nothing says the shard is bad, so the
+    attempt fails and the driver retries the shard. Only bytes that were read
+    and are not a valid tar are damage (a `tar_damaged` error row)."""
 
 
 class SampleError(ValueError):
@@ -124,12 +132,15 @@ def expand_shards(patterns: list[str], *, allow_pipe: bool = False) -> list[str]
     """The shard URLs of the job's patterns, in order, without duplicates:
     brace expansion, globs (`data/*.tar`, local or on an object store), a
     directory (every `.tar` in it, sorted) and `demo`. Raises ValueError on a
-    URL the rules refuse (see `check_url_allowed`)."""
+    URL the rules refuse (see `check_url_allowed`), on a local folder without
+    .tar files and on image, caption or table files (`check_is_shard_name`),
+    saying to run `imprint shards` on them."""
     out: list[str] = []
     seen: set[str] = set()
     try:
         for url in brace_urls(patterns, allow_pipe=allow_pipe):
             for s in _resolve(url):
+                check_is_shard_name(s)
                 if s not in seen:
                     seen.add(s)
                     out.append(s)
@@ -159,9 +170,37 @@ def _resolve(url: str) -> list[str]:
         return [prefix + p for p in sorted(globlib.glob(path)) if os.path.isfile(p)]
     if not path.endswith(".tar") and os.path.isdir(path):  # (no stat per shard for plain .tar names)
         prefix = url[: len(url) - len(path)]
-        return [prefix + os.path.join(path, n) for n in sorted(os.listdir(path))
-                if n.endswith(".tar") and os.path.isfile(os.path.join(path, n))]
+        names = sorted(os.listdir(path))
+        shards = [prefix + os.path.join(path, n) for n in names if n.endswith(".tar") and os.path.isfile(os.path.join(path, n))]
+        if not shards:
+            raise ValueError(f"{url!r} is a folder without .tar shards ({_folder_contents(path, names)}); "
+                             f"{MAKE_SHARDS_HINT.format(src=url)}")
+        return shards
     return [url]
+
+
+# Files that are inputs to `imprint shards`, never shards themselves.
+IMAGE_FILE_EXTS = (*IMAGE_EXTS, "bmp", "gif", "tif", "tiff")
+NOT_SHARD_EXTS = (*IMAGE_FILE_EXTS, "txt", "json", "jsonl", "csv", "tsv", "parquet")
+MAKE_SHARDS_HINT = "make WebDataset shards from it with `imprint shards {src} SHARDS_FOLDER` and point input.shards there"
+
+
+def _folder_contents(path: str, names: list[str]) -> str:
+    if not names:
+        return "it is empty"
+    images = sum(1 for n in names if n.rsplit(".", 1)[-1].lower() in IMAGE_FILE_EXTS)
+    return f"it holds {len(names)} entries, {images} of them images" if images else f"it holds {len(names)} entries, none a .tar"
+
+
+def check_is_shard_name(url: str) -> None:
+    """Refuse a URL whose name says image, caption or table file (a glob such
+    as `photos/*.png`): those go through `imprint shards` first. Names only,
+    no I/O; a shard with any other name is opened as a tar."""
+    name = os.path.basename(url.rstrip("/")).lower()
+    ext = name.rsplit(".", 1)[-1] if "." in name else ""
+    if ext in NOT_SHARD_EXTS and not url.startswith("pipe:"):
+        src = os.path.dirname(url) or "."
+        raise ValueError(f"{url!r} is a .{ext} file, not a WebDataset shard (.tar); {MAKE_SHARDS_HINT.format(src=src)}")
 
 
 def _list_remote(url: str) -> list[str]:
@@ -240,17 +279,59 @@ def read_raw_samples(url: str, *, allow_pipe: bool = False, allow_remote: bool =
       broken compressed stream) ends the shard with one sample carrying
       `__error__` (`tar_damaged`): the sample being read when it happened,
       whose members may be incomplete.
-    - A stream that is not a tar at all raises OSError (the shard fails)."""
+    - A stream that is not a tar at all raises OSError (the shard fails).
+    - A read that fails (any OSError from the stream: a refused request,
+      a reset connection) raises ShardReadError: the attempt fails and the
+      shard is retried, never committed with the samples read so far."""
     check_url_allowed(url, allow_pipe=allow_pipe, allow_remote=allow_remote)
-    stream = open_shard(url, allow_pipe=allow_pipe, allow_remote=allow_remote)
+    try:
+        stream = _ReadGuard(open_shard(url, allow_pipe=allow_pipe, allow_remote=allow_remote), url)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise ShardReadError(f"cannot open shard {url}: {type(exc).__name__}: {exc}") from exc
     try:
         try:
             tar = tarfile.open(fileobj=stream, mode="r|*", tarinfo=_TrackedTarInfo)
+        except ShardReadError:
+            raise
         except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
             raise OSError(f"cannot read shard {url}: not a readable tar ({type(exc).__name__}: {exc})") from exc
         yield from _group_members(tar, url)
     finally:
         stream.close()
+
+
+class _ReadGuard(io.RawIOBase):
+    """The shard's stream, with every failed read turned into ShardReadError,
+    so the tar reader below cannot mistake an I/O error for damage."""
+
+    def __init__(self, stream, url: str):
+        self.stream, self.url, self.offset = stream, url, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        try:
+            data = self.stream.read(n) if n is not None and n >= 0 else self.stream.read()
+        except OSError as exc:
+            raise ShardReadError(f"reading shard {self.url} failed at byte {self.offset}: "
+                                 f"{type(exc).__name__}: {' '.join(str(exc).split())}") from exc
+        self.offset += len(data)
+        return bytes(data)
+
+    def readinto(self, b) -> int:
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        try:
+            self.stream.close()
+        except OSError:
+            pass
+        super().close()
 
 
 class _TrackedTarInfo(tarfile.TarInfo):
@@ -276,6 +357,8 @@ def _group_members(tar: tarfile.TarFile, url: str) -> Iterator[dict]:
         while True:
             try:
                 member = tar.next()
+            except ShardReadError:
+                raise
             except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
                 damage = f"{type(exc).__name__}: {exc}"
                 break
@@ -285,7 +368,8 @@ def _group_members(tar: tarfile.TarFile, url: str) -> Iterator[dict]:
                 break
             if not member.isfile():
                 continue
-            key, ext = split_member_name(member.name)
+            # "./a.jpg" (`tar cf x.tar -C folder .`) is the sample "a", as "a.jpg" is
+            key, ext = split_member_name(member.name[2:] if member.name.startswith("./") else member.name)
             if key is None or os.path.basename(member.name).startswith("__"):
                 continue  # no extension, or WebDataset metadata: not part of a sample
             if current is not None and (key != current["__key__"] or ext in current):
@@ -294,7 +378,9 @@ def _group_members(tar: tarfile.TarFile, url: str) -> Iterator[dict]:
             if current is None:
                 current = {"__key__": key, "__url__": url}
                 if key in seen:
-                    current["__error__"] = f"duplicate key {key!r} in shard (a sample with this key came earlier)"
+                    current["__error__"] = (f"duplicate key {key!r} in shard (a sample with this key came earlier; "
+                                            "a sample's files must be next to each other in the tar: "
+                                            "`tar --sort=name` or `imprint shards`)")
                     current["__error_type__"] = "duplicate_key"
                 seen.add(key)
             if member.size > MAX_MEMBER_BYTES:
@@ -305,6 +391,8 @@ def _group_members(tar: tarfile.TarFile, url: str) -> Iterator[dict]:
                 continue  # tarfile skips the unread data when asked for the next member
             try:
                 current[ext] = tar.extractfile(member).read()
+            except ShardReadError:
+                raise
             except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
                 damage = f"member {member.name!r}: {type(exc).__name__}: {exc}"
                 break
@@ -325,8 +413,10 @@ def open_shard(url: str, *, allow_pipe: bool = False, allow_remote: bool = True)
     check_url_allowed(url, allow_pipe=allow_pipe, allow_remote=allow_remote)
     scheme = url_scheme(url)
     if scheme in OBJECT_STORE_SCHEMES:
+        # Read ahead in large blocks: the tar reader asks for 512 B-10 KiB at a
+        # time, and unbuffered each ask is one ranged GET.
         fs, path = object_store(url)
-        return fs.open_input_stream(path)
+        return fs.open_input_stream(path, buffer_size=OBJECT_READ_BUFFER)
     if scheme == "":
         return open(local_path(url), "rb")
     from webdataset import gopen
@@ -372,7 +462,12 @@ PROMPT_FIELDS = ("source_prompt", "target_prompts")
 
 
 def _prompts(raw: dict, spec_input, count_tokens) -> tuple[str, list[str], dict]:
-    """(source prompt, target prompts, the json's other fields)."""
+    """(source prompt, target prompts, the json's other fields).
+
+    The source prompt is the sample's caption (json `source_prompt`, else the
+    `txt` entry) unless the job sets `input.source_prompt`: "" inverts every
+    image with the empty prompt, a template (`"a photo of a {label}"`) is
+    filled from the sample's json fields (`{source}` = its caption)."""
     meta: dict = {}
     if "json" in raw:
         try:
@@ -381,15 +476,27 @@ def _prompts(raw: dict, spec_input, count_tokens) -> tuple[str, list[str], dict]
             raise SampleError(f"unreadable json: {type(exc).__name__}: {exc}", "bad_json") from None
         if not isinstance(meta, dict):
             raise SampleError("json must be an object with source_prompt and optional target_prompts", "bad_json")
-    source = meta.get("source_prompt")
-    if source is None and "txt" in raw:
+    caption = meta.get("source_prompt")
+    if caption is None and "txt" in raw:
         try:
-            source = raw["txt"].decode("utf-8")
+            caption = raw["txt"].decode("utf-8")
         except UnicodeDecodeError as exc:
             raise SampleError(f"txt caption is not UTF-8: {exc}", "prompt_invalid") from None
-    if not isinstance(source, str) or not source.strip():
-        raise SampleError("missing or empty source prompt (json source_prompt or txt caption)", "prompt_missing")
-    source = source.strip()
+    if caption is not None and not isinstance(caption, str):
+        raise SampleError("json source_prompt must be a string", "prompt_invalid")
+    caption = (caption or "").strip()
+    others = {k: v for k, v in meta.items() if k not in PROMPT_FIELDS}
+    template = getattr(spec_input, "source_prompt", None)
+    if template is None:
+        if not caption:
+            raise SampleError("missing or empty source prompt (json source_prompt or txt caption; for uncaptioned "
+                              "data set input.source_prompt: \"\" or a template such as \"a photo of a {label}\")",
+                              "prompt_missing")
+        source = caption
+    else:
+        source = render_templates([template], TemplateFields(others, caption or None))[0].strip() if template else ""
+        if template and not source:
+            raise SampleError(f"input.source_prompt {template!r} renders empty for this sample", "prompt_missing")
     targets = meta.get("target_prompts", [])
     if isinstance(targets, str):
         targets = [targets]
@@ -398,8 +505,10 @@ def _prompts(raw: dict, spec_input, count_tokens) -> tuple[str, list[str], dict]
     targets = [t.strip() for t in targets]
     if any(not t for t in targets):
         raise SampleError("empty target prompt in target_prompts", "prompt_invalid")
-    targets += render_templates(spec_input.templates, source)
-    targets = list(dict.fromkeys(targets))  # same target twice would only duplicate work
+    rendered = [t.strip() for t in render_templates(spec_input.templates, TemplateFields(others, source))]
+    if any(not t for t in rendered):
+        raise SampleError("a target template of input.templates renders empty for this sample", "prompt_invalid")
+    targets = list(dict.fromkeys(targets + rendered))  # same target twice would only duplicate work
     if not targets:
         raise SampleError("no target prompts (none in the sample and no input.templates in the job)", "no_targets")
     if count_tokens is not None:
@@ -410,14 +519,46 @@ def _prompts(raw: dict, spec_input, count_tokens) -> tuple[str, list[str], dict]
                     f"prompt too long: {n} tokens > {spec_input.max_prompt_tokens} (input.max_prompt_tokens): {p[:60]!r}...",
                     "prompt_too_long",
                 )
-    return source, targets, {k: v for k, v in meta.items() if k not in PROMPT_FIELDS}
+    return source, targets, others
 
 
-def render_templates(templates: list[str], source: str) -> list[str]:
-    """The job's target templates for one source prompt. Templates were
-    checked by `spec.validate` to hold only `{source}` and literal braces,
-    so `str.format` can reach nothing else."""
-    return [t.format(source=source) for t in templates]
+class TemplateFields(dict):
+    """What a template may name: the sample json's fields (strings and
+    numbers) and `source`. Naming anything else makes the sample an error
+    row that names the field."""
+
+    def __init__(self, fields: dict, source: str | None):
+        super().__init__({k: v for k, v in fields.items() if k != "source"})
+        self.source = source
+
+    def __missing__(self, name: str):
+        if name == "source":
+            if self.source is None:
+                raise SampleError("template field {source}: the sample has no caption (json source_prompt or txt)",
+                                  "template_field")
+            return self.source
+        raise SampleError(f"template field {{{name}}}: the sample's json has no field {name!r}", "template_field")
+
+    def __getitem__(self, name: str):
+        if name == "source" and self.source is not None:
+            return self.source
+        value = super().__getitem__(name)  # __missing__ when absent
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            kind = "null" if value is None else f"a {type(value).__name__}"
+            raise SampleError(f"template field {{{name}}}: the sample's json field {name!r} is {kind}, "
+                              "not a string or number", "template_field")
+        return value
+
+
+def render_templates(templates: list[str], fields) -> list[str]:
+    """Fill templates from `fields` (a `TemplateFields`, or a plain source
+    prompt string for `{source}`). `spec.check_template` allowed only plain
+    field names in them (no attribute or index access, conversions or format
+    specs), so `str.format_map` reaches nothing but those values; a missing
+    field raises SampleError ("template_field") naming it."""
+    if isinstance(fields, str):
+        fields = TemplateFields({}, fields)
+    return [t.format_map(fields) for t in templates]
 
 
 def load_image(data: bytes, spec_image) -> Image.Image:
@@ -628,24 +769,31 @@ def _demo_samples() -> list[dict]:
     return samples
 
 
-def write_shards(samples: list[dict], path: str) -> str:
-    """Write samples (extension -> bytes/str/dict) as one WebDataset tar."""
+def write_shards(samples: Iterable[dict], path: str) -> str:
+    """Write samples (extension -> bytes/str/dict, and `__key__`) as one
+    WebDataset tar, complete or not at all (written beside it, then renamed).
+    The samples are streamed: any iterable, held one at a time."""
     import tarfile
 
     tmp = f"{path}.tmp-{os.getpid()}"
-    with tarfile.open(tmp, "w") as tar:
-        for s in samples:
-            key = s["__key__"]
-            for ext, value in s.items():
-                if ext.startswith("__"):
-                    continue
-                if isinstance(value, (dict, list)):
-                    value = json.dumps(value).encode()
-                elif isinstance(value, str):
-                    value = value.encode()
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(value)
-                info.mtime = 0  # reproducible archives
-                tar.addfile(info, io.BytesIO(value))
-    os.replace(tmp, path)
+    try:
+        with tarfile.open(tmp, "w") as tar:
+            for s in samples:
+                key = s["__key__"]
+                for ext, value in s.items():
+                    if ext.startswith("__"):
+                        continue
+                    if isinstance(value, (dict, list)):
+                        value = json.dumps(value).encode()
+                    elif isinstance(value, str):
+                        value = value.encode()
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(value)
+                    info.mtime = 0  # reproducible archives
+                    tar.addfile(info, io.BytesIO(value))
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     return path

@@ -3,8 +3,9 @@ and codes out.
 
 Per group of same-sized images: VAE-encode together, then for each method
 variant of the job invert all images x N seeds in one batched call chain
-(images x 1 for seed-independent methods, whose rows are then replicated
-for the N seeds), apply the job's noise-space manipulations, and run every
+(images x 1 for seed-independent methods: DDIM, EDICT and ddim-forward are
+deterministic, so their N seeds would be N copies of one edit; they give one
+edit per (image, target), seed index 0, whatever edit.seeds), apply the job's noise-space manipulations, and run every
 (image, target prompt, seed) edit plus one reconstruction row per image (of
 the unmanipulated code) in one batched edit chain (chunked by the max UNet
 batch), then decode in chunks of the max decode batch. Scoring and writing
@@ -204,50 +205,85 @@ class Engine:
         return [out[id(s)] for s in samples]
 
     def _run_group(self, group: list[Sample], decode_recon: bool) -> list[SampleOut]:
+        x0, strokes, texts, outs = self._prepare(group)
+        codes: dict[tuple, NoiseCode] = {}  # variants that differ only in their edit control share an inversion
+        for vi, v in enumerate(self.variants):
+            method = get_method(v.method)
+            key = v.inversion_key()
+            first_use = key not in codes
+            if first_use:
+                codes[key] = self._invert(group, x0, texts, outs, v)
+            raw = codes[key]
+            self._edit_and_decode(outs, self._manipulate(raw), vi, v, texts, x0, strokes, decode_recon and vi == 0,
+                                  n_per=[len(raw) // len(group)] * len(group), recon_code=raw,
+                                  recon_apart=method.SEED_INDEPENDENT, keep_codes=first_use)
+        return outs
+
+    def _prepare(self, group: list[Sample]):
+        """VAE-encode a group of same-sized images (and their strokes), embed
+        its prompts, and derive every image's N seeds."""
         spec, m = self.spec, self.models
-        n_seeds, mb, vb = spec.edit.seeds, spec.batch.max_unet_batch, spec.batch.max_decode_batch
+        vb = spec.batch.max_decode_batch
         t0 = time.perf_counter()
         images = torch.stack([s.image for s in group])
         x0 = torch.cat([m.encode_images(images[i : i + vb]) for i in range(0, len(group), vb)])
         strokes = self._strokes(group, x0.shape[-2:]) if spec.manipulate.strokes else None
-        t0 = self._timed("vae_encode", t0)
+        self._timed("vae_encode", t0)
+        texts = self._texts(group)  # counted in the invert stage
+        outs = [SampleOut(sample=s, seeds=[derive_seed(spec.run.seed, s.key, n) for n in range(spec.edit.seeds)])
+                for s in group]
+        return x0, strokes, texts, outs
 
-        texts = self._texts(group)
-        seeds = [[derive_seed(spec.run.seed, s.key, n) for n in range(n_seeds)] for s in group]
-        outs = [SampleOut(sample=s, seeds=seeds[g]) for g, s in enumerate(group)]
-        codes: dict[tuple, NoiseCode] = {}  # variants that differ only in their edit control share an inversion
-        for vi, v in enumerate(self.variants):
-            method = get_method(v.method)
-            # a seed-independent method gives the same code for every seed: invert (and edit) once per image
-            codes_per_image = 1 if method.SEED_INDEPENDENT else n_seeds
-            key = v.inversion_key()
-            first_use = key not in codes
-            if first_use:
-                x0_rep = x0.repeat_interleave(codes_per_image, dim=0)
-                src, uncond = texts.rows([texts.row[s.source_prompt] for s in group for _ in range(codes_per_image)],
-                                         [g for g in range(len(group)) for _ in range(codes_per_image)])
-                gens = [torch.Generator("cpu").manual_seed(sd) for per in seeds for sd in per[:codes_per_image]]
-                codes[key] = method.invert(
-                    self.unet, m.scheduler, x0_rep, src, uncond,
-                    num_steps=v.steps, skip=v.skip, cfg_scale=v.cfg_source,
-                    generator=gens, max_batch=mb, **v.params,
-                )
-                t0 = self._timed("invert", t0)
-            raw = codes[key]
-            self._edit_and_decode(outs, self._manipulate(raw), vi, v, texts, x0, strokes, decode_recon and vi == 0,
-                                  n_per=[codes_per_image] * len(group), recon_code=raw,
-                                  recon_apart=method.SEED_INDEPENDENT, keep_codes=first_use)
-            t0 = time.perf_counter()
-        return outs
+    def _invert(self, group: list[Sample], x0: torch.Tensor, texts: "_Texts", outs: list[SampleOut], v: Variant) -> NoiseCode:
+        """The codes of one variant for a group: N per image (images x seeds,
+        image-major), or one per image for a seed-independent method (it gives
+        the same code for every seed, so it is inverted and edited once)."""
+        t0 = time.perf_counter()
+        method = get_method(v.method)
+        per_image = 1 if method.SEED_INDEPENDENT else self.spec.edit.seeds
+        x0_rep = x0.repeat_interleave(per_image, dim=0)
+        # each row's prompt and its image's conditioning (an SDXL image's size and crop)
+        src, uncond = texts.rows([texts.row[s.source_prompt] for s in group for _ in range(per_image)],
+                                 [g for g in range(len(group)) for _ in range(per_image)])
+        gens = [torch.Generator("cpu").manual_seed(sd) for o in outs for sd in o.seeds[:per_image]]
+        code = method.invert(
+            self.unet, self.models.scheduler, x0_rep, src, uncond,
+            num_steps=v.steps, skip=v.skip, cfg_scale=v.cfg_source,
+            generator=gens, max_batch=self.spec.batch.max_unet_batch, **v.params,
+        )
+        self._timed("invert", t0)
+        return code
+
+    @torch.inference_mode()
+    def invert(self, samples: list[Sample], variant: int = 0) -> list[CodeItem]:
+        """Invert only (no edit): per sample, a `CodeItem` with its codes of
+        the job's variant `variant` (N, or one for a seed-independent method)
+        on the CPU; `run_codes` edits them. The Python API's first half."""
+        v = self.variants[variant]
+        by_shape: dict[tuple, list[Sample]] = defaultdict(list)
+        for s in samples:
+            by_shape[unit_shape(s)].append(s)
+        out: dict[int, CodeItem] = {}
+        for group in by_shape.values():
+            x0, _, texts, outs = self._prepare(group)
+            code = self._invert(group, x0, texts, outs, v).to("cpu")
+            per = len(code) // len(group)
+            for g, (s, o) in enumerate(zip(group, outs)):
+                kept = code[list(range(g * per, (g + 1) * per))]
+                if self.models.n_time_ids:  # an SDXL code reconstructs only under its image's micro-conditioning
+                    kept.params = {**kept.params, GEOMETRY_PARAM: [list(x) for x in texts.geometry[g]]}
+                out[id(s)] = CodeItem(sample=s, code=kept, seeds=o.seeds[:per], latent_hw=tuple(x0.shape[-2:]))
+        return [out[id(s)] for s in samples]
 
     # -- from stored codes ---------------------------------------------------
 
     @torch.inference_mode()
-    def run_codes(self, items: list[CodeItem]) -> list[SampleOut]:
+    def run_codes(self, items: list[CodeItem], *, reconstruct: bool = True) -> list[SampleOut]:
         """Edit stored codes with the job's target prompts, without inverting.
-        The reconstruction row is always run and decoded: it stands in for
-        the source image in the scores (the code reproduces the VAE's view
-        of the source exactly)."""
+        The reconstruction row is run and decoded (unless `reconstruct` is
+        false: the Python API's `Editor.edit`): it stands in for the source
+        image in the scores (the code reproduces the VAE's view of the source
+        exactly)."""
         by_kind: dict[tuple, list[CodeItem]] = defaultdict(list)
         for it in items:
             by_kind[unit_shape(it)].append(it)
@@ -269,7 +305,7 @@ class Engine:
                                 [ImageGeometry(*(tuple(v) for v in it.code.params[GEOMETRY_PARAM]))
                                  if GEOMETRY_PARAM in it.code.params
                                  else ImageGeometry.plain(it.latent_hw[0] * f, it.latent_hw[1] * f) for it in group])
-            self._edit_and_decode(outs, self._manipulate(raw), 0, variant, texts, None, None, True,
+            self._edit_and_decode(outs, self._manipulate(raw), 0, variant, texts, None, None, reconstruct,
                                   n_per=[len(it.code) for it in group], recon_code=raw)
             for o in outs:
                 o.sample.image = o.recon_image
@@ -306,8 +342,8 @@ class Engine:
         one reconstruction row (its first code before any manipulation, the
         source prompt, cfg_source); then decode the edits (and the
         reconstructions when asked). `n_per[g]` codes of image g are in
-        `code`; when that is fewer than its seeds (a seed-independent
-        method: one code), each edit stands for every seed. `recon_apart`:
+        `code` (one for a seed-independent method), each edited once per
+        target. `recon_apart`:
         run the reconstruction rows in their own chain (one row per image, as
         a seed-independent method's inversion ran) instead of riding along
         with the edits. Under P2P control every (image, code) has a source
@@ -406,9 +442,9 @@ class Engine:
         for i, (kind, g, k, n) in enumerate(plan):
             o = outs[g]
             if kind == "edit":
-                # one code standing for all seeds (seed-independent method): its edit is every seed's edit
-                for seed_index in range(len(o.seeds)) if n_per[g] < len(o.seeds) else (n,):
-                    o.edits.append(EditOut(vi, k, o.sample.target_prompts[k], seed_index, o.seeds[seed_index], decoded[i]))
+                # a seed-independent method's one code gives one edit (seed index 0), whatever edit.seeds:
+                # its N edits would be N copies of one image
+                o.edits.append(EditOut(vi, k, o.sample.target_prompts[k], n, o.seeds[n], decoded[i]))
                 continue
             if kind == "source":  # a P2P source branch that is not the reconstruction row: nothing to report
                 continue
@@ -418,10 +454,7 @@ class Engine:
                 o.recon_image = decoded[i]
         if spec.output.noise and keep_codes:
             for g, o in enumerate(outs):
-                rows_g = list(range(starts[g], starts[g] + n_per[g]))
-                if n_per[g] < len(o.seeds):  # one code for all seeds: store it once per seed, as before
-                    rows_g = rows_g[:1] * len(o.seeds)
-                kept = code[rows_g].to("cpu")
+                kept = code[list(range(starts[g], starts[g] + n_per[g]))].to("cpu")
                 if m.n_time_ids:  # the code reconstructs only under its image's micro-conditioning: keep it with the code
                     kept.params = {**kept.params, GEOMETRY_PARAM: [list(v) for v in texts.geometry[g]]}
                 o.codes[vi] = kept

@@ -3,12 +3,14 @@ skip shards already done under the same spec, then hand shards to workers,
 inline or as Ray actors. Ray is a thin executor around `ShardWorker`; the
 shard is the unit of scheduling, output, retry and resume.
 
-On Ray the driver keeps as many worker actors requested as the cluster has,
-or its autoscaler can add, GPU slots for (`_worker_cap`): actors that cannot
-be placed yet stay pending, which is the demand that makes the autoscaler add
-GPU nodes, and each actor gets shards as soon as it is up. Retries are charged
-only where one can help: a worker that cannot start stops the job at once, a
-lost worker charges only the shard it was running."""
+Every scheduling decision (which worker gets which shard, when to ask for a
+worker, what charges an attempt, when the job stops) is made by the pure
+state machine in `scheduler.py`; the drivers here only turn what they see
+(Ray's results and errors, inline results) into its events and carry out
+its actions. On Ray the driver keeps as many worker actors requested as the
+cluster has, or its autoscaler can add, GPU slots for (`_worker_cap`):
+actors that cannot be placed yet stay pending, which is the demand that
+makes the autoscaler add GPU nodes."""
 
 from __future__ import annotations
 
@@ -23,14 +25,12 @@ import traceback
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
-from .data import expand_shards, missing_shards, shard_name
-from .preflight import preflight
+from .data import expand_shards, missing_shards, shard_name  # noqa: F401
+from .preflight import JobError, holds_results, preflight  # noqa: F401 (JobError: its public home)
+from . import scheduler as sch
 from .spec import JobSpec, SpecError, to_toml
 from .store import STATS, OutputError, OutputStore
 
-# A started worker holds the shard it runs plus this many more, so it never
-# waits for the driver between shards (unless workers still starting need them).
-QUEUED_PER_WORKER = 1
 # Without the autoscaler's limits (an autoscaler that does not publish its
 # cluster config), request this many GPU workers at most: the ones that cannot
 # be placed are the demand that makes it add nodes. run.max_workers overrides.
@@ -39,18 +39,24 @@ TRACEBACK_LINES = 8
 JOB_ERROR_FILE = "job.error.json"  # why the last run stopped, for `imprint status`
 
 
-class JobError(RuntimeError):
-    """A job that cannot start; the message says why."""
+class JobStopped(RuntimeError):
+    """The scheduler stopped the job (no worker placed within
+    run.placement_timeout_s, workers that cannot start); the message says
+    why and `info` holds the error it stopped for, if any. Done shards are
+    kept: the same command resumes."""
+
+    def __init__(self, message: str, info: dict | None = None):
+        self.info = info or {}
+        super().__init__(message)
 
 
-class WorkerStartError(RuntimeError):
-    """A worker could not start (model load, device, parameters): retrying on
-    another worker would fail the same way, so the job stops."""
+class WorkerStartError(JobStopped):
+    """Workers could not start (model load, device, parameters): the first
+    one of the job, or the same error on several nodes (see scheduler.py)."""
 
-    def __init__(self, info: dict):
-        self.info = info
+    def __init__(self, info: dict, message: str | None = None):
         where = f" on {info['host']}" if info.get("host") else ""
-        super().__init__(f"a worker could not start{where}: {info['type']}: {info['message']}")
+        super().__init__(message or f"a worker could not start{where}: {info['type']}: {info['message']}", info)
 
 
 class JobInterrupted(RuntimeError):
@@ -90,9 +96,19 @@ class JobReport:
 
 
 def failure_info(exc: BaseException) -> dict:
-    """Type, message and the last lines of the traceback of an exception."""
+    """Type, message and the last lines of the traceback of an exception, and
+    whether it would repeat on a retry (see `is_deterministic`)."""
     lines = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip().splitlines()
-    return {"type": type(exc).__name__, "message": str(exc), "traceback": lines[-TRACEBACK_LINES:]}
+    return {"type": type(exc).__name__, "message": str(exc), "traceback": lines[-TRACEBACK_LINES:],
+            "deterministic": is_deterministic(exc)}
+
+
+def is_deterministic(exc: BaseException) -> bool:
+    """A spec or data error (a ValueError: a prompt P2P cannot align, a bad
+    parameter) fails the same way on every retry, so the shard is not
+    retried. I/O errors (OSError, also those that are ValueErrors too) are
+    worth another attempt."""
+    return isinstance(exc, ValueError) and not isinstance(exc, OSError)
 
 
 def _is_cuda_error(info: dict) -> bool:
@@ -201,29 +217,23 @@ class Progress:
 
 
 def plan(spec: JobSpec, force: bool = False) -> tuple[OutputStore, list[str], list[str]]:
-    """Everything checked before any model is loaded: shards exist, output is
-    writable and not another job's. Returns (store, all shards, pending).
-    O(n) in the shards, with one listing of the output's done markers."""
-    preflight(spec)
-    try:
-        if spec.input.codes:
-            from .codes import code_shards
-
-            shards = code_shards(spec.input.codes)
-        else:
-            shards = expand_shards(spec.input.shards, allow_pipe=spec.input.allow_pipe)
-    except ValueError as exc:
-        raise JobError(str(exc)) from None
-    if not shards:
-        raise JobError("input.shards: the patterns expand to no shards")
-    missing = missing_shards(shards)
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise JobError(f"input.shards: shard not found: {missing[0]}{more}")
+    """Everything checked before any model is loaded (`preflight`: the spec
+    against the model, weights at hand, shards exist and the first opens,
+    output free or this spec's), then the output path is claimed. Returns
+    (store, all shards, pending). O(n) in the shards, with one listing of the
+    output's done markers."""
+    shards = preflight(spec, force=force).shards
     store = OutputStore.open(spec.output.path)
     h = spec.hash()
     try:
-        store.prepare(to_toml(spec), h, force=force)
+        old = store.current_hash()
+    except OutputError as exc:  # job.json unreadable (run --force skips preflight's output check)
+        raise JobError(str(exc)) from None
+    # An output whose job.json names another spec but that holds no results
+    # (its run stopped before committing anything) is free: take it over.
+    take_over = bool(old and old != h and not holds_results(store))
+    try:
+        store.prepare(to_toml(spec), h, force=force or take_over)
     except OutputError as exc:
         raise JobError(str(exc)) from None
     store.delete(JOB_ERROR_FILE)  # a new run: the last one's stop reason no longer applies
@@ -231,22 +241,38 @@ def plan(spec: JobSpec, force: bool = False) -> tuple[OutputStore, list[str], li
         return store, shards, shards
     try:
         done = store.done_shards(h)
-    except OSError as exc:
+    except (OSError, OutputError) as exc:
+        store.release()
         raise JobError(f"output.path {spec.output.path!r}: {exc}") from None
     return store, shards, [s for s in shards if shard_name(s) not in done]
+
+
+def _finish_output(store: OutputStore, spec_hash: str) -> None:
+    """End of a run (done, failed or stopped): remove the parts of shards
+    without a valid marker, so the finished output holds committed rows
+    only, then give the output's lease up."""
+    try:
+        if store.finish(spec_hash) is None and store.lease is not None:
+            print(f"[imprint] {store.lease.lost or 'the output lease is no longer ours'}: "
+                  "leaving the output as it is", file=sys.stderr, flush=True)
+    except (OSError, OutputError) as exc:
+        print(f"[imprint] could not clean up the output ({exc}); the next run sweeps it", file=sys.stderr, flush=True)
+    finally:
+        store.release()
 
 
 def run_job(spec: JobSpec, *, executor: str | None = None, force: bool = False, progress: bool = True,
             worker_cls: type | None = None) -> JobReport:
     """Run every pending shard of `spec`. `worker_cls` (default ShardWorker)
     is the class each worker instantiates, inline or inside a Ray actor.
-    Raises WorkerStartError when a worker cannot start and JobInterrupted on
+    Raises JobStopped (WorkerStartError when workers cannot start) when the
+    scheduler stops the job, and JobInterrupted on
     Ctrl-C / SIGTERM (after stopping the workers and any cluster it started)."""
-    store, shards, pending = plan(spec, force)
-    report = JobReport(output=spec.output.path, total=len(shards), skipped=len(shards) - len(pending))
     mode = executor or spec.run.executor
     if mode not in ("inline", "ray"):
         raise SpecError(f"run.executor: must be ray or inline, got {mode!r}")
+    store, shards, pending = plan(spec, force)
+    report = JobReport(output=spec.output.path, total=len(shards), skipped=len(shards) - len(pending))
     bar = Progress(len(shards), report.skipped, progress)
     t0 = time.perf_counter()
     try:
@@ -255,7 +281,7 @@ def run_job(spec: JobSpec, *, executor: str | None = None, force: bool = False, 
                 _run_inline(spec, store, pending, report, bar, worker_cls)
             elif pending:
                 _run_ray(spec, store, pending, report, bar, worker_cls, stop)
-    except WorkerStartError as exc:
+    except JobStopped as exc:
         store.write_json(JOB_ERROR_FILE, {"error": str(exc), **exc.info, "time": time.time()})
         raise
     except (_Stopped, KeyboardInterrupt) as exc:
@@ -263,6 +289,7 @@ def run_job(spec: JobSpec, *, executor: str | None = None, force: bool = False, 
         raise JobInterrupted(getattr(exc, "signum", signal.SIGINT), report) from None
     finally:
         bar.close()
+        _finish_output(store, spec.hash())
     report.seconds = time.perf_counter() - t0
     return report
 
@@ -317,55 +344,111 @@ def _shard_succeeded(store: OutputStore, report: JobReport, bar: Progress, summa
     bar.shard_done(summary)
 
 
-def _shard_charged(spec: JobSpec, store: OutputStore, report: JobReport, bar: Progress, queue: deque,
-                   url: str, failure: dict, where: dict) -> None:
-    """One attempt of `url` failed: retry it at the back of the queue, or
-    record it as failed once its attempts are spent."""
-    attempts = report.attempts
-    attempts[url] += 1
-    if attempts[url] < spec.run.max_attempts:
-        queue.append(url)
-        bar.shard_stopped(url)
-        return
-    record = {"shard": url, "attempts": attempts[url], "error": " ".join(f"{failure['type']}: {failure['message']}".split()),
-              **failure, **{k: where.get(k) for k in ("host", "node_id", "actor_id")}, "time": time.time()}
-    report.failed[url] = record["error"]
-    report.failures[url] = record
-    if not store.mark_failed(shard_name(url), record):
-        # Not even a failure record can be written: the output itself is
-        # unusable (disk full, permission lost), so stop with one message.
-        raise JobError(f"output.path {store.root!r} is no longer writable; shard {url} failed: {record['error']}")
-    bar.shard_failed(url)
+def _limits(spec: JobSpec, demand: str = "a worker") -> sch.Limits:
+    r = spec.run
+    return sch.Limits(max_attempts=r.max_attempts, shard_timeout_s=r.shard_timeout_s,
+                      placement_timeout_s=r.placement_timeout_s, start_timeout_s=r.start_timeout_s, demand=demand)
+
+
+class _Ledger:
+    """Carries out the scheduler's bookkeeping actions, the same inline and on
+    Ray: attempts, success stats, failure records, progress, notices, stops.
+    `summaries` holds each finished shard's summary until its Succeed;
+    `where` each worker's placement (host, node, actor) for the records."""
+
+    def __init__(self, spec: JobSpec, store: OutputStore, report: JobReport, bar: Progress):
+        self.spec, self.store, self.report, self.bar = spec, store, report, bar
+        self.summaries: dict[str, dict] = {}
+        self.where: dict[int, dict] = {}
+        self.finished = False
+
+    def apply(self, act) -> bool:
+        """Carry out `act` if it is bookkeeping; False for the executor's own
+        (Request, Submit, Kill)."""
+        if isinstance(act, sch.Charge):
+            self.report.attempts[act.shard] = act.attempts
+        elif isinstance(act, sch.Requeue):
+            self.bar.shard_stopped(act.shard)
+        elif isinstance(act, sch.Succeed):
+            _shard_succeeded(self.store, self.report, self.bar, self.summaries.pop(act.shard),
+                             self.where.get(act.worker, {}))
+        elif isinstance(act, sch.Fail):
+            self._failed(act)
+        elif isinstance(act, sch.Notice):
+            print(f"[imprint] {act.message}", file=sys.stderr, flush=True)
+        elif isinstance(act, sch.Stop):
+            if act.start_error is not None:
+                raise WorkerStartError(act.start_error, act.message)
+            raise JobStopped(act.message)
+        elif isinstance(act, sch.Finish):
+            self.finished = True
+        else:
+            return False
+        return True
+
+    def _failed(self, act: "sch.Fail") -> None:
+        f = act.failure
+        where = self.where.get(act.worker, {}) if act.worker is not None else {}
+        record = {"shard": act.shard, "attempts": act.attempts, "error": " ".join(f"{f['type']}: {f['message']}".split()),
+                  **f, **{k: where.get(k) for k in ("host", "node_id", "actor_id")}, "time": time.time()}
+        self.report.failed[act.shard] = record["error"]
+        self.report.failures[act.shard] = record
+        if not self.store.mark_failed(shard_name(act.shard), record):
+            # Not even a failure record can be written: the output itself is
+            # unusable (disk full, permission lost), so stop with one message.
+            raise JobError(f"output.path {self.store.root!r} is no longer writable; shard {act.shard} failed: "
+                           f"{record['error']}")
+        self.bar.shard_failed(act.shard)
 
 
 # -- inline --------------------------------------------------------------------
 
 
 def _run_inline(spec, store, pending, report, bar, worker_cls) -> None:
+    """One worker in this process, driven by the same scheduler as on Ray:
+    the same retries, charges and failure records (no deadlines: a shard
+    cannot be stopped from outside its own thread)."""
     from .worker import ShardWorker
 
-    try:
-        worker = (worker_cls or ShardWorker)(spec)
-    except Exception as exc:
-        raise WorkerStartError(failure_info(exc)) from exc
+    ledger = _Ledger(spec, store, report, bar)
+    sched = sch.Scheduler(pending, _limits(spec), cap=1, now=time.monotonic())
+    todo = deque(sched.start(time.monotonic()))
+    worker, wid = None, None
     stop = threading.Event()
 
     def show_live():  # the shard runs in this thread; its counters are read from another
         while not stop.wait(0.5):
-            bar.set_live(worker.live)
-            bar.refresh()
+            if worker is not None:
+                bar.set_live(worker.live)
+                bar.refresh()
 
     watcher = threading.Thread(target=show_live, daemon=True)
     watcher.start()
-    queue = deque(pending)
     try:
-        while queue:
-            url = queue.popleft()
-            result = run_shard(worker, url)
-            if "summary" in result:
-                _shard_succeeded(store, report, bar, result["summary"], worker.placement)
-            else:
-                _shard_charged(spec, store, report, bar, queue, url, result["failure"], worker.placement)
+        while todo and not ledger.finished:
+            act = todo.popleft()
+            if ledger.apply(act):
+                continue
+            now = time.monotonic()
+            if isinstance(act, sch.Request):
+                try:
+                    worker, wid = (worker_cls or ShardWorker)(spec), act.worker
+                except Exception as exc:
+                    todo.extend(sched.start_failed(act.worker, None, failure_info(exc), now))
+                    continue
+                ledger.where[wid] = worker.placement
+                todo.extend(sched.ready(wid, worker.placement.get("node_id"), now))
+            elif isinstance(act, sch.Submit):
+                result = run_shard(worker, act.shard)
+                if "summary" in result:
+                    ledger.summaries[act.shard] = result["summary"]
+                    todo.extend(sched.shard_done(act.worker, act.shard, time.monotonic()))
+                else:
+                    f = result["failure"]
+                    todo.extend(sched.shard_failed(act.worker, act.shard, f, time.monotonic(),
+                                                   deterministic=f.get("deterministic", False)))
+            elif isinstance(act, sch.Kill):
+                worker = None if act.worker == wid else worker
     finally:
         stop.set()
         watcher.join()
@@ -389,7 +472,7 @@ class _ShardActor:
             if expect_cuda:
                 _check_cuda(spec, self.where)
             self.worker = (worker_cls or ShardWorker)(spec)
-        except BaseException as exc:  # reported by ready(); the driver stops the job
+        except BaseException as exc:  # reported by ready(); the scheduler decides (stop, or avoid the node)
             self.startup_error = failure_info(exc)
 
     def ready(self) -> dict:
@@ -415,28 +498,16 @@ def _check_cuda(spec: JobSpec, where: dict) -> None:
 
 @dataclass
 class _Worker:
-    """The driver's view of one actor."""
+    """The driver's view of one actor (its scheduling state is the scheduler's)."""
 
     handle: object
     ready_ref: object  # ready(), until it has answered
-    created: float
-    where: dict = field(default_factory=dict)
-    running: list = field(default_factory=list)  # [(ref, url)], in submission order: [0] runs first
-    shard_started: float = 0.0  # when the shard now running began (its deadline counts from here)
+    placed: bool = False  # a node has taken it (polled from the GCS)
+    placed_asked: float = 0.0
+    running: dict = field(default_factory=dict)  # process() ref -> shard url
     live_ref: object = None
     live_asked: float = 0.0
     live: dict = field(default_factory=dict)
-
-    @property
-    def up(self) -> bool:
-        return self.ready_ref is None
-
-    def current_shard(self) -> str | None:
-        """The shard the actor is running: the first unfinished one it was
-        given (an actor runs its process() calls one at a time, in order).
-        Its live counters are not used here: they lag, and still name the
-        previous shard when a shard kills the worker before it starts."""
-        return self.running[0][1] if self.running else None
 
 
 def _placement(spec: JobSpec, ray, started_local: bool) -> tuple[float, bool, int | None, bool]:
@@ -508,16 +579,49 @@ def _worker_cap(spec: JobSpec, gpus_per_worker: float, cluster_gpus: float, reac
     return max(1, slots(cluster_gpus))
 
 
-def _is_placed(handle) -> bool:
+def _placed_on(handle) -> tuple[bool, str | None]:
     """Whether a node has taken this actor (a worker process leased for it,
-    maybe still in __init__), from the GCS actor table (a private Ray API:
-    when it fails the actor counts as placed, so it is not killed)."""
+    maybe still in __init__), and which node, from the GCS actor table (a
+    private Ray API: when it fails the actor counts as placed, so it is not
+    killed as surplus; its start deadline then covers the wait)."""
     try:
         from ray._private import state
 
-        return bool(state.actors(actor_id=handle._actor_id.hex())["Address"]["Port"])
+        address = state.actors(actor_id=handle._actor_id.hex())["Address"]
+        return bool(address["Port"]), address.get("NodeID") or None
     except Exception:
-        return True
+        return True, None
+
+
+def _loss_cause(exc: BaseException, handle) -> str:
+    """Why an actor is gone, as the scheduler counts it: its node was
+    preempted (spot) or lost/drained/unreachable (no attempt charged), or its
+    process died (a crash, an OOM kill: the shard it ran is charged). Ray
+    says "preempted" on the error; the rest is in the actor's death cause in
+    the GCS (a private API; without it the error message is read)."""
+    from ray.exceptions import ActorUnavailableError
+
+    if getattr(exc, "preempted", False):
+        return sch.PREEMPTED
+    if isinstance(exc, ActorUnavailableError):
+        return sch.NODE  # the GCS still counts it alive: its node cannot be reached
+    try:
+        from ray._private import state
+        from ray.core.generated.common_pb2 import ActorDiedErrorContext, NodeDeathInfo
+
+        cause = state.actors(actor_id=handle._actor_id.hex())["DeathCause"]
+        if cause.HasField("actor_died_error_context"):
+            ctx = cause.actor_died_error_context
+            if ctx.node_death_info.reason == NodeDeathInfo.AUTOSCALER_DRAIN_PREEMPTED:
+                return sch.PREEMPTED
+            if ctx.reason == ActorDiedErrorContext.NODE_DIED:
+                return sch.NODE
+            return sch.CRASH
+        if cause.HasField("oom_context"):
+            return sch.CRASH
+    except Exception:
+        pass
+    return sch.NODE if "its node has died" in str(exc) else sch.CRASH
 
 
 def _connect(ray, spec: JobSpec, stop: _StopSignals) -> bool:
@@ -543,162 +647,136 @@ def _run_ray(spec, store, pending, report, bar, worker_cls, stop: _StopSignals) 
     started = False
     if not ray.is_initialized():
         started = _connect(ray, spec, stop)
-    workers: list[_Worker] = []
+    workers: dict[int, _Worker] = {}
     try:
         _drive(ray, spec, store, pending, report, bar, worker_cls, started, workers, stop)
     finally:
-        for w in workers:
+        for w in workers.values():
             ray.kill(w.handle, no_restart=True)
         if started:
             ray.shutdown()  # stops the local cluster's processes too
 
 
 def _drive(ray, spec, store, pending, report, bar, worker_cls, started_local, workers, stop) -> None:
+    """The Ray adapter: Ray's signals become scheduler events, the
+    scheduler's actions become Ray calls."""
     from ray.exceptions import GetTimeoutError, RayActorError
 
     gpus, expect_cuda, reach, autoscaler = _placement(spec, ray, started_local)
     actor_cls = ray.remote(num_gpus=gpus, num_cpus=spec.run.cpus_per_worker, max_restarts=0, max_task_retries=0,
                            concurrency_groups={"monitor": 1})(_ShardActor)
-    queue = deque(pending)
-    lost_before_start = 0
-    cap, cap_checked, waiting_said = 1, 0.0, 0.0
+    demand = f"{gpus:g} GPU and {spec.run.cpus_per_worker:g} CPU each" if gpus else \
+        f"{spec.run.cpus_per_worker:g} CPU each"
+    cap = lambda: _worker_cap(spec, gpus, ray.cluster_resources().get("GPU", 0), reach, autoscaler)  # noqa: E731
+    ledger = _Ledger(spec, store, report, bar)
+    sched = sch.Scheduler(pending, _limits(spec, demand), cap(), time.monotonic())
+    cap_checked = time.monotonic()
 
-    def drop(w: _Worker, charge: dict | None) -> None:
-        """Kill `w` (it may be alive but unreachable, still holding a GPU) and
-        give its shards back: the one it was running is charged `charge`
-        (when given), the ones queued behind it go back to the front uncharged."""
-        settle(w)
-        ray.kill(w.handle, no_restart=True)
-        workers.remove(w)
-        current = w.current_shard()
-        for _, url in reversed(w.running):
-            if url == current and charge is not None:
+    def act(actions: list) -> None:
+        for a in actions:
+            if ledger.apply(a):
                 continue
-            queue.appendleft(url)
-            bar.shard_stopped(url)
-        if current is not None and charge is not None:
-            _shard_charged(spec, store, report, bar, queue, current, charge, w.where)
+            if isinstance(a, sch.Request):
+                workers[a.worker] = _request(actor_cls, a.avoid, spec, worker_cls, expect_cuda)
+            elif isinstance(a, sch.Submit):
+                w = workers[a.worker]
+                w.running[w.handle.process.remote(a.shard)] = a.shard
+            elif isinstance(a, sch.Kill):
+                w = workers.pop(a.worker, None)
+                if w is not None:
+                    ray.kill(w.handle, no_restart=True)
 
-    def settle(w: _Worker) -> None:
-        """Record the shards `w` finished before it was lost or stopped: their
-        results outlive the actor, and they must be neither charged nor redone
-        (a death and an earlier success can arrive in the same round)."""
-        refs = [r for r, _ in w.running]
-        finished, _ = ray.wait(refs, num_returns=len(refs), timeout=0) if refs else ([], [])
-        for ref in finished:
-            try:
-                result = ray.get(ref, timeout=10)
-            except (RayActorError, GetTimeoutError):
-                continue  # the shard it was running when it died
-            record(w, ref, next(u for r, u in w.running if r == ref), result)
+    def lost(wid: int, w: _Worker, exc: BaseException, now: float) -> None:
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        cause = _loss_cause(exc, w.handle) if isinstance(exc, RayActorError) else sch.NODE
+        doing = "while running the shard" if w.running else "while starting"
+        info = {"type": type(exc).__name__, "message": f"worker lost {doing} ({cause}): {first}",
+                "traceback": str(exc).splitlines()[-TRACEBACK_LINES:]}
+        act(sched.worker_lost(wid, cause, info, now))
 
-    def record(w: _Worker, ref, url: str, result: dict) -> dict | None:
-        """A finished process() call of `w`: the shard leaves its list and is
-        recorded as done, or charged. Returns the failure, if any."""
-        w.running = [(r, u) for r, u in w.running if r != ref]
-        w.shard_started = time.monotonic()
-        if "summary" in result:
-            _shard_succeeded(store, report, bar, result["summary"], w.where)
-            return None
-        _shard_charged(spec, store, report, bar, queue, url, result["failure"], w.where)
-        return result["failure"]
-
-    def feed(w: _Worker) -> None:
-        # A shard queued behind a running one is only worth it when no worker
-        # still coming up (a node the autoscaler is adding) would want it.
-        starting = sum(1 for x in workers if not x.up)
-        while queue and (not w.running or (len(w.running) < 1 + QUEUED_PER_WORKER and len(queue) > starting)):
-            url = queue.popleft()
-            if not w.running:
-                w.shard_started = time.monotonic()
-            w.running.append((w.handle.process.remote(url), url))
-
-    while queue or any(w.running for w in workers):
+    act(sched.start(time.monotonic()))
+    while not ledger.finished:
         stop.check()
         now = time.monotonic()
         if now - cap_checked > 2.0:
-            cap = _worker_cap(spec, gpus, ray.cluster_resources().get("GPU", 0), reach, autoscaler)
             cap_checked = now
-        # Scale: keep min(cap, shards not finished) workers. Surplus ones go:
-        # idle started ones, and those no node has taken yet (their demand
-        # would add nodes for nothing); never one that a node is starting.
-        left = len(queue) + sum(len(w.running) for w in workers)
-        want = min(cap, left)
-        while len(workers) < want:
-            h = actor_cls.remote(spec, worker_cls, expect_cuda)
-            workers.append(_Worker(handle=h, ready_ref=h.ready.remote(), created=now))
-        surplus = len(workers) - want
-        if surplus > 0:
-            idle = [w for w in workers if w.up and not w.running]
-            unplaced = [w for w in workers if not w.up and not _is_placed(w.handle)] if surplus > len(idle) else []
-            for w in (idle + unplaced)[:surplus]:
-                ray.kill(w.handle, no_restart=True)
-                workers.remove(w)
-        if not any(w.up for w in workers) and now - waiting_said > 60 and now - workers[0].created > 30:
-            waiting_said = now
-            need = f"{gpus:g} GPU and " if gpus else ""
-            print(f"[imprint] waiting for the cluster to place a worker ({need}{spec.run.cpus_per_worker:g} CPU "
-                  f"each; {len(workers)} requested)", file=sys.stderr, flush=True)
+            act(sched.set_cap(cap(), now))
+        for wid, w in list(workers.items()):
+            if not w.placed and w.ready_ref is not None and now - w.placed_asked > 2.0:
+                w.placed_asked = now
+                w.placed, node = _placed_on(w.handle)
+                if w.placed:
+                    act(sched.placed(wid, node, now))
 
         refs = {}
-        for w in workers:
+        for wid, w in workers.items():
             if w.ready_ref is not None:
-                refs[w.ready_ref] = (w, "ready")
-            for ref, url in w.running:
-                refs[ref] = (w, url)
+                refs[w.ready_ref] = (wid, "ready")
+            for ref in w.running:
+                refs[ref] = (wid, "process")
             if w.live_ref is not None:
-                refs[w.live_ref] = (w, "live")
-        done, _ = ray.wait(list(refs), num_returns=1, timeout=0.5)
-        if done:
-            done, _ = ray.wait(list(refs), num_returns=len(refs), timeout=0)
+                refs[w.live_ref] = (wid, "live")
+        done = []
+        if refs:
+            done, _ = ray.wait(list(refs), num_returns=1, timeout=0.5)
+            if done:
+                done, _ = ray.wait(list(refs), num_returns=len(refs), timeout=0)
+        else:
+            time.sleep(0.5)
         for ref in done:
-            w, what = refs[ref]
-            if w not in workers:
-                continue  # dropped while handling an earlier ref of this round
+            wid, what = refs[ref]
+            w = workers.get(wid)
+            if w is None or ledger.finished:
+                continue  # killed while handling an earlier ref of this round
+            now = time.monotonic()
             try:
                 result = ray.get(ref, timeout=10)
             except (RayActorError, GetTimeoutError) as exc:
-                # The actor is gone or unreachable (process crash, OOM kill,
-                # node lost). Not a start-up failure: those are reported by
-                # ready(). Only the shard it was running is charged.
-                if what == "ready":
-                    lost_before_start += 1
-                    if lost_before_start > 3 * spec.run.max_attempts:
-                        raise JobError(f"{lost_before_start} workers died before they started; the last: "
-                                       f"{type(exc).__name__}: {str(exc).splitlines()[0]}") from None
-                    drop(w, None)
-                    continue
-                info = {"type": type(exc).__name__,
-                        "message": f"worker lost while running the shard: {str(exc).splitlines()[0] if str(exc) else ''}",
-                        "traceback": str(exc).splitlines()[-TRACEBACK_LINES:]}
-                drop(w, info)
+                if what != "live":  # a failed counter read says nothing the other calls will not
+                    lost(wid, w, exc, now)
+                else:
+                    w.live_ref = None
                 continue
             if what == "ready":
-                w.ready_ref = None
+                w.ready_ref, w.placed = None, True
+                ledger.where[wid] = result
                 if result["error"]:
-                    raise WorkerStartError({**result["error"], **{k: result.get(k) for k in ("host", "node_id")}})
-                w.where = result
-                feed(w)
+                    info = {**result["error"], **{k: result.get(k) for k in ("host", "node_id")}}
+                    act(sched.start_failed(wid, result.get("node_id"), info, now))
+                else:
+                    act(sched.ready(wid, result.get("node_id"), now))
             elif what == "live":
                 w.live_ref, w.live = None, result or {}
                 bar.set_live(w.live)
             else:
-                failure = record(w, ref, what, result)
-                if failure is not None and _is_cuda_error(failure):
-                    drop(w, None)  # the device may be broken for this process: a fresh worker
+                url = w.running.pop(ref)
+                if "summary" in result:
+                    ledger.summaries[url] = result["summary"]
+                    act(sched.shard_done(wid, url, now))
                 else:
-                    feed(w)
-
+                    f = result["failure"]
+                    act(sched.shard_failed(wid, url, f, now, deterministic=f.get("deterministic", False),
+                                           broken=_is_cuda_error(f)))
+        if ledger.finished:
+            break
         now = time.monotonic()
-        for w in list(workers):
-            if w.running and now - w.shard_started > spec.run.shard_timeout_s:
-                drop(w, {"type": "TimeoutError", "traceback": [],
-                         "message": f"the shard took longer than run.shard_timeout_s = {spec.run.shard_timeout_s:g} s; "
-                                    f"its worker was stopped"})
-            elif w.running and w.live_ref is None and now - w.live_asked > 1.0:
+        act(sched.tick(now))
+        for w in workers.values():
+            if w.running and w.live_ref is None and now - w.live_asked > 1.0:
                 w.live_asked = now
                 w.live_ref = w.handle.live.options(concurrency_group="monitor").remote()
         bar.refresh()
+
+
+def _request(actor_cls, avoid: tuple, spec: JobSpec, worker_cls, expect_cuda: bool) -> _Worker:
+    """A new actor, on none of the `avoid` nodes (where workers could not
+    start), through a label selector on Ray's node-id label."""
+    opts = {"label_selector": {"ray.io/node-id": f"!in({','.join(avoid)})"}} if avoid else {}
+    try:
+        h = actor_cls.options(**opts).remote(spec, worker_cls, expect_cuda)
+    except (TypeError, ValueError):  # a Ray without label selectors: the node may be tried again
+        h = actor_cls.remote(spec, worker_cls, expect_cuda)
+    return _Worker(handle=h, ready_ref=h.ready.remote())
 
 
 def _forwarded_env() -> dict:

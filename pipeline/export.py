@@ -1,9 +1,18 @@
 """`imprint export OUT DEST`: the kept edits of a job's output as training
 data, either WebDataset shards (`edit.<fmt>`, the pixel-aligned
 `source.<fmt>` and a `json` per edit, readable by
-`webdataset.WebDataset(...).decode("pil")`) or plain image files with a
-`manifest.jsonl`. Only committed shards are exported, one input shard at a
-time (memory stays bounded by one shard's sources)."""
+`webdataset.WebDataset(...).decode("pil")`) or a Hugging Face `imagefolder`
+(`edits/`, `sources/` and a `metadata.jsonl` whose `file_name` and
+`source_file_name` make the `image` and `source` columns of
+`datasets.load_dataset("imagefolder", data_dir=DEST)`). Only committed
+shards are exported, one input shard at a time (memory stays bounded by one
+shard's sources).
+
+Names (WebDataset keys, file names) are `<shard>_<key>_t<target>_s<seed>_<method>`
+with the input shard's file stem (`part-000` for `/data/part-000.tar`), so
+they are short, carry no local path, and do not change with how the shard
+path was spelled; two input shards with one stem get the output's
+shard name (stem plus a hash of the URL) instead."""
 
 from __future__ import annotations
 
@@ -17,6 +26,7 @@ from .store import OutputStore
 from .tables import SCORES, image_bytes
 
 FORMATS = ("webdataset", "files")
+METADATA = "metadata.jsonl"  # the name Hugging Face's imagefolder reads
 _RESULT_COLUMNS = ["key", "shard", "source_prompt", "target_prompt", "target_index", "seed_index", "seed", "method",
                    "params", "model_id", "image", "image_format", "width", "height", *SCORES, "kept", "meta"]
 
@@ -26,11 +36,12 @@ def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", text)
 
 
-def edit_record(r: dict) -> dict:
+def edit_record(r: dict, shard: str) -> dict:
     """What travels with an exported edit: prompts, seed, method and every
-    parameter, scores, and the input's carried metadata."""
+    parameter, scores, and the input's carried metadata. `shard`: the input
+    shard's short label (see the module doc), not its path."""
     return {
-        "key": r["key"], "shard": r["shard"], "source_prompt": r["source_prompt"], "target_prompt": r["target_prompt"],
+        "key": r["key"], "shard": shard, "source_prompt": r["source_prompt"], "target_prompt": r["target_prompt"],
         "target_index": r["target_index"], "seed_index": r["seed_index"], "seed": r["seed"], "method": r["method"],
         "params": json.loads(r["params"]) if r["params"] else {}, "model_id": r["model_id"],
         "width": r["width"], "height": r["height"], "scores": {s: r[s] for s in SCORES if r.get(s) is not None},
@@ -46,6 +57,7 @@ def _edits(store: OutputStore, include_rejected: bool):
         for path in store.table_files(table):
             shard = os.path.basename(path).rsplit(".", 2)[0]
             by_shard.setdefault(shard, {}).setdefault(table, []).append(path)
+    labels = _shard_labels(list(by_shard))
     for shard, files in sorted(by_shard.items()):
         sources = {}
         for path in files.get("sources", []):
@@ -59,7 +71,17 @@ def _edits(store: OutputStore, include_rejected: bool):
                 if data is None or not (r["kept"] or include_rejected):
                     continue
                 src, src_fmt = sources.get(r["key"], (None, None))
-                yield edit_record(r), data, r["image_format"], src, src_fmt
+                yield edit_record(r, labels[shard]), data, r["image_format"], src, src_fmt
+
+
+def _shard_labels(names: list[str]) -> dict[str, str]:
+    """Output shard name (`<stem>-<hash of the URL>`, `data.shard_name`) ->
+    its label in exported names: the stem, unless two shards share it."""
+    stems = {n: n.rsplit("-", 1)[0] for n in names}
+    count: dict[str, int] = {}
+    for stem in stems.values():
+        count[stem] = count.get(stem, 0) + 1
+    return {n: stem if count[stem] == 1 else n for n, stem in stems.items()}
 
 
 def _name(rec: dict) -> str:
@@ -98,12 +120,17 @@ def _export_webdataset(edits, dest: str, maxcount: int) -> dict:
 
 
 def _export_files(edits, dest: str) -> dict:
+    """A Hugging Face imagefolder: one metadata line per edit, its image in
+    `file_name` and its pixel-aligned source in `source_file_name` (the
+    `image` and `source` columns), prompts, method, seed, parameters and
+    scores as columns. Nested values (params, meta) are JSON strings, so
+    every line has the same columns whatever the method."""
     os.makedirs(os.path.join(dest, "edits"), exist_ok=True)
     os.makedirs(os.path.join(dest, "sources"), exist_ok=True)
     n = 0
     seen_sources: set[str] = set()
-    manifest = os.path.join(dest, "manifest.jsonl")
-    with open(manifest, "w") as fh:
+    metadata = os.path.join(dest, METADATA)
+    with open(metadata, "w") as fh:
         for rec, data, fmt, src, src_fmt in edits:
             name = _name(rec)
             edit_file = f"edits/{name}.{fmt}"
@@ -116,6 +143,10 @@ def _export_files(edits, dest: str) -> dict:
                     with open(os.path.join(dest, source_file), "wb") as f:
                         f.write(src)
                     seen_sources.add(source_file)
-            fh.write(json.dumps({"edit_file": edit_file, "source_file": source_file, **rec}, sort_keys=True) + "\n")
+            scores = rec.pop("scores")
+            line = {"file_name": edit_file, "source_file_name": source_file, **rec,
+                    **{s: scores.get(s) for s in SCORES},
+                    "params": json.dumps(rec["params"], sort_keys=True), "meta": json.dumps(rec["meta"], sort_keys=True)}
+            fh.write(json.dumps(line, sort_keys=True) + "\n")
             n += 1
-    return {"edits": n, "files": [manifest]}
+    return {"edits": n, "files": [metadata]}

@@ -239,8 +239,7 @@ def image_geometry(orig_wh: tuple[int, int], image_hw: tuple[int, int], spec_ima
 
 
 def _vae_scale_factor(vae) -> int:
-    # AutoencoderKL halves the size at every block but the last; the toy
-    # model's pixel-unshuffle stand-in mirrors that field.
+    # AutoencoderKL halves the size at every block but the last
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
@@ -315,6 +314,7 @@ def sd_scheduler_config() -> dict:
 # "tiny" for tests and the offline demo, "sd15-random" (SD 1.5's published
 # architecture) for benchmarks. Their images are noise; outputs say so.
 SD15_RANDOM = "sd15-random"
+SDXL_RANDOM = "sdxl-random"
 _TEXT_IDS = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
 RANDOM_MODELS = {
     TINY: dict(
@@ -355,6 +355,28 @@ RANDOM_MODELS = {
         vae=dict(block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=8),
         text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
         text_2=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, projection_dim=32),
+        scaling_factor=0.13025,
+        force_zeros_for_empty_prompt=True,
+    ),
+    # SDXL's published architecture at SDXL-Turbo's native 512 px (the base
+    # model's 1024 is the same network on 128x128 latents): 2.6 B UNet
+    # parameters, CLIP ViT-L + OpenCLIP bigG text encoders, for GPU benches
+    # (tools/gpu-check.sh) where no checkpoint can be downloaded.
+    SDXL_RANDOM: dict(
+        resolution=512,
+        unet=dict(
+            block_out_channels=(320, 640, 1280), layers_per_block=2,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(5, 10, 20), use_linear_projection=True, transformer_layers_per_block=(1, 2, 10),
+            addition_embed_type="text_time", addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=6 * 256 + 1280, cross_attention_dim=2048, norm_num_groups=32,
+        ),
+        vae=dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32),
+        text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                  hidden_act="quick_gelu", projection_dim=768),
+        text_2=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                    hidden_act="gelu", projection_dim=1280),
         scaling_factor=0.13025,
         force_zeros_for_empty_prompt=True,
     ),
@@ -469,7 +491,7 @@ def load_models(
 ) -> Models:
     """Load a pipeline's components.
 
-    model_id: "tiny", "tiny-sdxl" or "sd15-random" (random weights,
+    model_id: "tiny", "tiny-sdxl", "sd15-random" or "sdxl-random" (random weights,
     offline), "toy" (the trained toy model shipped in the package, offline),
     a Hugging Face hub id (e.g. "CompVis/stable-diffusion-v1-4",
     "stabilityai/stable-diffusion-xl-base-1.0", "stabilityai/sdxl-turbo") or
@@ -477,9 +499,7 @@ def load_models(
     conditioning makes it an SDXL model: text_encoder_2/ and tokenizer_2/
     are loaded too (text_encoder/ may be absent, as in the refiner), and
     model_index.json's `force_zeros_for_empty_prompt` is honoured. A folder
-    without tokenizer/ gets the CLIP BPE tokenizer (`clip_tokenizer`); one
-    whose vae/ is the toy model's pixel-unshuffle map gets that instead of
-    an AutoencoderKL.
+    without tokenizer/ gets the CLIP BPE tokenizer (`clip_tokenizer`).
     device/dtype default to CUDA with bf16/fp16 when available, else CPU fp32.
     The scheduler is always a DDIMScheduler made from the checkpoint's own
     scheduler configuration (betas, offset, prediction type)."""
@@ -493,7 +513,7 @@ def load_models(
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from .toy.model import TOY, TOY_DIR, PixelUnshuffleAutoencoder, is_pixel_autoencoder
+    from .toy.model import TOY, TOY_DIR
 
     name, model_id = model_id, (str(TOY_DIR) if model_id == TOY else model_id)
     if name == TOY and not (TOY_DIR / "unet").is_dir():
@@ -517,10 +537,7 @@ def load_models(
             tokenizer_2 = CLIPTokenizer.from_pretrained(model_id, subfolder="tokenizer_2", **kw)
             text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(model_id, subfolder="text_encoder_2",
                                                                          torch_dtype=dt, **kw)
-        if local and is_pixel_autoencoder(model_id):
-            vae = PixelUnshuffleAutoencoder.from_pretrained(os.path.join(model_id, "vae"))
-        else:
-            vae = AutoencoderKL.from_pretrained(model_id, subfolder="vae", torch_dtype=dt, **kw)
+        vae = AutoencoderKL.from_pretrained(model_id, subfolder="vae", torch_dtype=dt, **kw)
     except (OSError, ValueError) as exc:
         raise ValueError(
             f"could not load model {model_id!r}: expected a diffusers-format Stable Diffusion or SDXL folder or hub id "
@@ -579,8 +596,7 @@ class ModelLimits:
 
 def _limits_from_configs(scheduler: dict, text: dict, tokenizer: dict, unet: dict, vae: dict,
                          text_2: dict | None = None, tokenizer_2: dict | None = None) -> ModelLimits:
-    # an exact pixel-unshuffle map (the toy model) names its factor; a VAE halves per extra block
-    vae_factor = int(vae["factor"]) if "factor" in vae else 2 ** (len(vae.get("block_out_channels", (128, 256, 512, 512))) - 1)
+    vae_factor = 2 ** (len(vae.get("block_out_channels", (128, 256, 512, 512))) - 1)  # halves per extra block
     unet_factor = 2 ** (len(unet.get("block_out_channels", (320, 640, 1280, 1280))) - 1)
     # every text encoder and tokenizer present bounds the context (SDXL has two)
     bounds = [int(t["max_position_embeddings"]) for t in (text, text_2) if t and "max_position_embeddings" in t]
@@ -660,3 +676,43 @@ def _config_file(model_id: str, rel: str, revision: str | None) -> str:
         raise FileNotFoundError(rel) from None
     except (HfHubHTTPError, OSError, ValueError) as exc:  # unknown repo, no access, malformed id
         raise ValueError(f"cannot resolve on the hub: {type(exc).__name__}: {exc}") from None
+
+
+# Weight files diffusers/transformers load for a component (single or sharded).
+_WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin", "model.safetensors",
+                 "pytorch_model.bin", "diffusion_pytorch_model.safetensors.index.json",
+                 "model.safetensors.index.json")
+
+
+def missing_model_weights(model_id: str, revision: str | None = None) -> str | None:
+    """Why `load_models` would not find the model's weights, without loading
+    them; None when they are at hand. Built-in random models need none; the
+    toy model's and a local folder's must be files in their component
+    folders; a hub model's must be in the local cache while the hub is
+    offline (HF_HUB_OFFLINE=1; online, the worker downloads them)."""
+    if model_id in RANDOM_MODELS:
+        return None
+    from .toy.model import TOY, TOY_DIR
+
+    folder = str(TOY_DIR) if model_id == TOY else model_id
+    parts = ["unet", "vae", "text_encoder"]
+    if os.path.isdir(folder):
+        for part in parts:
+            d = os.path.join(folder, part)
+            if not any(os.path.isfile(os.path.join(d, f)) for f in _WEIGHT_FILES):
+                hint = " (incomplete installation? `make toy-model` trains them)" if model_id == TOY else ""
+                return f"model {model_id!r} has no weights in {d} (expected one of {', '.join(_WEIGHT_FILES[:4])}){hint}"
+        return None
+    from .scoring import hub_offline
+
+    if not hub_offline():
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    for part in parts:
+        if not any(isinstance(try_to_load_from_cache(model_id, f"{part}/{f}", revision=revision), str)
+                   for f in _WEIGHT_FILES):
+            return (f"the {part} weights of model {model_id!r} are not in the Hugging Face cache "
+                    f"(HF_HOME={os.environ.get('HF_HOME', '~/.cache/huggingface')}) and HF_HUB_OFFLINE is set; "
+                    "download them once online (huggingface-cli download " + model_id + ")")
+    return None

@@ -11,7 +11,10 @@ injects them into their target rows:
   target's map over its own tokens is drawn from the source's map through a
   token alignment (`replace`: word-for-word for prompts with the same number
   of words; `refine`: a global alignment of the token sequences, new tokens
-  keep their own attention), then optionally re-weighted per word;
+  keep their own attention; `auto`, the default: replace when source and
+  target have the same number of words, refine otherwise, per prompt pair, as
+  the edit-friendly paper's reference code chooses between P2P's
+  AttentionReplace and AttentionRefine), then optionally re-weighted per word;
 - self-attention, for the first `self_until` of the edit's steps, at maps of
   at most `self_max_tokens` positions (P2P injects 16x16 and coarser maps).
 
@@ -32,7 +35,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
-MODES = ("replace", "refine")
+MODES = ("auto", "replace", "refine")
 CONTROLS = ("none", "p2p")
 
 
@@ -40,7 +43,9 @@ CONTROLS = ("none", "p2p")
 class P2PConfig:
     cross_until: float = 0.6  # fraction of the edit's steps with cross-attention injected (official code: 0.6)
     self_until: float = 0.2  # fraction of the edit's steps with self-attention injected (official code: 0.2)
-    mode: str = "replace"  # "replace": same number of words; "refine": token alignment for any prompts
+    # "auto": replace for prompts with the same number of words, else refine;
+    # "replace": same number of words only; "refine": token alignment for any prompts
+    mode: str = "auto"
     reweight: Mapping[str, float] = field(default_factory=dict)  # target word -> attention factor
     self_max_tokens: int = 256  # self-attention maps of at most this many positions are injected (16x16)
 
@@ -180,8 +185,21 @@ def refine_map(tokenizer, source: str, target: str, size: int = 77) -> TokenMap:
     return TokenMap(weights, alpha, torch.ones(size))
 
 
+def pair_mode(mode: str, source: str, target: str) -> str:
+    """The alignment a prompt pair gets: `auto` is replace when both have the
+    same number of (space-separated) words, else refine."""
+    if mode != "auto":
+        return mode
+    return "replace" if len(source.split()) == len(target.split()) else "refine"
+
+
 def token_map(config: P2PConfig, tokenizer, source: str, target: str, size: int = 77) -> TokenMap:
-    tm = (replace_map if config.mode == "replace" else refine_map)(tokenizer, source, target, size)
+    """The token map of one (source, target) pair. Raises ValueError, with the
+    reason, when the pair cannot be aligned under the config (the worker
+    checks every sample's prompts with `check_prompts` before any work, so
+    such a sample is an error row, not a failed batch)."""
+    mode = pair_mode(config.mode, source, target)
+    tm = (replace_map if mode == "replace" else refine_map)(tokenizer, source, target, size)
     if not config.reweight:
         return tm
     words, spans = _word_spans(tokenizer, target)
@@ -193,6 +211,29 @@ def token_map(config: P2PConfig, tokenizer, source: str, target: str, size: int 
         for a, b in hits:
             eq[a:b] = float(factor)
     return TokenMap(tm.weights, tm.alpha, eq)
+
+
+def check_prompts(config: P2PConfig, tokenizer, source: str, targets: Sequence[str], size: int = 77) -> None:
+    """Raise ValueError naming the first target prompt that cannot be aligned
+    with `source` under `config` (a reweight word it lacks, words that do not
+    match their tokens, different word counts in mode replace)."""
+    for target in targets:
+        try:
+            token_map(config, tokenizer, source, target, size)
+        except ValueError as exc:
+            raise ValueError(f"p2p cannot align target prompt {target!r} with source {source!r}: {exc}") from None
+
+
+def template_word_change(template: str) -> int | None:
+    """How many words a target template adds to (or, negative, removes from)
+    every source prompt; None when that depends on the source (no `{source}`:
+    a fixed prompt; `{source}` twice: the change grows with the source)."""
+    import string
+
+    if sum(1 for _, name, _, _ in string.Formatter().parse(template) if name == "source") != 1:
+        return None
+    marker = "\x00"  # one word standing for the source (no prompt holds it)
+    return len(template.format(source=marker).split()) - 1
 
 
 # --------------------------------------------------------------------------
@@ -390,7 +431,7 @@ def edit(method: Any, unet: Any, scheduler, code, cond: torch.Tensor, uncond: to
         method = get_method(method)
     if getattr(method, "EDIT_NEEDS_SOURCE", False):
         prompts, source_of, params = _source_row_layout(prompts, source_of, params)
-    plan = make_plan(config, tokenizer, prompts, source_of, code.timesteps.tolist(), _context_length(tokenizer))
+    plan = make_plan(config, tokenizer, prompts, source_of, code.timesteps.tolist(), context_length(tokenizer))
     with attention_control(unet, plan):
         return method.edit(unet, scheduler, code, cond, uncond, cfg_scale=cfg_scale, max_batch=None, **params)
 
@@ -414,6 +455,6 @@ def _source_row_layout(prompts: Sequence[str], source_of: Sequence[int], params:
     return call_prompts, call_source_of, {**params, "reconstruct": torch.tensor(own)}
 
 
-def _context_length(tokenizer) -> int:
+def context_length(tokenizer) -> int:
     n = int(getattr(tokenizer, "model_max_length", 77) or 77)
     return n if n < 10_000 else 77

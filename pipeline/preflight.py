@@ -1,19 +1,59 @@
-"""Checks of a job spec that need the model's configuration or the machine,
-run once in the driver before any shard is scheduled (`executor.plan`) and by
-`imprint validate`. Only configuration files are read, never weights: a spec
-that would fail on the first batch (or, worse, run and give NaN scores or
-silently truncated prompts) is refused up front with one message naming the
-field."""
+"""Everything checked before any work, by `imprint run` (`executor.plan`, in
+the driver, before the output path is claimed) and by `imprint validate`
+(the same function, so what validate passes, run starts):
+
+- the model resolves and the spec fits it (steps, prompt context, image size
+  against the UNet's downsampling and the LPIPS trunk), from its configuration
+  files only;
+- the device exists (inline jobs);
+- pretrained weights of the model and the scorers are at hand: present in the
+  cache while the hub is offline (`HF_HUB_OFFLINE=1`), shipped files present;
+  no weights are loaded;
+- the input: the shard patterns list to shards that exist and the first one
+  opens as a tar (or, for edit-codes jobs, the codes folder holds noise files);
+- the output path is free or holds results of this spec.
+
+A failure is one error naming the field (exit 2): SpecError for the spec
+against the model and machine, JobError for the input and output."""
 
 from __future__ import annotations
+
+import os
+from dataclasses import dataclass
 
 from .models import ModelLimits, model_limits
 from .spec import JobSpec, SpecError
 
+# Smallest image side (pixels) each LPIPS trunk can score: below it a pooling
+# layer has no output ("Output size is too small"). Measured on lpips 0.1's
+# trunks; tests/test_preflight.py checks both sides of every bound.
+LPIPS_MIN_SIDE = {"alex": 31, "vgg": 16, "squeeze": 17}
 
-def preflight(spec: JobSpec) -> ModelLimits:
-    """Raise SpecError naming the field when the spec cannot run with its
-    model on this machine; return the model's limits."""
+
+class JobError(RuntimeError):
+    """A job that cannot start; the message says why."""
+
+
+@dataclass(frozen=True)
+class Preflight:
+    limits: ModelLimits
+    shards: list[str]  # the job's input files (tar shards, or noise files of an edit-codes job)
+
+
+def preflight(spec: JobSpec, force: bool = False) -> Preflight:
+    """Raise SpecError naming the field when the job cannot start; return
+    the model's limits and the input's shards. `force`: the output may hold
+    another spec's results (run --force moves them aside)."""
+    limits = check_model(spec)
+    _check_device(spec)
+    shards = _check_input(spec)  # the user's own data first; weights are the machine's
+    _check_weights(spec)
+    _check_output(spec, force)
+    return Preflight(limits, shards)
+
+
+def check_model(spec: JobSpec) -> ModelLimits:
+    """The spec against its model's configuration (no weights, no input)."""
     try:
         limits = model_limits(spec.model.id, spec.model.revision or None)
     except ValueError as exc:
@@ -25,13 +65,26 @@ def preflight(spec: JobSpec) -> ModelLimits:
     if spec.input.max_prompt_tokens > limits.text_context:
         raise SpecError(f"input.max_prompt_tokens: {spec.input.max_prompt_tokens} is more than the text encoder's context "
                         f"of {limits.text_context} tokens (longer prompts would be truncated silently)")
-    im = spec.image
-    if im.resolution and im.resolution < limits.latent_multiple:
-        # below this the coarsest UNet level has less than one latent pixel
-        raise SpecError(f"image.resolution: {im.resolution} is below the smallest size model {spec.model.id!r} can run "
-                        f"({limits.latent_multiple} pixels: VAE factor x UNet downsampling)")
-    _check_device(spec)
+    _check_size(spec, limits)
     return limits
+
+
+def _check_size(spec: JobSpec, limits: ModelLimits) -> None:
+    """The shorter image side (image.resolution, or the model's native size)
+    must give latents the UNet can downsample to its coarsest level, and
+    images the LPIPS trunk can pool (it scores at the native size)."""
+    im = spec.image
+    side = im.resolution or limits.resolution
+    need, why = limits.latent_multiple, f"model {spec.model.id!r} needs {limits.latent_multiple} (VAE factor x UNet downsampling)"
+    if spec.score.enabled and LPIPS_MIN_SIDE.get(spec.score.lpips_net, 0) > need:
+        need = LPIPS_MIN_SIDE[spec.score.lpips_net]
+        why = f"the LPIPS {spec.score.lpips_net!r} trunk needs {need} pixels"
+    if side >= need:
+        return
+    smallest = -(-need // im.multiple) * im.multiple  # the smallest multiple of image.multiple that works
+    field = "image.resolution" if im.resolution else "image.resolution (0: the model's native size)"
+    raise SpecError(f"{field}: images of {side} pixels are too small ({why}); the smallest size that works "
+                    f"with image.multiple = {im.multiple} is image.resolution = {smallest}")
 
 
 def _check_device(spec: JobSpec) -> None:
@@ -54,3 +107,104 @@ def _check_device(spec: JobSpec) -> None:
     if int(index or 0) >= n:
         have = f"{n} {kind} device(s)" if n else f"no {kind} device"
         raise SpecError(f"model.device: {device!r} does not exist on this machine ({have}); use auto or cpu")
+
+
+def _check_weights(spec: JobSpec) -> None:
+    from .models import missing_model_weights
+
+    problem = missing_model_weights(spec.model.id, spec.model.revision or None)
+    if problem:
+        raise SpecError(f"model.id: {problem}")
+    if spec.score.enabled:
+        from .scoring import missing_weights
+        from .spec import score_config
+
+        missing = missing_weights(score_config(spec))
+        if missing:
+            raise SpecError(f"{missing[0]}: {missing[1]}")
+
+
+def _check_input(spec: JobSpec) -> list[str]:
+    """The shards (listings only), and the first one opened as a tar."""
+    if spec.input.codes:
+        from .codes import code_shards
+
+        try:
+            return code_shards(spec.input.codes)
+        except (ValueError, OSError) as exc:
+            raise JobError(_field(str(exc), "input.codes")) from None
+    from .data import expand_shards, missing_shards
+
+    try:
+        shards = expand_shards(spec.input.shards, allow_pipe=spec.input.allow_pipe)
+    except (ValueError, OSError) as exc:
+        raise JobError(_field(str(exc), "input.shards")) from None
+    if not shards:
+        raise JobError("input.shards: the patterns expand to no shards")
+    missing = missing_shards(shards)
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise JobError(f"input.shards: shard not found: {missing[0]}{more}")
+    _open_first(shards[0], spec.input.allow_pipe)
+    return shards
+
+
+def _open_first(url: str, allow_pipe: bool) -> None:
+    """Open the first shard and read its first sample: a file that is not a
+    tar stops the job here instead of failing every shard max_attempts
+    times. Only local and object-store shards are opened (reading an http
+    URL or running a pipe: command belongs to the workers)."""
+    from .data import OBJECT_STORE_SCHEMES, read_raw_samples, url_scheme
+
+    if url_scheme(url) not in ("", *OBJECT_STORE_SCHEMES):
+        return
+    samples = read_raw_samples(url, allow_pipe=allow_pipe)
+    try:
+        next(samples, None)
+    except OSError as exc:
+        raise JobError(f"input.shards: {exc}") from None
+    finally:
+        samples.close()
+
+
+def _check_output(spec: JobSpec, force: bool) -> None:
+    """The output path is free, or holds this spec's results (read only:
+    the path is claimed by `OutputStore.prepare` once every check passed)."""
+    if force:
+        return
+    from .store import OutputError, OutputStore
+
+    store = OutputStore.open(spec.output.path)
+    try:
+        old = store.current_hash()
+    except OutputError as exc:  # job.json there but unreadable: refuse, decide nothing from it
+        raise JobError(str(exc)) from None
+    if old and old != spec.hash() and holds_results(store):
+        raise JobError(f"output.path: {spec.output.path!r} holds results of another job spec (hash {old}, this one "
+                        f"{spec.hash()}); use a new output path, or run --force to move them aside and redo every shard")
+
+
+def holds_results(store) -> bool:
+    """Whether an output holds anything of its spec: a done or failed marker,
+    or a table file. A run that stopped before committing anything (a worker
+    that could not start) leaves none, so its job.json does not keep the
+    path from a corrected spec."""
+    from .store import DONE, FAILED
+    from .tables import TABLES
+
+    return any(_has_files(store, d) for d in (DONE, FAILED, *TABLES))
+
+
+def _has_files(store, rel: str) -> bool:
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+
+    try:
+        infos = store.fs.get_file_info(pafs.FileSelector(store._p(rel), recursive=True, allow_not_found=True))
+    except (OSError, pa.ArrowException):
+        return True  # unreadable: assume it holds results (never take over what cannot be checked)
+    return any(i.type == pafs.FileType.File for i in infos)
+
+
+def _field(message: str, field: str) -> str:
+    return message if message.startswith(field) else f"{field}: {message}"

@@ -385,6 +385,7 @@ h3{font-size:15px;margin:16px 0 6px}
 table{border-collapse:collapse;margin:6px 0} td,th{border:1px solid #ccc;padding:3px 8px;text-align:left;vertical-align:top}
 th{background:#f2f2f2} td.num{text-align:right;font-variant-numeric:tabular-nums}
 .warning-banner{background:#fff3cd;border:2px solid #e0a800;color:#5c4400;padding:10px 14px;margin:12px 0;font-weight:bold}
+.outside-domain{background:#fde2e1;color:#8a1f11;font-size:0.8em;padding:1px 6px;margin-left:6px;border-radius:3px}
 .note{color:#666;font-style:italic}
 .sample{border:1px solid #ddd;padding:10px;margin:12px 0}
 .source{display:flex;gap:14px;align-items:flex-start}
@@ -450,20 +451,36 @@ def _scores_enabled(run: Run) -> bool:
     return bool(run.spec.get("score", {}).get("enabled", True))
 
 
+def _random_scorers(run) -> str:
+    """Which of a run's scorers had random weights, by name and setting (from
+    the scorer description written into its files); "the scorers" when the
+    files predate that description."""
+    try:
+        d = json.loads(run.meta.get("scorers") or "{}")
+    except ValueError:
+        d = {}
+    names = []
+    if d.get("clip_random_weights") or d.get("clip_pretrained") in ("random", "none", ""):
+        names.append(f'the CLIP scorer {d.get("clip_model", "?")} (clip_pretrained = "random")')
+    if d.get("lpips_trunk") == "random":
+        names.append(f'the LPIPS {d.get("lpips_net", "?")} trunk (lpips_pretrained = false)')
+    return " and ".join(names) or "the scorers"
+
+
 def _warning(runs: list[Run]) -> str:
     from .toy.model import TOY, TOY_NOTE
 
     if runs and all(run.meta.get("model_id") == TOY for run in runs):
         # The shipped toy model is trained (not random): say what it knows instead.
-        random_scores = [esc(run.label) for run in runs if run.random_scores]
+        random_scores = [f"{esc(run.label)}: {esc(_random_scorers(run))}" for run in runs if run.random_scores]
         return ('<div class="warning-banner" role="note">' + esc(TOY_NOTE[0].upper() + TOY_NOTE[1:]) + "; "
                 "it knows only toy scenes (one coloured circle, square or triangle on a plain background): "
                 "photos and other inputs not marked [toy scene] are outside its domain."
-                + (f"<br>Scores of {', '.join(random_scores)} used randomly initialised weights (e.g. an LPIPS "
-                   "trunk) and are not meaningful." if random_scores else "") + "</div>")
+                + (f"<br>Randomly initialised scorer weights ({'; '.join(random_scores)}): those scores are not "
+                   "meaningful." if random_scores else "") + "</div>")
     lines = []
     for run in runs:
-        what = [w for w, flag in (("the model", run.random_model), ("the scorers", run.random_scores)) if flag]
+        what = [w for w, flag in (("the model", run.random_model), (_random_scorers(run), run.random_scores)) if flag]
         if what:
             note = run.meta.get("note", "")
             lines.append(f"{esc(run.label)} ({esc(run.path)}): {' and '.join(what)} had randomly initialised weights"
@@ -541,19 +558,29 @@ def _summary(runs: list[Run], series: list[Series]) -> str:
 
 def _pick_samples(runs: list[Run], n: int) -> list[tuple[str, str]]:
     """The first n successfully processed inputs by (shard, key), first run first
-    (few shards to re-read, and the same inputs in every run of a comparison)."""
+    (few shards to re-read, and the same inputs in every run of a comparison);
+    on the toy model, inputs outside its domain come after the toy scenes."""
     import pyarrow.compute as pc
 
     picked: list[tuple[str, str]] = []
     for run in runs:
-        t = run.sources.filter(pc.equal(run.sources.column("status"), "ok")).select(["shard", "key"])
-        t = t.sort_by([("shard", "ascending"), ("key", "ascending")]).slice(0, n)
-        for k in ((r["shard"], r["key"]) for r in t.to_pylist()):
+        t = run.sources.filter(pc.equal(run.sources.column("status"), "ok"))
+        rows = t.select([c for c in ("shard", "key", "meta") if c in t.column_names]).to_pylist()
+        rows.sort(key=lambda r: (_outside_domain(run, r), r["shard"], r["key"]))
+        for k in ((r["shard"], r["key"]) for r in rows[:n]):
             if len(picked) >= n:
                 return picked
             if k not in picked:
                 picked.append(k)
     return picked
+
+
+def _outside_domain(run: Run, source_row: dict) -> bool:
+    """Whether an input lies outside what the run's model knows (the toy
+    model knows toy scenes only; other models: nothing is outside)."""
+    from .toy.model import TOY, TOY_DOMAIN
+
+    return run.meta.get("model_id") == TOY and _domain(source_row) != TOY_DOMAIN
 
 
 def _domain(source_row: dict) -> str | None:
@@ -630,8 +657,10 @@ def _samples(runs: list[Run], series: list[Series], n: int, read_inputs: bool = 
                              f'src="{by_key[(shard, key)]}"><figcaption>reconstruction'
                              + (f" ({esc(label)})" if len(runs) > 1 else "") + "</figcaption></figure>")
         domain = _domain(first)
+        outside = any(_outside_domain(run, r) for run in runs for r in srow.values())
         out.append(f'<div class="sample" data-key="{esc(key)}"><h3>{esc(key)} <span class="note">({esc(shard)})</span>'
-                   + (f' <span class="domain">[{esc(domain)}]</span>' if domain else "") + "</h3>")
+                   + (f' <span class="domain">[{esc(domain)}]</span>' if domain else "")
+                   + (' <span class="outside-domain">outside the model\'s domain</span>' if outside else "") + "</h3>")
         out.append(f'<div class="source">{src_html}<div><div>source prompt: <q class="source-prompt">{esc(first.get("source_prompt"))}</q></div>'
                    f"<div>size {esc(first.get('orig_width'))}×{esc(first.get('orig_height'))} → {esc(first.get('width'))}×{esc(first.get('height'))}</div>"
                    + _table(["method", "recon max |Δ| (latent)", "recon mean |Δ|", "recon PSNR (dB)"], recon, {1, 2, 3}, ' class="recon"')

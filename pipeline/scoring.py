@@ -51,8 +51,10 @@ about 6 MB per 512-pixel image for ``alex``, 130 MB for ``vgg``.
 
 Models and weights
 ------------------
-Default CLIP is ``ViT-L-14`` with OpenAI weights (``pretrained="openai"``), the
-model of PIE-Bench and of InstructPix2Pix's filter; any open_clip model name and
+Default CLIP is ``ViT-L-14`` with its own weights (``pretrained="auto"``:
+OpenAI's for ViT-L-14, the model of PIE-Bench and of InstructPix2Pix's filter;
+toy-clip's shipped ones for toy-clip; a job spec picks toy-clip for the toy
+model, see ``spec.resolve_scorers``); any open_clip model name and
 pretrained tag (or checkpoint file) can be chosen (QuickGELU is switched on
 when the tag was trained with it, as OpenAI's were). Weights load through
 open_clip's and lpips'/torchvision's own mechanisms, so their caches follow
@@ -62,11 +64,13 @@ When requested weights cannot be had (offline, not cached), loading raises
 ``WeightsUnavailableError`` naming the model; it never falls back to random
 weights; with HF_HUB_OFFLINE=1 an uncached LPIPS trunk is reported at once
 (torchvision itself ignores that switch and would try the network). Random
-weights are asked for explicitly: ``clip_pretrained = "none"``
-(or "") builds the architecture with ``pretrained=None``, and
+weights are asked for explicitly: ``clip_pretrained = "random"``
+("none" and "" say the same: no pretrained weights) builds the architecture with ``pretrained=None``, and
 ``lpips_pretrained = false`` uses lpips' randomly initialised trunk
 (``pnet_rand=True``; its calibrated linear heads ship inside the package, so
-nothing is downloaded). Then ``Scorers.random_weights`` is True and the scores
+nothing is downloaded). Then ``Scorers.random_weights`` is True, the
+description written into every output file names ``clip_pretrained = "random"``
+(``clip_random_weights``) or ``lpips_trunk = "random"``, and the scores
 are not meaningful (tests, demo, CI). Random initialisation is seeded, so every
 worker builds the same random scorers. ``imprint-tiny-clip`` (a 64-pixel ViT
 with 2 layers of width 64, shipped in ``pipeline/clip_configs``) keeps such runs
@@ -75,8 +79,8 @@ fast.
 ``toy-clip`` (``clip_model = "toy-clip"``) is a small CLIP trained
 contrastively on the toy model's scenes and captions (``pipeline/toy``; its
 recipe is ``make toy-model``), shipped inside the package: its only
-pretrained weights are those, tagged ``toy`` (the default ``openai`` tag
-means them too), and its scores mean something on toy scenes only.
+pretrained weights are those, tagged ``toy`` (what ``auto`` means for it; it
+has no ``openai`` weights), and its scores mean something on toy scenes only.
 
 Filtering (``select``)
 ----------------------
@@ -112,11 +116,13 @@ LPIPS_NETS = ("alex", "vgg", "squeeze")
 RANKABLE = {"clip_text": True, "clip_direction": True, "clip_image": True, "lpips": False}
 TINY_CLIP = "imprint-tiny-clip"
 TOY_CLIP = "toy-clip"
-TOY_CLIP_TAGS = ("toy", "openai")  # "openai" is ScoreConfig's default tag: toy-clip has only its shipped weights
+TOY_CLIP_TAGS = ("toy",)  # toy-clip has only its shipped weights
 TOY_CLIP_WEIGHTS = "open_clip_model.safetensors"
 CLIP_CONFIG_DIR = Path(__file__).resolve().parent / "clip_configs"
 RANDOM_INIT_SEED = 0
-NO_WEIGHTS = ("none", "")
+RANDOM = "random"  # clip_pretrained for randomly initialised weights
+NO_WEIGHTS = (RANDOM, "none", "")  # "none" (no pretrained weights) and "" say the same
+AUTO = "auto"  # clip_pretrained: the model's own weights (toy-clip: its shipped ones; else OpenAI's, or its first tag)
 
 
 class WeightsUnavailableError(RuntimeError):
@@ -132,7 +138,7 @@ class ScoreConfig:
 
     enabled: bool = True  # the worker's switch; Scorers ignores it
     clip_model: str = "ViT-L-14"
-    clip_pretrained: str = "openai"  # tag or checkpoint file; "none" or "" = random init
+    clip_pretrained: str = AUTO  # tag or checkpoint file; "auto" = the model's own (`pretrained_tag`); "random" = random init
     lpips_net: str = "alex"
     lpips_pretrained: bool = True  # False = randomly initialised trunk (pnet_rand)
     batch_size: int = 16  # images (or image pairs) per forward pass
@@ -141,6 +147,13 @@ class ScoreConfig:
     @property
     def clip_random(self) -> bool:
         return self.clip_pretrained is None or self.clip_pretrained.strip().lower() in NO_WEIGHTS
+
+    @property
+    def pretrained_tag(self) -> str:
+        """The weights CLIP loads, by name: "random", a tag, or a checkpoint file."""
+        if self.clip_random:
+            return RANDOM
+        return default_pretrained(self.clip_model) if self.clip_pretrained == AUTO else self.clip_pretrained
 
     def validate(self) -> None:
         if self.lpips_net not in LPIPS_NETS:
@@ -151,7 +164,7 @@ class ScoreConfig:
             raise ValueError(f"score.clip_model must be an open_clip model name, got {self.clip_model!r}")
         if self.clip_pretrained is not None and not isinstance(self.clip_pretrained, str):
             raise ValueError(f"score.clip_pretrained must be a string, got {self.clip_pretrained!r}")
-        _check_clip_choice(self.clip_model, None if self.clip_random else self.clip_pretrained)
+        _check_clip_choice(self.clip_model, None if self.clip_random else self.pretrained_tag)
 
 
 @dataclass
@@ -209,6 +222,21 @@ def _register_clip_configs() -> None:
         open_clip.add_model_config(CLIP_CONFIG_DIR)
 
 
+def default_pretrained(model: str) -> str:
+    """What clip_pretrained = "auto" loads for `model`: toy-clip's shipped
+    weights, OpenAI's where the model has them (the CLIP of PIE-Bench and
+    InstructPix2Pix's filter), else the model's first pretrained tag."""
+    import open_clip
+
+    if model == TOY_CLIP:
+        return TOY_CLIP_TAGS[0]
+    _register_clip_configs()
+    tags = open_clip.list_pretrained_tags_by_model(model) if model in open_clip.list_models() else []
+    if "openai" in tags or not tags:
+        return "openai" if tags else AUTO  # no tags: _check_clip_choice names the problem
+    return tags[0]
+
+
 def _toy_clip_weights() -> Path:
     from .toy.model import TOY_CLIP_DIR
 
@@ -250,7 +278,7 @@ def _check_clip_choice(model: str, pretrained: str | None) -> None:
 
     _register_clip_configs()
     if model.startswith("hf-hub:"):
-        # Such ids always load their hub weights, which "none" could not honour.
+        # Such ids always load their hub weights, which "random" could not honour.
         raise ValueError(f"score.clip_model {model!r}: hf-hub ids are not supported; name an open_clip "
                          "architecture (open_clip.list_models()) and its pretrained tag")
     if model not in open_clip.list_models():
@@ -259,12 +287,66 @@ def _check_clip_choice(model: str, pretrained: str | None) -> None:
         if pretrained is None or pretrained in TOY_CLIP_TAGS or os.path.isfile(pretrained):
             return
         raise ValueError(f"score.clip_pretrained {pretrained!r}: toy-clip's weights are the shipped ones "
-                         f"(tag \"toy\"), a checkpoint file, or \"none\" for random weights")
+                         f"(tag \"toy\"), a checkpoint file, or \"random\" for random weights")
     known = pretrained is None or open_clip.get_pretrained_cfg(model, pretrained) or os.path.isfile(pretrained)
     if not known:
         tags = ", ".join(open_clip.list_pretrained_tags_by_model(model)) or "none"
         raise ValueError(f"score.clip_pretrained {pretrained!r} is neither a pretrained tag of {model} "
-                         f"(tags: {tags}) nor a checkpoint file; use \"none\" for random weights")
+                         f"(tags: {tags}) nor a checkpoint file; use \"random\" for random weights")
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE: nothing may be downloaded, so weights must be cached."""
+    return os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def missing_weights(cfg: ScoreConfig) -> tuple[str, str] | None:
+    """(field, reason) when pretrained weights the scorers will load are not
+    at hand: not cached while the hub is offline, or a shipped file missing.
+    Random weights need none; uncached weights while online are downloaded
+    when the worker starts. Reads caches only (no weights are loaded)."""
+    if not cfg.enabled:
+        return None
+    if not cfg.clip_random:
+        _register_clip_configs()
+        where = _clip_weights_cached(cfg.clip_model, cfg.pretrained_tag)
+        if where is not None and not where[0] and (hub_offline() or where[1].startswith("missing")):
+            return ("score.clip_pretrained", f"CLIP weights {cfg.clip_model}/{cfg.clip_pretrained} are {where[1]}; "
+                    "put them in the cache, or set score.clip_pretrained = \"random\" (scores then not meaningful)")
+    if cfg.lpips_pretrained:
+        cached = _lpips_trunk_checkpoint(cfg.lpips_net)
+        if not os.path.exists(cached) and hub_offline():
+            return ("score.lpips_pretrained", f"LPIPS trunk weights for net {cfg.lpips_net!r} are not cached at "
+                    f"{cached} and HF_HUB_OFFLINE is set; put them there (TORCH_HOME decides the folder), or set "
+                    "score.lpips_pretrained = false (scores then not meaningful)")
+    return None
+
+
+def _clip_weights_cached(model: str, pretrained: str) -> tuple[bool, str] | None:
+    """(whether the weights are at hand, where they were looked for); None
+    when that cannot be told without loading (open_clip's own resolution)."""
+    import open_clip
+
+    try:
+        path = _resolve_pretrained(model, pretrained)
+    except WeightsUnavailableError as exc:
+        return False, f"missing ({exc})"
+    if os.path.isfile(path):
+        return True, path
+    tag_cfg = open_clip.get_pretrained_cfg(model, path) or {}
+    if tag_cfg.get("hf_hub"):
+        from huggingface_hub import try_to_load_from_cache
+
+        repo_id = tag_cfg["hf_hub"].rstrip("/")
+        for name in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
+            found = try_to_load_from_cache(repo_id, name)
+            if isinstance(found, str):
+                return True, found
+        return False, f"not in the Hugging Face cache (hub repo {repo_id}, HF_HOME={os.environ.get('HF_HOME', '~/.cache/huggingface')})"
+    if tag_cfg.get("url"):
+        cached = os.path.join(torch.hub.get_dir(), "open_clip", os.path.basename(tag_cfg["url"]))
+        return (True, cached) if os.path.isfile(cached) else (False, f"not cached at {cached}")
+    return None
 
 
 # ----------------------------------------------------------------------------- math
@@ -401,7 +483,7 @@ def _load_clip(cfg: ScoreConfig, device: torch.device, dtype: torch.dtype):
             model = open_clip.create_model(cfg.clip_model, pretrained=None, **kwargs)
     else:
         _register_clip_configs()
-        pretrained = _resolve_pretrained(cfg.clip_model, cfg.clip_pretrained)
+        pretrained = _resolve_pretrained(cfg.clip_model, cfg.pretrained_tag)
         tag_cfg = open_clip.get_pretrained_cfg(cfg.clip_model, pretrained)  # {} for a checkpoint file
         # OpenAI weights were trained with QuickGELU; the plain config uses GELU.
         kwargs["force_quick_gelu"] = bool(tag_cfg.get("quick_gelu", False))
@@ -414,7 +496,7 @@ def _load_clip(cfg: ScoreConfig, device: torch.device, dtype: torch.dtype):
             raise WeightsUnavailableError(
                 f"CLIP weights for model {cfg.clip_model!r} (pretrained={cfg.clip_pretrained!r}) could not be loaded "
                 f"(HF_HOME={os.environ.get('HF_HOME', '~/.cache/huggingface')}, torch hub dir {torch.hub.get_dir()}): "
-                f"{exc}; put the weights in the cache, or set score.clip_pretrained = \"none\" for random weights "
+                f"{exc}; put the weights in the cache, or set score.clip_pretrained = \"random\" for random weights "
                 f"(scores then not meaningful)") from exc
     model.eval().requires_grad_(False)
     tokenizer = open_clip.get_tokenizer(cfg.clip_model)
@@ -443,7 +525,7 @@ def _load_lpips(cfg: ScoreConfig, device: torch.device):
                     f"{cached}) could not be loaded")
             fix = ("put them there (TORCH_HOME decides the folder), or set score.lpips_pretrained = false for a "
                    "random trunk (scores then not meaningful)")
-            if not os.path.exists(cached) and os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+            if not os.path.exists(cached) and hub_offline():
                 # torchvision ignores the offline switch and would try the network.
                 raise WeightsUnavailableError(f"{hint}: not cached and HF_HUB_OFFLINE is set; {fix}")
             try:
@@ -477,7 +559,8 @@ class Scorers:
 
         self.description = {
             "clip_model": cfg.clip_model,
-            "clip_pretrained": "none" if cfg.clip_random else cfg.clip_pretrained,
+            "clip_pretrained": cfg.pretrained_tag,  # the weights used ("random" for random ones)
+            "clip_random_weights": cfg.clip_random,
             "clip_image_size": list(self.clip_size) if isinstance(self.clip_size, (tuple, list)) else self.clip_size,
             "clip_dtype": str(dtype).removeprefix("torch."),
             "lpips_net": cfg.lpips_net,

@@ -31,7 +31,10 @@ class InputSpec:
     shards: list[str] = field(default_factory=list)  # paths/URLs, brace expansion allowed; "demo" = built-in sample
     codes: str = ""  # edit from stored codes: a job output folder or its noise/ folder (instead of shards)
     allow_pipe: bool = False  # allow `pipe:` shell-command URLs
-    templates: list[str] = field(default_factory=list)  # job-level targets, "{source}" is the source prompt
+    templates: list[str] = field(default_factory=list)  # job-level targets: "{source}" = the source prompt, "{label}" = a json field
+    # unset: each sample's caption (json source_prompt or txt); "" = invert with the empty prompt (as LEDITS++ does);
+    # a template such as "a photo of a {label}" = filled from the sample's json fields ("{source}" = its caption)
+    source_prompt: str | None = None
     max_prompt_tokens: int = 77  # CLIP's context incl. start/end markers; longer prompts are errors, not truncated
 
 
@@ -79,7 +82,9 @@ class EditSpec:
     control: str | list[str] = "none"
     cross_until: float = 0.6  # p2p: fraction of the edit's steps with cross-attention injected
     self_until: float = 0.2  # p2p: fraction of the edit's steps with self-attention injected
-    mode: str = "replace"  # p2p: "replace" (same number of words) | "refine" (any prompts, token alignment)
+    # p2p: "auto" (replace when source and target have the same number of words, else refine) |
+    # "replace" (same number of words) | "refine" (any prompts, token alignment)
+    mode: str = "auto"
     reweight: dict = field(default_factory=dict)  # p2p: {target word = attention factor}
 
     @property
@@ -133,8 +138,11 @@ class OutputSpec:
 @dataclass
 class ScoreSpec:
     enabled: bool = True
-    clip_model: str = "ViT-L-14"
-    clip_pretrained: str = "openai"  # "none" = random weights (offline)
+    # "auto": the scorer that fits the model: toy-clip for model "toy", else ViT-L-14
+    clip_model: str = "auto"
+    # "auto": the CLIP model's own weights (toy-clip: its shipped ones; ViT-L-14: OpenAI's);
+    # "random": randomly initialised (scores not meaningful; "none" says the same)
+    clip_pretrained: str = "auto"
     lpips_net: str = "alex"
     lpips_pretrained: bool = True
     batch_size: int = 16
@@ -169,6 +177,12 @@ class RunSpec:
     gpus_per_worker: float | None = None
     cpus_per_worker: float = 0.5  # fractional: leaves room for Ray's own tasks
     shard_timeout_s: float = 14400.0  # one shard's deadline; its worker is replaced after it
+    # With shards left and no worker placed on any node for this long (the
+    # cluster has no room and adds none), the job stops and says what it waited for.
+    placement_timeout_s: float = 1800.0
+    # A worker placed on a node but not ready (model download and load) within
+    # this long is stopped as a start failure (a hung download).
+    start_timeout_s: float = 1800.0
     max_attempts: int = 3
     threads: int = 0  # torch threads per worker; 0 = leave torch's default
 
@@ -203,6 +217,8 @@ class JobSpec:
         d = self.to_dict()
         for k in ("shards", "codes", "allow_pipe"):
             d["input"].pop(k, None)
+        if d["input"]["source_prompt"] is None:  # unset: the hash of specs written before the field existed
+            d["input"].pop("source_prompt")
         d.pop("batch")
         for k in ("compile", "device"):
             d["model"].pop(k, None)
@@ -303,7 +319,9 @@ def _coerce(path: str, value: Any, default: Any, annotation: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise SpecError(f"{path}: expected an integer, got {value!r}")
         return value
-    if ann == "str":
+    if ann in ("str", "str | None"):
+        if value is None and ann == "str | None":  # a spec's own to_dict(); TOML has no null
+            return None
         if not isinstance(value, str):
             raise SpecError(f"{path}: expected a string, got {value!r}")
         return value
@@ -339,10 +357,14 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     parts = key.strip().split(".")
     if len(parts) < 2 or not all(parts):
         raise SpecError(f"--set {item!r}: KEY must be section.field, e.g. edit.seeds")
+    text = text.strip()
     try:
-        value = tomllib.loads(f"v = {text.strip()}")["v"]
+        value = tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
-        value = text.strip()  # bare words are strings: --set model.id=tiny
+        if text[:1] in "[{\"'":  # meant as a list, table or quoted string: never a bare word
+            raise SpecError(f"--set {item!r}: {text!r} is not a TOML value; quote the strings inside, "
+                            f"e.g. {key.strip()}=[\"a.tar\", \"b.tar\"] (in a shell: '{key.strip()}=[\"a.tar\"]')") from None
+        value = text  # bare words are strings: --set model.id=tiny
     return parts, value
 
 
@@ -367,6 +389,7 @@ def validate(spec: JobSpec) -> JobSpec:
         if not cond:
             raise SpecError(f"{path}: {msg}")
 
+    resolve_scorers(spec)
     need(len(spec.input.shards) > 0 or bool(spec.input.codes), "input.shards", "at least one shard path or URL is required (or input.codes)")
     need(not (spec.input.shards and spec.input.codes), "input.codes", "give input.shards or input.codes, not both")
     for s in spec.input.shards:
@@ -375,6 +398,10 @@ def validate(spec: JobSpec) -> JobSpec:
     for t in spec.input.templates:
         need(bool(t.strip()), "input.templates", "empty template")
         check_template(t)
+    if spec.input.source_prompt:
+        need(bool(spec.input.source_prompt.strip()), "input.source_prompt",
+             "only blanks: give \"\" for the empty prompt, a template or a fixed prompt")
+        check_template(spec.input.source_prompt, "input.source_prompt")
     need(spec.input.max_prompt_tokens >= 3, "input.max_prompt_tokens", "must be >= 3")
     im = spec.image
     need(im.resolution == 0 or im.resolution >= im.multiple, "image.resolution", f"must be 0 (model default) or >= image.multiple ({im.multiple})")
@@ -463,6 +490,8 @@ def validate(spec: JobSpec) -> JobSpec:
          "run.gpus_per_worker", "above 1 must be a whole number of GPUs")
     need(spec.run.cpus_per_worker > 0, "run.cpus_per_worker", "must be > 0")
     need(spec.run.shard_timeout_s > 0, "run.shard_timeout_s", "must be > 0 seconds")
+    need(spec.run.placement_timeout_s > 0, "run.placement_timeout_s", "must be > 0 seconds")
+    need(spec.run.start_timeout_s > 0, "run.start_timeout_s", "must be > 0 seconds")
     need(spec.run.max_attempts >= 1, "run.max_attempts", "must be >= 1")
     need(spec.run.threads >= 0, "run.threads", "must be >= 0")
     need(0 <= spec.run.seed < 2**63, "run.seed", "must be in [0, 2^63)")
@@ -533,12 +562,25 @@ def _validate_control(spec: JobSpec) -> None:
     except ValueError as exc:
         field_name = "edit.reweight" if "reweight" in str(exc) else "edit.mode"
         raise SpecError(f"{field_name}: {exc}") from None
+    if ed.mode == "replace":
+        # a template that changes every source's word count can never be aligned word for word
+        from .p2p import template_word_change
+
+        for t in spec.input.templates:
+            change = template_word_change(t)
+            if change:
+                raise SpecError(f"edit.mode: 'replace' needs target prompts with the source's number of words, and "
+                                f"template {t!r} {'adds' if change > 0 else 'removes'} {abs(change)}; "
+                                "use mode 'auto' (the default) or 'refine'")
     if spec.model.compile:
         raise SpecError("model.compile: p2p attention control runs the eager UNet; set model.compile = false")
     if spec.batch.pad_rows > 1:
         raise SpecError("batch.pad_rows: p2p needs each chain's rows unpadded in its UNet calls; leave pad_rows at 0")
     if spec.manipulate.strokes:
         raise SpecError("edit.control: p2p cannot be combined with manipulate.strokes (both steer the same chain)")
+    if ed.mode == "replace" and spec.input.source_prompt == "":
+        raise SpecError("edit.mode: 'replace' swaps the source prompt's words for the target's one for one; with "
+                        "input.source_prompt = \"\" there are none: use mode = \"refine\"")
 
 
 def _check_method_params(method: str, params: dict, path: str) -> None:
@@ -587,22 +629,24 @@ def _check_device_name(device: str) -> None:
         raise SpecError(f"model.device: {device!r} is not a device name (expected auto, cpu, cuda, cuda:N, mps or xpu)")
 
 
-def check_template(template: str) -> None:
-    """A target template may hold `{source}` and literal braces (`{{`, `}}`)
-    only: no attribute or index access, conversions, format specs or other
-    fields (templates are Python format strings, and those reach object internals)."""
+def check_template(template: str, path: str = "input.templates") -> None:
+    """A template may name fields (`{source}`, `{label}`: plain names, which
+    `data.render_templates` fills from the sample's json) and hold literal
+    braces (`{{`, `}}`), nothing else: no positional fields, attribute or
+    index access, conversions or format specs (templates are Python format
+    strings, and those reach object internals)."""
     problem = ""
     try:
         for _, name, fmt_spec, conversion in string.Formatter().parse(template):
-            if name is not None and (name != "source" or fmt_spec or conversion):
+            if name is not None and (not name.isidentifier() or fmt_spec or conversion):
                 shown = "{" + name + (f"!{conversion}" if conversion else "") + (f":{fmt_spec}" if fmt_spec else "") + "}"
                 problem = f"{shown} is not allowed"
                 break
     except ValueError as exc:  # unbalanced braces
         problem = str(exc)
     if problem:
-        raise SpecError(f"input.templates: {template!r} is not a valid template ({problem}; only {{source}} "
-                        "and literal braces {{ }} may be used)")
+        raise SpecError(f"{path}: {template!r} is not a valid template ({problem}; use field names of the samples' "
+                        "json such as {source} or {label}, and {{ }} for literal braces)")
 
 
 def _check_shard_urls(spec: "JobSpec") -> None:
@@ -615,6 +659,24 @@ def _check_shard_urls(spec: "JobSpec") -> None:
             pass
     except ValueError as exc:
         raise SpecError(f"input.shards: {exc}") from None
+
+
+def resolve_scorers(spec: JobSpec) -> None:
+    """Replace "auto" in [score] by what it means for this job's model, so
+    that the resolved spec (`imprint validate`, job.resolved.toml) names the
+    scorer and the weights actually used: the toy model scores with its
+    trained toy-clip, every other model with ViT-L-14 and OpenAI's weights."""
+    sc = spec.score
+    if sc.clip_model == "auto":
+        from .toy.model import TOY, TOY_CLIP
+
+        sc.clip_model = TOY_CLIP if spec.model.id == TOY else "ViT-L-14"
+    if sc.clip_pretrained == "auto" and isinstance(sc.clip_model, str):
+        try:
+            from .scoring import default_pretrained
+        except ImportError:  # scoring not installed in this build
+            return
+        sc.clip_pretrained = default_pretrained(sc.clip_model)
 
 
 def _validate_scoring(spec: JobSpec) -> None:
@@ -683,6 +745,8 @@ def job_json_schema() -> dict:
             return {"type": "array", "items": {"type": "string"}}
         if ann.startswith("float"):
             return {"type": "number"}
+        if ann == "str | None":
+            return {"type": "string"}
         return {"bool": {"type": "boolean"}, "int": {"type": "integer"}, "str": {"type": "string"}}.get(ann, {})
 
     sections = {}

@@ -7,15 +7,17 @@ from collections import Counter
 
 from .data import expand_shards, shard_name
 from .executor import JOB_ERROR_FILE
-from .store import FAILED, META_FILE, SPEC_FILE, OutputStore
+from .store import FAILED, META_FILE, SPEC_FILE, OutputError, OutputStore
 
 
 def job_status(out: str) -> dict:
     store = OutputStore.open(out)
-    meta = store.read_json(META_FILE)
-    if meta is None:
+    try:
+        spec_hash = store.current_hash()
+    except OutputError as exc:
+        raise ValueError(str(exc)) from None
+    if spec_hash is None:
         raise FileNotFoundError(f"{out!r} is not an imprint output (no {META_FILE})")
-    spec_hash = meta["spec_hash"]
     try:
         spec = tomllib.loads(store.read_text(SPEC_FILE) or "")
         if spec["input"].get("codes"):
@@ -26,7 +28,12 @@ def job_status(out: str) -> dict:
             shards = expand_shards(spec["input"]["shards"], allow_pipe=spec["input"].get("allow_pipe", False))
     except (OSError, KeyError, ValueError, tomllib.TOMLDecodeError):
         shards = []
-    done = store.done_markers(spec_hash)
+    # listings and the counts index: a marker is opened only when the index
+    # does not hold it yet (committed since the last run ended)
+    try:
+        done = store.shard_counts(spec_hash)
+    except OutputError as exc:
+        raise ValueError(str(exc)) from None
     failed = {k: v for k, v in store.markers(FAILED).items() if k not in done}
     left = [s for s in shards if shard_name(s) not in done and shard_name(s) not in failed]
     error_types: Counter = Counter()

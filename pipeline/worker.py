@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .batching import ShapeBuckets, unit_shape
+from .console import quiet_libraries
 from .data import Sample, decode_sample, encode_image, read_raw_samples, render_templates, shard_name
 from .engine import CodeItem, Engine, SampleOut, stroke_inputs
 from .inversion.common import NoiseCode
@@ -53,6 +54,7 @@ class ShardWorker:
         if spec.run.threads:
             torch.set_num_threads(spec.run.threads)
         device = None if spec.model.device == "auto" else spec.model.device
+        quiet_libraries()  # also on a cluster whose workers did not inherit the driver's environment
         self.models = load_models(spec.model.id, device=device, dtype=spec.model.dtype, revision=spec.model.revision or None)
         self.engine = Engine(self.models, spec)
         self.scorers = None
@@ -108,7 +110,26 @@ class ShardWorker:
                     stroke_inputs(s, self.spec)
                 except ValueError as exc:
                     s.error, s.error_type = str(exc), "no_strokes"
+            if not s.error:
+                self._check_p2p(s)
             yield s, time.perf_counter() - t0
+
+    def _check_p2p(self, sample: Sample) -> None:
+        """Under P2P control, a sample whose target prompts cannot be aligned
+        with its source prompt (a reweight word missing from a target, words
+        that do not match their tokens) becomes an error row with the reason,
+        before any work: the batch it would have joined, and the shard, go on."""
+        if "p2p" not in self.spec.edit.controls:
+            return
+        from . import p2p
+
+        tok = self.models.tokenizer
+        try:
+            with self.models.tokenizer_lock:  # this runs in the reader thread (see Models.count_tokens)
+                p2p.check_prompts(self.spec.edit.p2p(), tok, sample.source_prompt, sample.target_prompts,
+                                  p2p.context_length(tok))
+        except ValueError as exc:
+            sample.error, sample.error_type = str(exc), "p2p_unaligned"
 
     def _code_items(self, url: str):
         """Stored codes of one noise/ file, one item per sample and method
@@ -133,6 +154,10 @@ class ShardWorker:
                 if not sample.target_prompts:
                     raise ValueError("editing stored codes needs target prompts: set input.templates")
                 code = NoiseCode.cat([row_to_code(r) for r in rows])
+                self._check_p2p(sample)
+                if sample.error:
+                    yield sample, time.perf_counter() - t0
+                    continue
             except Exception as exc:  # noqa: BLE001 - whatever a bad row raises is that sample's error
                 sample.error, sample.error_type = (str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"), "bad_code"
                 yield sample, time.perf_counter() - t0

@@ -118,11 +118,11 @@ def test_job_scales_from_zero_to_two_gpu_nodes(cluster, tmp_path):
 def test_model_that_cannot_load_stops_the_job_with_its_message(gpu_nodes, tmp_path):
     cluster = gpu_nodes
     shards = make_shards(tmp_path, 2, 1)
-    # A model folder whose configs are fine (the driver's preflight reads only
-    # configs and passes) but whose weights are missing, as with un-pulled LFS
-    # files: only the worker's loader finds out.
+    # A model folder whose configs are fine and whose weight files are there
+    # (the driver's preflight checks no more) but are un-pulled LFS pointers:
+    # only the worker's loader finds out.
     model_dir = tmp_path / "no-weights-model"
-    _config_only_model(model_dir)
+    _lfs_pointer_model(model_dir)
     t0 = time.monotonic()
     proc = imprint(cluster, str(job_file(tmp_path, shards, model={"id": str(model_dir)})), "--no-progress")
     code, out, err = finish(proc, timeout=120)
@@ -137,16 +137,21 @@ def test_model_that_cannot_load_stops_the_job_with_its_message(gpu_nodes, tmp_pa
     assert st.returncode == 0 and "last run stopped" in st.stdout and "no-weights-model" in st.stdout, st.stdout
 
 
-def _config_only_model(path) -> None:
-    """A diffusers-format folder of the tiny model's configs, without weights."""
+def _lfs_pointer_model(path) -> None:
+    """A diffusers-format folder of the tiny model (text encoder included)
+    whose UNet and VAE weight files are git-lfs pointers (a clone without
+    `git lfs pull`)."""
     from pipeline.models import build_tiny
 
     m = build_tiny()
     m.unet.save_config(path / "unet")
     m.vae.save_config(path / "vae")
     m.scheduler.save_config(path / "scheduler")
-    m.text_encoder.config.save_pretrained(path / "text_encoder")
+    m.text_encoder.save_pretrained(path / "text_encoder")
     m.tokenizer.save_pretrained(path / "tokenizer")
+    pointer = "version https://git-lfs.github.com/spec/v1\noid sha256:" + "0" * 64 + "\nsize 1234\n"
+    for part, name in (("unet", "diffusion_pytorch_model.safetensors"), ("vae", "diffusion_pytorch_model.safetensors")):
+        (path / part / name).write_text(pointer)
 
 
 def test_cuda_expected_but_absent_stops_the_job_with_the_workers_message(gpu_nodes, tmp_path):
@@ -241,8 +246,8 @@ def test_only_the_running_shard_is_charged_when_its_worker_dies(cluster, tmp_pat
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
     ray.init(address=cluster.address, logging_level="warning", log_to_driver=False)
     try:
-        # One worker gets both shards: the crashing one runs first, the
-        # healthy one waits behind it in the same actor.
+        # One worker at a time: the crashing shard runs first; its crash (the
+        # worker's process died, not its node) charges it, never the healthy one.
         report = run_job(spec, progress=False, worker_cls=CrashOnShard)
     finally:
         ray.shutdown()
@@ -256,7 +261,7 @@ def test_only_the_running_shard_is_charged_when_its_worker_dies(cluster, tmp_pat
     assert [json.loads(p.read_text())["shard"] for p in (tmp_path / "out" / "_done").glob("*.json")] == [healthy]
 
 
-# Last of the tests on the shared cluster: it loses a node.
+# The last two tests on the shared cluster lose a node each.
 def test_node_lost_mid_shard_every_row_once(gpu_nodes, tmp_path):
     cluster = gpu_nodes
     per_shard = 4
@@ -281,6 +286,44 @@ def test_node_lost_mid_shard_every_row_once(gpu_nodes, tmp_path):
     check_every_row_once(tmp_path / "out", shards, per_shard)
     # The shard the lost node was running was charged and redone elsewhere.
     assert "worker lost" in err or list((tmp_path / "out" / "_failed").glob("*.json")) == [], err[-3000:]
+
+
+@pytest.mark.slow  # several minutes on a loaded machine: two workers start, then one redoes the big shard
+def test_a_lost_shard_goes_to_the_idle_worker(gpu_nodes, tmp_path):
+    """The measured hang: two GPU nodes, run.max_workers = 2; one worker runs
+    a big shard while the other has finished the small ones and idles; the
+    big shard's node is lost. The idle worker must take the shard (a new
+    worker may never be placed), and the loss charges no attempt."""
+    cluster = gpu_nodes
+    samples = good_samples("s", 19)
+    big = write(tmp_path / "big-000.tar", samples[:16])
+    small = [write(tmp_path / f"small-{i:03d}.tar", samples[16 + i:17 + i]) for i in range(3)]
+    proc = imprint(cluster, str(job_file(tmp_path, [big, *small], run={"max_workers": 2, "max_attempts": 1})),
+                   "--no-progress")
+    done_dir = tmp_path / "out" / "_done"
+    deadline = time.monotonic() + 240
+    while True:  # until the small shards are done and the big one still runs
+        assert proc.poll() is None, proc.communicate()[1][-5000:]
+        done = [json.loads(p.read_text()) for p in done_dir.glob("*.json")] if done_dir.is_dir() else []
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"the small shards did not finish while the big one ran: done {[m['shard'] for m in done]}, "
+                        f"busy nodes {_nodes_running_shards(cluster)}\n{proc.communicate()[1][-5000:]}")
+        assert big not in {m["shard"] for m in done}, "the big shard finished before its node could be lost"
+        busy = _nodes_running_shards(cluster)
+        if len(done) == 3 and len(busy) == 1:
+            break
+        time.sleep(0.2)
+    idle_actor = {m["actor_id"] for m in done}
+    assert len(idle_actor) == 1 and busy[0] not in {m["node_id"] for m in done}, done
+    os.kill(cluster.node_raylets()[busy[0]], signal.SIGKILL)
+    code, out, err = finish(proc, timeout=180)
+    assert code == 0, err[-5000:]
+    marker = next(json.loads(p.read_text()) for p in done_dir.glob("*.json") if json.loads(p.read_text())["shard"] == big)
+    assert {marker["actor_id"]} == idle_actor, (marker, idle_actor)  # the idle worker took it over
+    assert not list((tmp_path / "out" / "_failed").glob("*.json"))  # max_attempts = 1: a charge would fail it
+    src = pq.read_table(tmp_path / "out" / "sources").to_pylist()
+    assert sorted(r["key"] for r in src) == [f"s{i:03d}" for i in range(19)]
 
 
 def _nodes_running_shards(cluster) -> list[str]:

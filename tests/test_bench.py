@@ -213,3 +213,23 @@ def test_turbo_edit_is_at_least_8x_faster_per_edit_than_100_step_edit_friendly(t
 def test_bench_method_is_checked():
     with pytest.raises(ValueError, match="method"):
         BenchConfig(method="nope").validate()
+
+
+def test_sdxl_random_has_sdxl_shapes():
+    from pipeline.models import SDXL_RANDOM, build_random, model_limits
+
+    m = build_random(SDXL_RANDOM, "meta")  # shapes only: nothing allocated
+    count = lambda net: sum(p.numel() for p in net.parameters())  # noqa: E731
+    assert count(m.unet) == 2_567_463_684  # SDXL base's published component sizes
+    assert count(m.text_encoder) == 123_060_480 and count(m.text_encoder_2) == 694_659_840
+    assert count(m.vae) == 83_653_863
+    assert m.n_time_ids == 6 and m.force_zeros_uncond and m.resolution == 512
+    lim = model_limits(SDXL_RANDOM)  # from the config alone, as validate sees it
+    assert (lim.resolution, lim.latent_multiple, lim.text_context) == (512, 32, 77)
+
+
+def test_sdxl_reference_call_pattern_agrees_with_the_engine():
+    # the reference loop conditions like the engine (zero unconditional row,
+    # the image's time ids): same edits up to float rounding
+    out = run_bench(BenchConfig(**{**FAST, "model": "tiny-sdxl", "prompts": 1, "seeds": 1}), log=lambda m: None)
+    assert out["checks"]["edits_max_abs_diff_vs_reference"] < 1e-3

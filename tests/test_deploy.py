@@ -523,7 +523,7 @@ def submit(*args: str, env: dict[str, str] | None = None, cwd: Path = ROOT) -> s
 def job_file(tmp_path) -> Path:
     p = tmp_path / "spec" / "my-job.toml"
     p.parent.mkdir()
-    p.write_text('version = 1\n[input]\nshards = ["demo"]\n')
+    p.write_text('version = 1\n[input]\nshards = ["demo"]\n[output]\npath = "s3://bucket/runs/default"\n')
     return p
 
 
@@ -577,6 +577,37 @@ def test_submit_refuses_a_relative_output_path(job_file):
     assert r.returncode == 2 and "output.path must be absolute or a URL" in r.stderr
     for ok in ("/data/runs/a", "s3://bucket/runs/a", "gs://bucket/runs/a"):
         assert ID_RE.match(print_id(str(job_file), "--set", f"output.path={ok}"))
+
+
+def test_submit_checks_every_local_path_of_the_spec(tmp_path):
+    """Relative paths in the file or the overrides: the output always refused,
+    inputs only when --working-dir does not upload them (checked before
+    anything is submitted, also for --print-id)."""
+    job = tmp_path / "w" / "job.toml"
+    (tmp_path / "w" / "data").mkdir(parents=True)
+    (tmp_path / "w" / "data" / "a.tar").write_bytes(b"")
+    job.write_text('[input]\nshards = ["data/a.tar", "data/b-{000..003}.tar", "s3://b/x.tar", "/abs/c.tar", "demo"]\n'
+                   '[output]\npath = "/data/runs/a"\n[manipulate]\nstrokes_mask = "masks/m.png"\n')
+    r = submit(str(job), "--print-id")
+    assert r.returncode == 2 and r.stdout == ""
+    assert "input.shards 'data/a.tar' is relative" in r.stderr and "input.shards 'data/b-{000..003}.tar' is relative" in r.stderr
+    assert "manipulate.strokes_mask 'masks/m.png' is relative" in r.stderr
+    assert "s3://b/x.tar" not in r.stderr and "/abs/c.tar" not in r.stderr and "'demo'" not in r.stderr
+    # uploaded with --working-dir: data/ is there, masks/ is not
+    r = submit(str(job), "--working-dir", str(tmp_path / "w"), "--print-id")
+    assert r.returncode == 2 and "input.shards" not in r.stderr
+    assert f"manipulate.strokes_mask 'masks/m.png' is relative to --working-dir {tmp_path / 'w'}" in r.stderr
+    ok = ["--set", 'manipulate.strokes_mask=""']
+    assert ID_RE.match(print_id(str(job), "--working-dir", str(tmp_path / "w"), *ok))
+    # overrides count: a relative shard or output path given with --set
+    r = submit(str(job), "--working-dir", str(tmp_path / "w"), *ok, "--set", 'input.shards=["elsewhere/*.tar"]', "--print-id")
+    assert r.returncode == 2 and "elsewhere" in r.stderr
+    r = submit(str(job), "--working-dir", str(tmp_path / "w"), *ok, "--set", "output.path=out", "--print-id")
+    assert r.returncode == 2 and "output.path must be absolute or a URL" in r.stderr
+    # the default output path (out/job) is relative too
+    job.write_text('[input]\nshards = ["demo"]\n')
+    r = submit(str(job), "--print-id")
+    assert r.returncode == 2 and "got 'out/job'" in r.stderr
 
 
 def print_id(*args: str, env: dict[str, str] | None = None) -> str:

@@ -221,12 +221,10 @@ def test_seed_independent_methods_run_once_per_image(tiny, method):
     per_eval = 2 if method == "edict" else 1
     assert engine.unet.rows == per_eval * s * 2 * (2 + 2 * (k + 1))
     for o in outs:
-        assert [(e.target_index, e.seed_index) for e in o.edits] == [(t, i) for t in range(k) for i in range(n)]
-        assert [e.seed for e in o.edits[:n]] == o.seeds
-        for t in range(k):
-            first = o.edits[t * n].image
-            assert all(torch.equal(e.image, first) for e in o.edits[t * n : (t + 1) * n])
-        assert len(o.codes[0]) == n and torch.equal(o.codes[0].x_start[0], o.codes[0].x_start[-1])
+        # deterministic: N seeds would be N copies of one edit, so one edit per (image, target), seed index 0
+        assert [(e.target_index, e.seed_index) for e in o.edits] == [(t, 0) for t in range(k)]
+        assert [e.seed for e in o.edits] == [o.seeds[0]] * k
+        assert len(o.codes[0]) == 1
         assert math.isfinite(o.recon_error_max) and (method != "edict" or o.recon_error_max < 1e-6)
     # the edits equal running the method on each image alone (what N copies computed)
     m, v = get_method(method), engine.variants[0]
@@ -236,7 +234,7 @@ def test_seed_independent_methods_run_once_per_image(tiny, method):
                     num_steps=4, skip=1, cfg_scale=v.cfg_source, **v.params)
     lat = m.edit(tiny.unet, tiny.scheduler, code, texts.emb[[texts.row[samples[0].target_prompts[1]]]], texts.uncond,
                  cfg_scale=v.cfg_target)
-    torch.testing.assert_close(tiny.decode_latents(lat.float())[0], outs[0].edits[n].image, atol=2e-3, rtol=0)
+    torch.testing.assert_close(tiny.decode_latents(lat.float())[0], outs[0].edits[1].image, atol=2e-3, rtol=0)
 
 
 def test_shape_buckets_release_one_shape_per_batch():

@@ -136,9 +136,9 @@ def test_done_shards_uses_listings_only(done_run, monkeypatch):
     calls = {"list": 0, "open": 0}
     real_list = OutputStore._list
 
-    def counting_list(self, rel, recursive=False):
+    def counting_list(self, rel, recursive=False, **kw):
         calls["list"] += 1
-        return real_list(self, rel, recursive)
+        return real_list(self, rel, recursive, **kw)
 
     monkeypatch.setattr(OutputStore, "_list", counting_list)
     monkeypatch.setattr(OutputStore, "read_text", lambda *a: calls.__setitem__("open", calls["open"] + 1))
@@ -204,7 +204,7 @@ def test_damaged_or_missing_part_makes_the_shard_redo(done_run, shards, tmp_path
     assert store.done_shards(spec.hash()) == {b}
     report = run_job(spec, progress=False)
     assert report.done == 1 and report.skipped == 1
-    (out / "noise" / f"{b}.00000.parquet").unlink()  # missing
+    next((out / "noise").glob(f"{b}.*.00000.parquet")).unlink()  # missing
     assert store.done_shards(spec.hash()) == {a}
     report = run_job(spec, progress=False)
     assert report.done == 1 and report.skipped == 1
@@ -374,13 +374,34 @@ def test_export_webdataset_and_files(done_run, tmp_path):
         assert rec["params"]["num_steps"] == 4 and isinstance(rec["seed"], int)
     assert {s["json"]["meta"].get("license") for s in got if s["json"]["key"] == "a000"} == {"cc-by"}
 
+    # keys: the shard's file stem, the sample key, target, seed, method; no path
+    keys = {s["__key__"] for s in got}
+    assert len(keys) == len(got)
+    assert all(k.split("_")[0] in ("a-000", "b-001") and str(tmp_path) not in k and len(k) < 60 for k in keys), keys
+
     res = subprocess.run([sys.executable, "-m", "pipeline.cli", "export", str(out), str(tmp_path / "files"),
                           "--format", "files"], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
-    lines = [json.loads(x) for x in (tmp_path / "files" / "manifest.jsonl").read_text().splitlines()]
+    lines = [json.loads(x) for x in (tmp_path / "files" / "metadata.jsonl").read_text().splitlines()]
     assert len(lines) == edits_of(3) + edits_of(4)
     for rec in lines:
-        assert Image.open(tmp_path / "files" / rec["edit_file"]).size == Image.open(tmp_path / "files" / rec["source_file"]).size
+        assert Image.open(tmp_path / "files" / rec["file_name"]).size == Image.open(tmp_path / "files" / rec["source_file_name"]).size
+    # a Hugging Face imagefolder with every field: the edit and its source as images, prompts, method, seed, ...
+    import datasets
+
+    ds = datasets.load_dataset("imagefolder", data_dir=str(tmp_path / "files"), split="train",
+                               cache_dir=str(tmp_path / "hf"))
+    assert len(ds) == len(lines)
+    assert isinstance(ds.features["image"], datasets.Image) and isinstance(ds.features["source"], datasets.Image)
+    want = {"image", "source", "key", "shard", "source_prompt", "target_prompt", "target_index", "seed_index", "seed",
+            "method", "params", "model_id", "width", "height", "meta"}
+    assert want <= set(ds.column_names), set(ds.column_names)
+    by_file = {r["file_name"]: r for r in lines}
+    row = ds[0]
+    assert isinstance(row["image"], Image.Image) and row["image"].size == row["source"].size == (row["width"], row["height"])
+    assert row["target_prompt"] and row["source_prompt"] and row["method"] == "edit-friendly"
+    assert json.loads(row["params"])["num_steps"] == 4 and isinstance(row["seed"], int)
+    assert {(r["key"], r["target_prompt"], r["seed"]) for r in ds} == {(r["key"], r["target_prompt"], r["seed"]) for r in by_file.values()}
     bad = subprocess.run([sys.executable, "-m", "pipeline.cli", "export", str(out), str(tmp_path / "x"),
                           "--format", "zip"], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.strip() == "imprint: error: --format: must be one of webdataset, files, got 'zip'"

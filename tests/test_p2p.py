@@ -3,6 +3,8 @@ processor level, and chains on the tiny model (control off = today's
 edits; full injection with the source prompt = the reconstruction; nothing
 left installed on the model)."""
 
+import json
+
 import pytest
 import torch
 
@@ -323,9 +325,9 @@ def test_shipped_p2p_job_is_valid():
 
 
 def test_p2p_with_seed_independent_methods_manipulations_and_stored_codes(tmp_path):
-    """P2P rows next to a deterministic method (one code per image, replicated
-    for the seeds), a shifted code (the reconstruction reads the original),
-    and `edit-codes` from the stored codes."""
+    """P2P rows next to a deterministic method (one code per image, one edit
+    per (image, target) whatever edit.seeds), a shifted code (the
+    reconstruction reads the original), and `edit-codes` from the stored codes."""
     import json
 
     from helpers_data import good_samples, write
@@ -341,18 +343,17 @@ def test_p2p_with_seed_independent_methods_manipulations_and_stored_codes(tmp_pa
     for r in res:
         counts[r["method"]] = counts.get(r["method"], 0) + 1
     assert set(counts) == {"edit-friendly", "edit-friendly+p2p", "ddim", "ddim+p2p"}
-    assert len(set(counts.values())) == 1  # every variant has every (image, target, seed) row
-    ddim = [r for r in res if r["method"] == "ddim+p2p"]
-    by_key = {}
-    for r in ddim:  # a deterministic method's seeds are copies
-        by_key.setdefault((r["key"], r["target_prompt"]), set()).add(r["image"]["bytes"] if isinstance(r["image"], dict) else r["image"])
-    assert all(len(v) == 1 for v in by_key.values())
+    n_pairs = len({(r["key"], r["target_prompt"]) for r in res})
+    # edit-friendly: every (image, target, seed) row; ddim: deterministic, one row per (image, target)
+    assert counts["edit-friendly"] == counts["edit-friendly+p2p"] == 2 * n_pairs
+    assert counts["ddim"] == counts["ddim+p2p"] == n_pairs
+    assert {r["seed_index"] for r in res if r["method"].startswith("ddim")} == {0}
     for s in store.read_table("sources").to_pylist():
         if s["status"] == "ok":
             errs = json.loads(s["recon_errors"])
             assert errs["edit-friendly+p2p"] < 1e-3, errs  # from the unshifted code, not the shifted one
-    # one code per (image, seed, method), not per control
-    assert store.read_table("noise").num_rows == 2 * 2 * 2
+    # one code per (image, seed, method), not per control; ddim one per image
+    assert store.read_table("noise").num_rows == 2 * 2 + 2 * 1
     # edit-codes under p2p
     raw2 = {
         "input": {"codes": str(tmp_path / "out"), "templates": ["{source} in the rain"]},
@@ -387,3 +388,85 @@ def _run_two_control_job(tmp_path, shard, template, inversion, edit, **sections)
     assert report.done == 1 and not report.failed
     store = OutputStore.open(str(tmp_path / "out"))
     return store, store.read_table("results").to_pylist()
+
+
+# -- mode auto and prompts that cannot be aligned (issue 22 item 4) -------------------------
+
+
+def test_auto_mode_is_replace_for_same_word_counts_else_refine(tok):
+    cfg = p2p.P2PConfig()
+    assert cfg.mode == "auto"
+    same, longer = "a green circle on a white background", SRC + ", oil painting"
+    for target, mode in ((same, "replace"), (longer, "refine")):
+        assert p2p.pair_mode("auto", SRC, target) == mode
+        want = (p2p.replace_map if mode == "replace" else p2p.refine_map)(tok, SRC, target)
+        got = p2p.token_map(cfg, tok, SRC, target)
+        assert torch.equal(got.weights, want.weights) and torch.equal(got.alpha, want.alpha)
+    assert p2p.pair_mode("replace", SRC, longer) == "replace"  # an explicit mode is kept
+
+
+def test_template_word_change():
+    assert p2p.template_word_change("{source}, oil painting") == 2
+    assert p2p.template_word_change("{source}s") == 0
+    assert p2p.template_word_change("{{literal}} {source}") == 1
+    assert p2p.template_word_change("a fixed prompt") is None
+    assert p2p.template_word_change("{source} and {source}") is None
+
+
+def test_check_prompts_names_the_target_and_the_reason(tok):
+    cfg = p2p.P2PConfig(reweight={"sketch": 2.0})
+    p2p.check_prompts(cfg, tok, SRC, [SRC + " sketch", "a blue sketch"])
+    with pytest.raises(ValueError, match=r"'a blue circle'.*reweight word 'sketch' is not in the target"):
+        p2p.check_prompts(cfg, tok, SRC, [SRC + " sketch", "a blue circle"])
+    with pytest.raises(ValueError, match="same number of words"):
+        p2p.check_prompts(p2p.P2PConfig(mode="replace"), tok, SRC, ["a blue circle"])
+
+
+def test_replace_with_a_word_changing_template_is_refused_at_validation(tmp_path):
+    from pipeline.spec import SpecError, load_spec
+
+    raw = {"input": {"shards": ["x.tar"], "templates": ["{source}, oil painting"]}, "edit": {"control": "p2p"}}
+    assert load_spec(raw=raw).edit.mode == "auto"  # the README's template works with the default
+    with pytest.raises(SpecError, match=r"^edit.mode: 'replace' .*'\{source\}, oil painting' adds 2"):
+        load_spec(raw={**raw, "edit": {"control": "p2p", "mode": "replace"}})
+    ok = {**raw, "input": {"shards": ["x.tar"], "templates": ["{source}s", "a fixed prompt"]}}
+    assert load_spec(raw={**ok, "edit": {"control": "p2p", "mode": "replace"}}).edit.mode == "replace"
+
+
+def test_unalignable_prompts_are_error_rows_and_the_shard_goes_on(tmp_path):
+    """A reweight word missing from one sample's target: that sample is an
+    error row with the reason, the others are edited (auto: one by replace,
+    one by refine), the shard is done in one attempt."""
+    from helpers_data import image_bytes, write
+    from pipeline.executor import run_job
+    from pipeline.spec import load_spec
+    from pipeline.store import OutputStore
+
+    samples = [
+        {"__key__": "swap", "png": image_bytes(seed=1),
+         "json": {"source_prompt": "a red circle", "target_prompts": ["a sketch circle"]}},
+        {"__key__": "missing", "png": image_bytes(seed=2),
+         "json": {"source_prompt": "a red circle", "target_prompts": ["a blue circle"]}},
+        {"__key__": "longer", "png": image_bytes(seed=3),
+         "json": {"source_prompt": "a red circle", "target_prompts": ["a red circle, pencil sketch"]}},
+    ]
+    shard = write(tmp_path / "p-000.tar", samples)
+    raw = {
+        "input": {"shards": [shard]},
+        "inversion": {"steps": 4, "skip": 1},
+        "edit": {"control": "p2p", "reweight": {"sketch": 2.0}},
+        "output": {"path": str(tmp_path / "out"), "image_format": "png"},
+        "score": {"enabled": False},
+        "run": {"executor": "inline", "max_attempts": 3},
+    }
+    report = run_job(load_spec(raw=raw), progress=False)
+    assert report.done == 1 and not report.failed and report.errors == 1
+    assert dict(report.error_types) == {"p2p_unaligned": 1}
+    store = OutputStore.open(str(tmp_path / "out"))
+    sources = {r["key"]: r for r in store.read_table("sources").to_pylist()}
+    assert sources["missing"]["status"] == "error"
+    assert "'a blue circle'" in sources["missing"]["error"] and "reweight word 'sketch'" in sources["missing"]["error"]
+    assert sources["swap"]["status"] == sources["longer"]["status"] == "ok"
+    res = store.read_table("results").to_pylist()
+    assert sorted(r["key"] for r in res) == ["longer", "swap"]
+    assert all(json.loads(r["params"])["mode"] == "auto" for r in res)

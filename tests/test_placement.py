@@ -68,6 +68,8 @@ def test_worker_cap():
     ("gpus_per_worker", 1.5, "run.gpus_per_worker: above 1 must be a whole number"),
     ("cpus_per_worker", 0, "run.cpus_per_worker"),
     ("shard_timeout_s", 0, "run.shard_timeout_s"),
+    ("placement_timeout_s", 0, "run.placement_timeout_s"),
+    ("start_timeout_s", -5, "run.start_timeout_s"),
     ("max_workers", -1, "run.max_workers"),
 ])
 def test_bad_run_fields_stop_with_one_message(field, value, msg):
@@ -76,7 +78,8 @@ def test_bad_run_fields_stop_with_one_message(field, value, msg):
 
 
 def test_placement_fields_do_not_change_the_spec_hash():
-    assert spec().hash() == spec(max_workers=7, gpus_per_worker=0.5, cpus_per_worker=2, shard_timeout_s=60).hash()
+    assert spec().hash() == spec(max_workers=7, gpus_per_worker=0.5, cpus_per_worker=2, shard_timeout_s=60,
+                               placement_timeout_s=60, start_timeout_s=60).hash()
 
 
 def test_failure_records_and_cuda_errors():

@@ -1,7 +1,9 @@
-"""The README's Python example runs as written (a shorter schedule keeps it fast)."""
+"""The README's Python and output examples run as written (shorter schedules keep them fast)."""
 
 import pathlib
 import re
+
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -16,6 +18,23 @@ def test_readme_python_api_example_runs():
     assert scope["images"].shape == (6, 3, 128, 128)
 
 
+def test_readme_editor_example_runs(tmp_path, monkeypatch):
+    """The Python section's first example (the PIL-level Editor), on a short schedule."""
+    from PIL import Image
+
+    text = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    example = next(b for b in blocks if "Editor.from_pretrained" in b)
+    assert text.index(example) < text.index("ef.invert")  # the Python section starts with it
+    example = example.replace("steps=100, skip=36", "steps=8, skip=3").replace("seeds=3)", "seeds=3, steps=8, skip=3)")
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(example, "README.md", "exec"), scope)
+    assert len(scope["codes"]) == 3 and len(scope["edits"]) == 3
+    assert all(isinstance(e, Image.Image) and e.size == (64, 64) for e in scope["edits"])
+    assert Image.open(tmp_path / "blue-seed0.png").size == (64, 64)
+
+
 def test_readme_shows_exactly_the_two_setup_commands():
     text = (ROOT / "README.md").read_text()
     setup = text.split("## Set-up: two commands", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
@@ -23,35 +42,69 @@ def test_readme_shows_exactly_the_two_setup_commands():
     assert cmds == ["make demo", "make test"]
 
 
-def test_readme_reading_and_export_examples_run(tmp_path):
-    """The Output section's reading examples, on a small real output."""
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """`make demo`'s job (jobs/demo.toml, its two built-in shards, PNG) through
+    the command line and a local Ray cluster, on a 4-step schedule; returns
+    the output and the command's output (stdout + stderr)."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("demo") / "out" / "demo"
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.pop("RAY_ADDRESS", None)
+    res = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(ROOT / "jobs" / "demo.toml"),
+                          "--set", "inversion.steps=4", "--set", "inversion.skip=1", "--set", f'output.path="{out}"',
+                          "--no-progress"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out, res.stdout + res.stderr
+
+
+def test_a_run_prints_no_library_noise(demo_run):
+    """No Ray token-auth warning, no weight-loading bars, no accelerate warning
+    from the workers: only imprint's own lines."""
+    _, printed = demo_run
+    for noise in ("Token authentication", "Loading weights", "accelerate", "it/s]"):
+        assert noise not in printed, printed[-3000:]
+    assert "imprint: results in" in printed
+
+
+def test_readme_reading_and_export_examples_run(demo_run, tmp_path):
+    """Every Python snippet of the Output section (reading, WebDataset export,
+    imagefolder export) on the demo's own output."""
     import subprocess
     import sys
 
     from PIL import Image
 
-    from helpers_data import write
-    from pipeline.executor import run_job
-    from pipeline.spec import load_spec
-    from test_outputs import raw_job, samples
+    import pipeline
 
+    out, _ = demo_run
     text = (ROOT / "README.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
     reading = next(b for b in blocks if "pipeline.read_table" in b)
     exporting = next(b for b in blocks if "wds.WebDataset" in b)
-    out = tmp_path / "out" / "demo"
-    shard = write(tmp_path / "in-000.tar", samples("r", 2))
-    run_job(load_spec(raw=raw_job(out, [shard], output={"image_format": "webp"})), progress=False)
+    folder = next(b for b in blocks if '"imagefolder"' in b)
+    n_results, n_sources = (pipeline.read_table(str(out), t).num_rows for t in ("results", "sources"))
+    assert n_results > 0 and n_sources > 0
 
     scope: dict = {}
     exec(compile(reading.replace('"out/demo"', repr(str(out))), "README.md", "exec"), scope)
-    assert len(scope["edits"]) == len(scope["committed"]) == 6 and len(scope["sources"]) == 2
+    assert len(scope["edits"]) == len(scope["committed"]) == n_results and len(scope["sources"]) == n_sources
     assert isinstance(scope["first_edit"], Image.Image)
 
-    dest = tmp_path / "exports" / "demo"
-    res = subprocess.run([sys.executable, "-m", "pipeline.cli", "export", str(out), str(dest)], capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
+    for fmt, dest in (("webdataset", tmp_path / "exports" / "demo"), ("files", tmp_path / "exports" / "demo-files")):
+        res = subprocess.run([sys.executable, "-m", "pipeline.cli", "export", str(out), str(dest), "--format", fmt],
+                             capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr
     scope = {}
-    exec(compile(exporting.replace('"exports/demo/*.tar"', repr(f"{dest}/*.tar")), "README.md", "exec"), scope)
+    exec(compile(exporting.replace('"exports/demo/*.tar"', repr(f"{tmp_path}/exports/demo/*.tar")), "README.md", "exec"), scope)
     assert isinstance(scope["edit"], Image.Image) and scope["edit"].size == scope["source"].size
     assert scope["info"]["target_prompt"]
+    scope = {}
+    exec(compile(folder.replace('"exports/demo-files"', repr(f"{tmp_path}/exports/demo-files")), "README.md", "exec"), scope)
+    row = scope["row"]
+    assert isinstance(row["image"], Image.Image) and row["image"].size == row["source"].size
+    assert row["target_prompt"] and row["source_prompt"] and row["method"] == "edit-friendly" and isinstance(row["seed"], int)
+    assert len(scope["pairs"]) == pipeline.read_table(str(out), "results").to_pandas()["kept"].sum()

@@ -23,6 +23,7 @@ from test_outputs import HERE, edits_of, raw_job, samples
 from helpers_data import write
 
 BUCKET = "imprint-test"
+MOTO_LOG = None  # the server's log: one line per request (counted by the read-ahead test)
 TABLES = ("results", "sources", "noise")
 
 
@@ -37,7 +38,9 @@ def s3(tmp_path_factory):
     boto3 = pytest.importorskip("boto3")
     pytest.importorskip("moto.server")
     port = _free_port()
-    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")
+    global MOTO_LOG
+    MOTO_LOG = tmp_path_factory.mktemp("moto") / "moto.log"
+    log = open(MOTO_LOG, "w")
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                             stdout=log, stderr=subprocess.STDOUT)
     env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
@@ -152,3 +155,49 @@ def test_s3_inputs_and_outputs_crash_mid_commit_then_rerun(s3, tmp_path):
     assert t.num_rows == edits_of(3) + edits_of(4)
     assert all(f.startswith(f"s3://{BUCKET}/") for f in committed_files(out))
     assert run_job(spec, progress=False).skipped == 2  # resume from listings
+
+
+def _gets(key: str) -> int:
+    """GET requests the moto server has logged for one object."""
+    return sum(1 for line in MOTO_LOG.read_text().splitlines() if f"GET /{BUCKET}/{key} HTTP" in line)  # (206 lines are coloured)
+
+
+def test_object_store_shards_are_read_through_a_large_read_ahead(s3, tmp_path):
+    """A 1.6 MB shard in at most 8 GET requests (unbuffered, the tar reader's
+    512 B-10 KiB reads were one ranged GET each: 157 for this shard)."""
+    import pyarrow.fs as pafs
+
+    from pipeline.data import object_store, read_raw_samples
+
+    rng = __import__("random").Random(0)
+    big = [{"__key__": f"k{i:03d}", "bin": bytes(rng.getrandbits(8) for _ in range(100_000)), "txt": f"c {i}"}
+           for i in range(16)]
+    path = write(tmp_path / "big.tar", big)
+    size = Path(path).stat().st_size
+    assert 1_500_000 < size < 1_800_000
+    s3.upload_file(str(path), BUCKET, "readahead/big.tar")
+    url = f"s3://{BUCKET}/readahead/big.tar"
+    time.sleep(0.2)  # the server's log lines are written after each response
+    before = _gets("readahead/big.tar")
+    t0 = time.perf_counter()
+    got = list(read_raw_samples(url))
+    seconds = time.perf_counter() - t0
+    time.sleep(0.2)
+    requests = _gets("readahead/big.tar") - before
+    assert [g["__key__"] for g in got] == [b["__key__"] for b in big] and all("__error__" not in g for g in got)
+    assert 1 <= requests <= 8, requests
+    # the counter counts: the same shard unbuffered takes one GET per small read
+    fs, key = object_store(url)
+    before = _gets("readahead/big.tar")
+    t1 = time.perf_counter()
+    with fs.open_input_stream(key) as fh:
+        import tarfile
+
+        for m in tarfile.open(fileobj=fh, mode="r|*"):
+            pass
+    unbuffered_s = time.perf_counter() - t1
+    time.sleep(0.2)
+    unbuffered = _gets("readahead/big.tar") - before
+    assert unbuffered > 50, unbuffered
+    print(f"\n[read-ahead] {size / 1e6:.2f} MB shard: {requests} GET(s), {size / 1e6 / seconds:.1f} MB/s "
+          f"(unbuffered: {unbuffered} GETs, {size / 1e6 / unbuffered_s:.1f} MB/s)")

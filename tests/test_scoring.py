@@ -122,7 +122,7 @@ def test_lpips_features_match_lpips_forward(scorers):
 def test_offline_scorers_are_random_and_deterministic(scorers):
     assert scorers.random_weights is True
     d = scorers.description
-    assert d["clip_model"] == "imprint-tiny-clip" and d["clip_pretrained"] == "none"
+    assert d["clip_model"] == "imprint-tiny-clip" and d["clip_pretrained"] == "random" and d["clip_random_weights"] is True
     assert d["lpips_trunk"] == "random" and d["random_weights"] is True and d["clip_image_size"] == [64, 64]
     # seeded random init: every worker builds the same scorers (global RNG untouched)
     state = torch.random.get_rng_state()

@@ -16,12 +16,12 @@ def test_compare_methods_job_as_shipped(tmp_path):
 
     spec = load_spec("jobs/compare-methods.toml", ["run.executor=inline", f'output.path="{tmp_path / "out"}"'])
     report = run_job(spec, progress=False)
-    assert report.done == 2 and not report.failed
+    assert report.done == 1 and not report.failed
     res = OutputStore.open(str(tmp_path / "out")).read_table("results").to_pylist()
     by_method = {m: [r for r in res if r["method"] == m] for m in method_names()}
-    assert all(len(rows) == 5 * 2 * 2 for rows in by_method.values())  # images x targets x seeds
-    # deterministic inversions give one code per image: no diversity
-    assert all(r["diversity"] == 0 for m in ("ddim", "edict") for r in by_method[m])
+    # images x targets x seeds; deterministic inversions give one code per image, so one edit per (image, target)
+    assert all(len(by_method[m]) == 8 * 2 * (1 if m in ("ddim", "edict") else 2) for m in by_method if by_method[m])
+    assert all(r["seed_index"] == 0 and not r["diversity"] == r["diversity"] for m in ("ddim", "edict") for r in by_method[m])
     assert all(r["diversity"] > 0 for m in ("edit-friendly", "cycle", "ddim-forward") for r in by_method[m])
     html = build_report([str(tmp_path / "out")])
     assert all(m in html for m in method_names()) and 'id="scatter"' in html

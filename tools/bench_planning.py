@@ -74,6 +74,7 @@ def main() -> None:
     t0 = time.perf_counter()
     done = store.done_shards(h)
     t_done = time.perf_counter() - t0
+    store.release()  # plan() took the output's lease
     print(json.dumps({"shards": n, "done": len(done), "pending": len(pending), "expand_dedupe_s": round(t_expand, 3),
                       "done_shards_s": round(t_done, 3), "plan_total_s": round(t_plan, 3), "output": out}, indent=1))
 

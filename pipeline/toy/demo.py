@@ -10,6 +10,7 @@ import io
 
 import numpy as np
 
+from .model import TOY_DOMAIN
 from .scenes import COLORS, random_scene
 
 TOY_DEMO_SCENES = 8
@@ -31,5 +32,5 @@ def toy_demo_samples(n: int = TOY_DEMO_SCENES, seed: int = TOY_DEMO_SEED) -> lis
         buf = io.BytesIO()
         Image.fromarray(pixels, "RGB").save(buf, format="PNG")
         samples.append({"__key__": f"toy_{k:03d}", "png": buf.getvalue(),
-                        "json": {"source_prompt": s.caption, "target_prompts": targets, "domain": "toy scene"}})
+                        "json": {"source_prompt": s.caption, "target_prompts": targets, "domain": TOY_DOMAIN}})
     return samples

@@ -1,63 +1,51 @@
-"""The toy model's architecture and its stand-in for the VAE.
-
-The "latent" of a 64x64 RGB image is its 4x4 pixel unshuffle, 48x16x16,
-times a fixed scaling factor: an exact, invertible image<->latent map with
-the interface of diffusers' AutoencoderKL that `Models` uses
-(`encode(x).latent_dist.mean`, `decode(z).sample`, `config.scaling_factor`),
-so nothing has to be trained for it and reconstruction error is only the
-inversion's own. The UNet, text encoder, tokenizer and scheduler are SD's
-classes and configuration at a small size.
+"""The toy model's architecture: Stable Diffusion's classes and layout at a
+small size. A 64x64 scene is encoded by a small AutoencoderKL (trained on the
+toy scenes) into a 4x16x16 latent scaled to unit variance; a
+UNet2DConditionModel denoises it under a CLIP text encoder's embeddings of the
+scene's caption (CLIP's BPE tokenizer), on SD's noise schedule with
+v-prediction. `load_models("toy")` reads it as any diffusers folder.
 """
 
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
-import torch.nn.functional as F
 
 from .scenes import RESOLUTION
 
-FACTOR = 4  # pixel-unshuffle factor: 64x64x3 images <-> 48x16x16 latents
-LATENT_CHANNELS = 3 * FACTOR * FACTOR
-# Why latents are scaled down: a toy scene states its shape's colour in every
-# one of a few hundred pixels, so at scale 1 the colour can still be read off
-# x_t at t ~ 990 (discriminability d' ~ 1.5-3.4 between two palette colours)
-# and a prompt has nothing left to decide by the paper's edit start (t ~ 630
-# for 100 steps, skip 36: d' ~ 8-19). A denoiser then predicts the source
-# colour whatever the prompt, and no guidance scale changes that (the first
-# shipped weights, trained at scale 1, edited 0 of 24 colours). Scaling by
-# 0.18 lowers the SNR at every t 31-fold (log-SNR shifted by -3.4, the
-# resolution shift of "simple diffusion"), so the colour is still open at
-# t ~ 630 (d' ~ 1.5-3.3) while the shape's place is carried by the noise maps.
-SCALING_FACTOR = 0.18
-# At that low SNR an epsilon-prediction model's x0 = (x_t - sqrt(1-ab) eps) /
-# sqrt(ab) amplifies its errors by sqrt((1-ab)/ab) / scale (a 1,000-step
-# epsilon model at scale 0.125 had x0 errors larger than the data at t = 300,
-# and its samples kept per-pixel noise); v-prediction bounds them at every t.
-# (x0-prediction, `train --prediction-type sample`, was also run to 3,000 steps:
-# cleaner samples, 12/12 colours from text vs 10/12, but colour edits at the
-# paper's setting reached the target in 9/16 vs 12/16, mask IoU 0.41 vs 0.34.)
+FACTOR = 4  # autoencoder downsampling: 64x64x3 images <-> 4x16x16 latents, as SD's VAE is 8x at 512
+LATENT_CHANNELS = 4
+# The "VAE" is a small AutoencoderKL trained on the toy scenes (`train --only
+# ae`). The first shipped toy model used an exact pixel unshuffle instead
+# (48x16x16 latents): whatever noise the diffusion model left in a latent then
+# landed in pixels as 4x4 blocks of coloured static, and its latents had to be
+# scaled down to 0.18 so colour stayed open at the edit's start, which left
+# the model unable to see where the shape was (edits swelled into halos). A
+# learned decoder maps near-manifold latents onto clean scenes, as SD's does
+# onto natural images, and its latents are scaled to unit variance (the
+# scaling factor is measured on training scenes, as SD's 0.18215 was).
+AE_CONFIG = dict(
+    in_channels=3, out_channels=3, latent_channels=LATENT_CHANNELS, sample_size=RESOLUTION,
+    down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+    block_out_channels=(16, 32, 64), layers_per_block=1, norm_num_groups=8,
+    mid_block_add_attention=False,  # flat shapes need no attention; it would cost more than the rest at 16x16
+)
 PREDICTION_TYPE = "v_prediction"
 TOY = "toy"
 TOY_CLIP = "toy-clip"
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 TOY_DIR = WEIGHTS_DIR / TOY
 TOY_CLIP_DIR = WEIGHTS_DIR / TOY_CLIP
-AUTOENCODER_CLASS = "PixelUnshuffleAutoencoder"
 # What outputs and reports say about runs on this model (instead of the random-weights warning).
 TOY_NOTE = "toy model trained on synthetic shapes"
+TOY_DOMAIN = "toy scene"  # the `domain` field of toy-scene samples (toy.demo); reports put other inputs last
 
 UNET_CONFIG = dict(
     sample_size=RESOLUTION // FACTOR,
     in_channels=LATENT_CHANNELS,
     out_channels=LATENT_CHANNELS,
-    # the first level is wider than the 48-channel latent: at 32 channels the
-    # network could not pass the noise of low-t latents through (loss floor ~0.4)
     block_out_channels=(64, 64, 128),
     layers_per_block=1,
     # attention at 8x8 and 4x4: what the shape, colour and background words
@@ -76,71 +64,13 @@ TEXT_CONFIG = dict(
 )
 
 
-@dataclass
-class _Posterior:
-    """A point mass: the map is deterministic, so mean = mode = sample."""
+def build_autoencoder(seed: int = 0, scaling_factor: float = 1.0):
+    """The toy AutoencoderKL at its initialisation for `seed`."""
+    from diffusers import AutoencoderKL
 
-    mean: torch.Tensor
-
-    def mode(self) -> torch.Tensor:
-        return self.mean
-
-    def sample(self, generator=None) -> torch.Tensor:
-        return self.mean
-
-
-class PixelUnshuffleAutoencoder(torch.nn.Module):
-    """Image [B, 3, H, W] in [-1, 1] <-> latent [B, 3 f^2, H/f, W/f] by pixel
-    (un)shuffle, exact in both directions. `config` mirrors the AutoencoderKL
-    fields callers read; `block_out_channels` has log2(f) + 1 entries so the
-    usual `2 ** (len(block_out_channels) - 1)` gives the downsampling factor."""
-
-    def __init__(self, factor: int = FACTOR, scaling_factor: float = SCALING_FACTOR):
-        super().__init__()
-        if factor < 1 or factor & (factor - 1):
-            raise ValueError(f"factor must be a power of two, got {factor}")
-        levels = factor.bit_length()  # log2(factor) + 1
-        self.config = SimpleNamespace(
-            _class_name=AUTOENCODER_CLASS, factor=factor, scaling_factor=float(scaling_factor),
-            in_channels=3, latent_channels=3 * factor * factor, block_out_channels=[3 * factor * factor] * levels,
-        )
-
-    @property
-    def factor(self) -> int:
-        return int(self.config.factor)
-
-    def encode(self, x: torch.Tensor, return_dict: bool = True):
-        if x.shape[-1] % self.factor or x.shape[-2] % self.factor:
-            raise ValueError(f"image size {tuple(x.shape[-2:])} is not a multiple of the latent factor {self.factor}")
-        out = SimpleNamespace(latent_dist=_Posterior(F.pixel_unshuffle(x, self.factor)))
-        return out if return_dict else (out.latent_dist,)
-
-    def decode(self, z: torch.Tensor, return_dict: bool = True):
-        out = SimpleNamespace(sample=F.pixel_shuffle(z, self.factor))
-        return out if return_dict else (out.sample,)
-
-    def save_pretrained(self, folder: str | os.PathLike) -> None:
-        os.makedirs(folder, exist_ok=True)
-        cfg = {"_class_name": AUTOENCODER_CLASS, "factor": self.factor, "scaling_factor": self.config.scaling_factor}
-        with open(os.path.join(folder, "config.json"), "w") as fh:
-            json.dump(cfg, fh, indent=2)
-
-    @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike) -> PixelUnshuffleAutoencoder:
-        with open(os.path.join(folder, "config.json")) as fh:
-            cfg = json.load(fh)
-        return cls(int(cfg["factor"]), float(cfg["scaling_factor"]))
-
-
-def is_pixel_autoencoder(folder: str | os.PathLike) -> bool:
-    """Whether a pipeline folder's vae/ is this stand-in (not an AutoencoderKL)."""
-    path = Path(folder) / "vae" / "config.json"
-    if not path.is_file():
-        return False
-    try:
-        return json.loads(path.read_text()).get("_class_name") == AUTOENCODER_CLASS
-    except (OSError, ValueError):
-        return False
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return AutoencoderKL(**AE_CONFIG, scaling_factor=scaling_factor)
 
 
 def build_untrained(seed: int = 0):
@@ -155,13 +85,14 @@ def build_untrained(seed: int = 0):
     return unet, text_encoder
 
 
-def save_pipeline(folder: str | os.PathLike, unet, text_encoder, scheduler_config: dict,
+def save_pipeline(folder: str | os.PathLike, unet, text_encoder, vae, scheduler_config: dict,
                   dtype: torch.dtype = torch.float16) -> None:
     """Write a diffusers-format folder (unet/, text_encoder/, vae/, scheduler/;
     no tokenizer/: the CLIP BPE tokenizer is built from open_clip's vocabulary).
-    Weights are stored in `dtype` (fp16 keeps the package small) as safetensors.
-    `scheduler_config`: a DDIMScheduler's (the caller's; `models` imports this
-    module, so it does not import `models`)."""
+    UNet and text encoder weights are stored in `dtype` (fp16 keeps the
+    package small), the autoencoder in fp32 (its decoder is what a person
+    sees), all as safetensors. `scheduler_config`: a DDIMScheduler's (the
+    caller's; `models` imports this module, so it does not import `models`)."""
     import copy
 
     from diffusers import DDIMScheduler
@@ -169,5 +100,5 @@ def save_pipeline(folder: str | os.PathLike, unet, text_encoder, scheduler_confi
     folder = Path(folder)
     copy.deepcopy(unet).to(dtype).save_pretrained(folder / "unet", safe_serialization=True)
     copy.deepcopy(text_encoder).to(dtype).save_pretrained(folder / "text_encoder", safe_serialization=True)
-    PixelUnshuffleAutoencoder().save_pretrained(folder / "vae")
+    vae.save_pretrained(folder / "vae", safe_serialization=True)
     DDIMScheduler(**scheduler_config).save_pretrained(folder / "scheduler")

@@ -6,6 +6,8 @@
 - `segment`: the pixels that differ from the known background colour, i.e.
   where the edited image has a shape.
 - `iou`: intersection over union of two masks.
+- `background_change`: how much an edit changed the background away from
+  the source shape.
 All functions take images [B, 3, H, W] in [-1, 1] and masks [B, H, W] (bool).
 """
 
@@ -66,6 +68,29 @@ def iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     inter = (a & b).flatten(1).sum(1).float()
     union = (a | b).flatten(1).sum(1).float()
     return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+
+
+# Pixels this far from the source shape count as background for
+# `background_change`: an edit may legitimately move the outline by a pixel
+# or two, and the autoencoder blurs edges by about as much.
+BACKGROUND_MARGIN = 4
+
+
+def dilate(masks: torch.Tensor, pixels: int = 1) -> torch.Tensor:
+    """Grow bool masks [B, H, W] by `pixels` (a 3x3 max filter per pixel)."""
+    m = masks.float()[:, None]
+    for _ in range(pixels):
+        m = F.max_pool2d(m, 3, stride=1, padding=1)
+    return m[:, 0] > 0.5
+
+
+def background_change(sources: torch.Tensor, edits: torch.Tensor, masks: torch.Tensor,
+                      margin: int = BACKGROUND_MARGIN) -> torch.Tensor:
+    """Per-image mean absolute change [B] of the pixels farther than `margin`
+    from the source shape's mask, in 8-bit units (0..255), over RGB."""
+    away = ~dilate(masks, margin)
+    diff = (edits.float().cpu() - sources.float().cpu()).abs().mean(1) * 127.5
+    return (diff * away).flatten(1).sum(1) / away.flatten(1).sum(1).clamp(min=1)
 
 
 def centroid(masks: torch.Tensor) -> torch.Tensor:

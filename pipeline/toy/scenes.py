@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-RESOLUTION = 64  # pixels; 16x16 "latents" after a 4x4 pixel unshuffle
+RESOLUTION = 64  # pixels; 4x16x16 latents after the toy autoencoder
 
 SHAPES = ("circle", "square", "triangle")
 # Saturated, well separated colours (8-bit RGB) so a nearest-colour oracle is unambiguous.

@@ -1,17 +1,30 @@
-"""Train the toy model (and the toy CLIP scorer) from a fixed seed.
+"""Train the toy model (autoencoder, UNet + text encoder, and the toy CLIP
+scorer) from fixed seeds.
 
     python -m pipeline.toy.train --out pipeline/toy/weights      # = make toy-model
 
-The UNet and the CLIP text encoder are trained jointly on freshly drawn toy
-scenes (an endless stream from one seeded generator): v-prediction MSE under
-SD's noise schedule, 10% of captions dropped to "" so classifier-free
-guidance works, the loss weighted to count errors of the predicted clean
-image in pixel units (see `loss_weights`), AdamW with linear warmup and a
-cosine decay to a tenth of the rate, EMA weights (what ships). Then the toy CLIP
-scorer is trained contrastively on the same scenes and captions. Progress,
-wall time and CPU time go to stdout; EMA checkpoints are written every
-`--ckpt-every` steps (none by default: `make toy-model` writes into the
-package) so a long run can be inspected while it trains.
+Stages, each on an endless stream of freshly drawn toy scenes from its own
+seeded generator:
+1. `ae`: a small AutoencoderKL (64x64x3 <-> 4x16x16) trained on pixel MSE +
+   L1, its decoder also fed latents perturbed by noise (10% of their spread)
+   so that the small errors a diffusion model leaves in a latent decode to
+   clean scenes; its scaling factor is then measured (1 / std of the scaled
+   latents, as SD's 0.18215 was) so latents have unit variance.
+2. `unet`: UNet and CLIP text encoder trained jointly on the frozen encoder's
+   latents: v-prediction MSE under SD's noise schedule, 10% of captions
+   dropped to "" so classifier-free guidance works, half of the timesteps
+   drawn from the range edits run in (t < 700: the paper's edit starts at
+   t ~ 640), AdamW with linear warmup and cosine decay to a tenth, EMA weights
+   (what ships).
+3. `clip`: the toy CLIP scorer, trained contrastively on scenes and captions.
+
+Every stage writes a resumable checkpoint (weights, EMA, optimiser, learning
+rate schedule, generator states) every `--ckpt-minutes` under
+OUT/checkpoints/ and continues from it when rerun with the same OUT, so a run
+cut off by a session's end resumes where it stopped; `--stop-at K` ends the
+UNet stage at step K of the `--steps` schedule (a shipped intermediate
+checkpoint is reproducible). Progress, wall time and CPU time go to stdout and
+OUT/training*.json.
 """
 
 from __future__ import annotations
@@ -30,11 +43,14 @@ import torch
 import torch.nn.functional as F
 
 from ..models import clip_tokenizer, sd_scheduler_config
-from .model import FACTOR, PREDICTION_TYPE, SCALING_FACTOR, TOY, TOY_CLIP, build_untrained, save_pipeline
+from .model import PREDICTION_TYPE, TOY, TOY_CLIP, build_autoencoder, build_untrained, save_pipeline
 from .scenes import random_batch
 
-DEFAULTS = dict(seed=0, steps=3000, batch=48, lr=5e-4, warmup=200, ema=0.999, caption_dropout=0.1,
-                clip_steps=800, clip_batch=128, clip_lr=1e-3, threads=2, prediction_type=PREDICTION_TYPE)
+DEFAULTS = dict(seed=0, ae_steps=600, ae_batch=32, ae_lr=1e-3, ae_latent_noise=0.1,
+                steps=4500, stop_at=0, batch=48, lr=5e-4, warmup=200, ema=0.999, caption_dropout=0.1,
+                edit_t_max=700, edit_t_share=0.5,
+                clip_steps=800, clip_batch=128, clip_lr=1e-3, threads=1, prediction_type=PREDICTION_TYPE,
+                ckpt_minutes=10.0)
 
 
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
@@ -44,8 +60,13 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
 
 
 class _Clock:
-    def __init__(self):
-        self.wall0, self.cpu0 = time.time(), time.process_time()
+    """Wall and CPU time since the start of a stage, including the time of
+    earlier runs it resumed from (`before`)."""
+
+    def __init__(self, before: dict | None = None):
+        before = before or {}
+        self.wall0 = time.time() - before.get("wall_s", 0.0)
+        self.cpu0 = time.process_time() - before.get("cpu_s", 0.0)
 
     def __str__(self) -> str:
         return f"wall {time.time() - self.wall0:7.1f}s cpu {time.process_time() - self.cpu0:7.1f}s"
@@ -54,58 +75,128 @@ class _Clock:
         return {"wall_s": round(time.time() - self.wall0, 1), "cpu_s": round(time.process_time() - self.cpu0, 1)}
 
 
-def _checkpoint(folder: Path, step: int, unet, text_encoder, scheduler_config: dict, keep: int = 3) -> None:
-    """EMA weights after `step` steps, written under a temporary name and
-    renamed, so a reader never sees half a checkpoint."""
-    import shutil
+class _Resumable:
+    """A stage's state in one file, OUT/checkpoints/<stage>.pt, written under
+    a temporary name and renamed (a reader never sees half a checkpoint), at
+    most every `minutes`."""
 
-    tmp = folder / f".tmp-{step:05d}"
-    save_pipeline(tmp / TOY, unet, text_encoder, scheduler_config)
-    tmp.rename(folder / f"step-{step:05d}")
-    for old in sorted(folder.glob("step-*"))[:-keep]:
-        shutil.rmtree(old)
+    def __init__(self, out: Path, stage: str, minutes: float):
+        self.path = out / "checkpoints" / f"{stage}.pt"
+        self.every = minutes * 60.0
+        self.last = time.time()
+
+    def load(self) -> dict | None:
+        if not self.path.is_file():
+            return None
+        state = torch.load(self.path, map_location="cpu", weights_only=False)
+        print(f"resuming {self.path} at step {state['step']}", flush=True)
+        return state
+
+    def due(self) -> bool:
+        return self.every > 0 and time.time() - self.last >= self.every
+
+    def save(self, state: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.path)
+        self.last = time.time()
 
 
 def _cosine(step: int, steps: int, floor: float = 0.1) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
 
 
-def loss_weights(alpha_bar: torch.Tensor) -> torch.Tensor:
-    """Per-sample weights of the v-prediction MSE: 1 + (1 - alpha_bar) / scale^2.
-
-    The predicted clean latent is x0 = sqrt(ab) x_t - sqrt(1 - ab) v, so a v
-    error e is a pixel error sqrt(1 - ab) e / SCALING_FACTOR. Plain v-MSE is
-    dominated by the noise part of v: the scaled-down image is ~2% of the
-    target's variance, and the first 3,000-step run with it (loss 0.02 at best)
-    predicted no better x0 than a constant (samples were noise). The second
-    term counts x0 errors in pixel units (up to 31x at high t, where the
-    colour and place are decided); the 1 keeps low-t denoising trained."""
-    return 1 + (1 - alpha_bar) / SCALING_FACTOR**2
-
-
 def toy_scheduler_config(prediction_type: str = PREDICTION_TYPE) -> dict:
     """SD's DDIM schedule with the toy model's parameterisation."""
-    if prediction_type not in ("v_prediction", "sample"):
-        raise ValueError(f"prediction_type must be v_prediction or sample, got {prediction_type!r}")
+    if prediction_type not in ("v_prediction", "sample", "epsilon"):
+        raise ValueError(f"prediction_type must be v_prediction, epsilon or sample, got {prediction_type!r}")
     return {**sd_scheduler_config(), "prediction_type": prediction_type}
 
 
-def train_diffusion(out: Path, *, seed: int, steps: int, batch: int, lr: float, warmup: int, ema: float,
-                    caption_dropout: float, ckpt_every: int, log_every: int, prediction_type: str = PREDICTION_TYPE,
-                    **_) -> dict:
-    from diffusers import DDIMScheduler
+def train_autoencoder(out: Path, *, seed: int, ae_steps: int, ae_batch: int, ae_lr: float, ae_latent_noise: float,
+                      ckpt_minutes: float, log_every: int, **_) -> dict:
+    """Stage 1: the toy AutoencoderKL; writes OUT/toy/vae with its measured scaling factor."""
+    vae = build_autoencoder(seed + 2)
+    vae.train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=ae_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / 50, _cosine(s, ae_steps)))
+    rng = np.random.default_rng(seed + 2)
+    gen = torch.Generator().manual_seed(seed + 2)
+    ckpt, start, log, before = _Resumable(out, "ae", ckpt_minutes), 0, [], None
+    state = ckpt.load()
+    if state is not None:
+        vae.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        rng.bit_generator.state = state["rng"]
+        gen.set_state(state["gen"])
+        start, log, before = state["step"], state["log"], state["clock"]
+    clock, smooth = _Clock(before), (log[-1]["loss"] if log else None)
+    for step in range(start + 1, ae_steps + 1):
+        images = random_batch(rng, ae_batch)[0]
+        z = vae.encode(images).latent_dist.mean
+        # half the batch decodes its latent exactly, half a perturbed one
+        noise = torch.randn(z.shape, generator=gen) * ae_latent_noise * z.detach().std()
+        noise[: ae_batch // 2] = 0
+        recon = vae.decode(z + noise).sample
+        loss = F.mse_loss(recon, images) + F.l1_loss(recon, images)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        smooth = loss.item() if smooth is None else 0.95 * smooth + 0.05 * loss.item()
+        if step % log_every == 0 or step == ae_steps:
+            print(f"ae step {step:5d}/{ae_steps} loss {smooth:.4f} {clock}", flush=True)
+            log.append({"step": step, "loss": round(smooth, 5), **clock.dict()})
+        if ckpt.due() or step == ae_steps:
+            ckpt.save({"step": step, "model": vae.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                       "rng": rng.bit_generator.state, "gen": gen.get_state(), "log": log, "clock": clock.dict()})
+    vae.eval()
+    with torch.no_grad():
+        images = random_batch(np.random.default_rng(seed + 3), 512)[0]
+        z = torch.cat([vae.encode(images[k:k + 64]).latent_dist.mean for k in range(0, 512, 64)])
+        err = torch.cat([(vae.decode(z[k:k + 64]).sample - images[k:k + 64]).abs() for k in range(0, 512, 64)])
+    scaling = float(1.0 / z.std())
+    vae.register_to_config(scaling_factor=scaling)
+    vae.save_pretrained(out / TOY / "vae", safe_serialization=True)
+    return {"steps": ae_steps, "final_loss": round(smooth, 5), "scaling_factor": round(scaling, 5),
+            "recon_abs_error_255": round(float(err.mean()) * 127.5, 3), **clock.dict(), "log": log}
+
+
+def train_diffusion(out: Path, *, seed: int, steps: int, stop_at: int, batch: int, lr: float, warmup: int, ema: float,
+                    caption_dropout: float, edit_t_max: int, edit_t_share: float, ckpt_minutes: float,
+                    log_every: int, prediction_type: str = PREDICTION_TYPE, **_) -> dict:
+    """Stage 2: UNet + text encoder on the trained autoencoder's latents; writes OUT/toy."""
+    from diffusers import AutoencoderKL, DDIMScheduler
 
     scheduler_config = toy_scheduler_config(prediction_type)  # refuses an unknown type before any training
+    vae_dir = out / TOY / "vae"
+    if not (vae_dir / "config.json").is_file():
+        raise SystemExit(f"no trained autoencoder in {vae_dir}: run the `ae` stage first (--only ae)")
+    vae = AutoencoderKL.from_pretrained(vae_dir).eval().requires_grad_(False)
+    scaling = float(vae.config.scaling_factor)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
     unet, text_encoder = build_untrained(seed)
     unet.train()
     text_encoder.train()
     ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    # a constant 1e-3 diverged at step ~1,900 of the first 3,000-step run (loss 0.02 -> 0.38)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warmup, _cosine(s, steps)))
+    ckpt, start, log, before = _Resumable(out, "unet", ckpt_minutes), 0, [], None
+    state = ckpt.load()
+    if state is not None:
+        for mod, key in ((unet, "unet"), (text_encoder, "text"), (ema_unet, "ema_unet"), (ema_text, "ema_text")):
+            mod.load_state_dict(state[key])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        rng.bit_generator.state = state["rng"]
+        gen.set_state(state["gen"])
+        start, log, before = state["step"], state["log"], state["clock"]
     ab = DDIMScheduler(**scheduler_config).alphas_cumprod.float()
     tok = clip_tokenizer()
     ids_cache: dict[str, torch.Tensor] = {}
@@ -115,22 +206,35 @@ def train_diffusion(out: Path, *, seed: int, steps: int, batch: int, lr: float, 
             ids_cache[c] = tok(c, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids[0]
         return torch.stack([ids_cache[c] for c in captions])
 
-    clock, smooth, log = _Clock(), None, []
-    for step in range(1, steps + 1):
+    def snapshot(step: int) -> dict:
+        return {"step": step, "unet": unet.state_dict(), "text": text_encoder.state_dict(),
+                "ema_unet": ema_unet.state_dict(), "ema_text": ema_text.state_dict(), "opt": opt.state_dict(),
+                "sched": sched.state_dict(), "rng": rng.bit_generator.state, "gen": gen.get_state(), "log": log,
+                "clock": clock.dict()}
+
+    last = min(steps, stop_at) if stop_at else steps
+    clock, smooth = _Clock(before), (log[-1]["loss"] if log else None)
+    for step in range(start + 1, last + 1):
         images, _, captions, _ = random_batch(rng, batch)
         captions = ["" if rng.random() < caption_dropout else c for c in captions]
-        x0 = F.pixel_unshuffle(images, FACTOR) * SCALING_FACTOR  # = Models.encode_images on the toy "VAE"
-        t = torch.randint(0, len(ab), (batch,))
-        noise = torch.randn_like(x0)
+        with torch.no_grad():
+            x0 = vae.encode(images).latent_dist.mean * scaling  # = Models.encode_images
+        # half the timesteps from the range edits run in, half from the whole schedule
+        edit_range = torch.rand(batch, generator=gen) < edit_t_share
+        t = torch.where(edit_range, torch.randint(0, edit_t_max, (batch,), generator=gen),
+                        torch.randint(0, len(ab), (batch,), generator=gen))
+        noise = torch.randn(x0.shape, generator=gen)
         a = ab[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         emb = text_encoder(token_ids(captions))[0]
         pred = unet(xt, t, emb).sample
-        if prediction_type == "sample":  # x0 itself; its error in pixel units
-            loss = (pred - x0).pow(2).mean() / SCALING_FACTOR**2
+        if prediction_type == "sample":
+            target = x0
+        elif prediction_type == "epsilon":
+            target = noise
         else:
-            v = a.sqrt() * noise - (1 - a).sqrt() * x0  # the v-prediction target
-            loss = (loss_weights(a.flatten()) * (pred - v).pow(2).mean((1, 2, 3))).mean()
+            target = a.sqrt() * noise - (1 - a).sqrt() * x0  # v
+        loss = F.mse_loss(pred, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -140,13 +244,17 @@ def train_diffusion(out: Path, *, seed: int, steps: int, batch: int, lr: float, 
         _ema_update(ema_unet, unet, decay)
         _ema_update(ema_text, text_encoder, decay)
         smooth = loss.item() if smooth is None else 0.98 * smooth + 0.02 * loss.item()
-        if step % log_every == 0 or step == steps:
+        if step % log_every == 0 or step == last:
             print(f"unet step {step:5d}/{steps} loss {smooth:.4f} lr {sched.get_last_lr()[0]:.2e} {clock}", flush=True)
             log.append({"step": step, "loss": round(smooth, 5), **clock.dict()})
-        if ckpt_every and step % ckpt_every == 0 and step < steps:
-            _checkpoint(out / "checkpoints", step, ema_unet, ema_text, scheduler_config)
-    save_pipeline(out / TOY, ema_unet, ema_text, scheduler_config)
-    return {"steps": steps, "final_loss": round(smooth, 5), **clock.dict(), "log": log}
+        if ckpt.due() or step == last:
+            ckpt.save(snapshot(step))
+            # the EMA weights so far as a loadable pipeline, for evaluation while training goes on
+            save_pipeline(out / "checkpoints" / "latest", ema_unet, ema_text, vae, scheduler_config)
+            (out / "checkpoints" / "latest" / "step.txt").write_text(f"{step}\n")
+    save_pipeline(out / TOY, ema_unet, ema_text, vae, scheduler_config)
+    return {"steps": steps, "stopped_at": last, "final_loss": round(smooth, 5), "scaling_factor": scaling,
+            **clock.dict(), "log": log}
 
 
 def train_clip(out: Path, *, seed: int, clip_steps: int, clip_batch: int, clip_lr: float, log_every: int = 50, **_) -> dict:
@@ -193,9 +301,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "weights")
     for k, v in DEFAULTS.items():
         p.add_argument("--" + k.replace("_", "-"), type=type(v), default=v)
-    p.add_argument("--ckpt-every", type=int, default=0, help="steps between EMA checkpoints under OUT/checkpoints (0: none)")
     p.add_argument("--log-every", type=int, default=25)
-    p.add_argument("--only", choices=("all", "unet", "clip"), default="all")
+    p.add_argument("--only", choices=("all", "ae", "unet", "clip"), default="all")
     args = vars(p.parse_args(argv))
     torch.set_num_threads(args["threads"])
     out: Path = args.pop("out")
@@ -204,6 +311,8 @@ def main(argv: list[str] | None = None) -> None:
     record = {"args": {k: v for k, v in args.items()}, "machine": {
         "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
         "cpus": os.cpu_count(), "torch": torch.__version__, "threads": args["threads"]}}
+    if only in ("all", "ae"):
+        record["ae"] = train_autoencoder(out, **args)
     if only in ("all", "unet"):
         record["unet"] = train_diffusion(out, **args)
     if only in ("all", "clip"):
