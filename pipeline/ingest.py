@@ -145,13 +145,9 @@ def _folder_source(root: Path, images: list[Path]) -> Source:
             side_json, side_txt = img.with_suffix(".json"), img.with_suffix(".txt")
             caption_from = ""
             if side_json.is_file():
-                try:
-                    obj = json.loads(side_json.read_text(encoding="utf-8"))
-                except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-                    yield Skip(f"bad_json: {side_json.relative_to(root)}: {type(exc).__name__}: {exc}")
-                    continue
-                if not isinstance(obj, dict):
-                    yield Skip(f"bad_json: {side_json.relative_to(root)} is not a JSON object")
+                obj = _json_object(side_json.read_bytes())
+                if isinstance(obj, str):
+                    yield Skip(f"bad_json: {side_json.relative_to(root)}: {obj}")
                     continue
                 fields.update(obj)
                 caption_from = "source_prompt" if "source_prompt" in obj else ""
@@ -314,18 +310,23 @@ def _read_csv(f: Path) -> Iterator[tuple[int, dict] | Skip]:
     yield from bad
 
 
+def _json_object(data: bytes) -> dict | str:
+    """The JSON object in `data` (UTF-8), or why it is not one."""
+    try:
+        obj = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        return f"not JSON ({type(exc).__name__}: {exc})"
+    return obj if isinstance(obj, dict) else "not a JSON object"
+
+
 def _read_jsonl(f: Path) -> Iterator[tuple[int, dict] | Skip]:
     with open(f, "rb") as fh:
         for rowno, line in enumerate(fh, 1):
             if not line.strip():
                 continue
-            try:
-                obj = json.loads(line)
-            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-                yield Skip(f"bad_row: {f.name} line {rowno}: not JSON ({type(exc).__name__}: {exc})")
-                continue
-            if not isinstance(obj, dict):
-                yield Skip(f"bad_row: {f.name} line {rowno}: not a JSON object")
+            obj = _json_object(line)
+            if isinstance(obj, str):
+                yield Skip(f"bad_row: {f.name} line {rowno}: {obj}")
                 continue
             yield rowno, obj
 

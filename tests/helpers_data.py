@@ -75,3 +75,19 @@ def write(path, samples) -> str:
     return write_shards(samples, str(path))
 
 
+
+
+def tiny_job(tmp_path, shard: str, **sections) -> dict:
+    """A raw job spec: the tiny model, 4 steps, no scoring, inline, on one
+    shard, output under tmp_path/out; `sections` update its tables."""
+    raw = {
+        "input": {"shards": [shard], "templates": ["{source}, sketch"]},
+        "model": {"id": "tiny"},
+        "inversion": {"steps": 4, "skip": 1},
+        "output": {"path": str(tmp_path / "out")},
+        "score": {"enabled": False},
+        "run": {"executor": "inline"},
+    }
+    for name, values in sections.items():
+        raw.setdefault(name, {}).update(values)
+    return raw

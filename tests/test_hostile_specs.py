@@ -8,7 +8,7 @@ import pytest
 import tomli_w
 from typer.testing import CliRunner
 
-from helpers_data import good_samples, write
+from helpers_data import good_samples, tiny_job as base_job, write
 from pipeline.cli import app
 
 INF = float("inf")
@@ -50,17 +50,6 @@ BAD_SPECS = [
     ({"input": {"max_prompt_tokens": 200}}, "input.max_prompt_tokens"),
     ({"model": {"id": "nobody/no-such-model-imprint"}}, "model.id"),
 ]
-
-
-def base_job(tmp_path, shard):
-    return {
-        "input": {"shards": [shard], "templates": ["{source}, sketch"]},
-        "model": {"id": "tiny"},
-        "inversion": {"steps": 4, "skip": 1},
-        "output": {"path": str(tmp_path / "out")},
-        "score": {"enabled": False},
-        "run": {"executor": "inline"},
-    }
 
 
 def merged(base, over):

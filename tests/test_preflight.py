@@ -10,7 +10,7 @@ import pytest
 import tomli_w
 from typer.testing import CliRunner
 
-from helpers_data import good_samples, write
+from helpers_data import good_samples, tiny_job as job, write
 from pipeline.cli import app
 from pipeline.preflight import LPIPS_MIN_SIDE, JobError, preflight
 from pipeline.spec import SpecError, load_spec
@@ -19,20 +19,6 @@ from pipeline.spec import SpecError, load_spec
 @pytest.fixture(scope="module")
 def shard(tmp_path_factory):
     return write(tmp_path_factory.mktemp("shards") / "s-000.tar", good_samples("p", 2))
-
-
-def job(tmp_path, shard, **sections):
-    raw = {
-        "input": {"shards": [shard], "templates": ["{source}, sketch"]},
-        "model": {"id": "tiny"},
-        "inversion": {"steps": 4, "skip": 1},
-        "output": {"path": str(tmp_path / "out")},
-        "score": {"enabled": False},
-        "run": {"executor": "inline"},
-    }
-    for name, values in sections.items():
-        raw.setdefault(name, {}).update(values)
-    return raw
 
 
 def validate(tmp_path, raw, *args):
