@@ -122,6 +122,32 @@ class FakeCluster:
                 out[opts["--node_id"]] = pid
         return out
 
+    def kill_node(self, node_id: str) -> list[int]:
+        """Lose a worker node as a real cluster does: SIGKILL its raylet and
+        every process under it (its workers, its agents) at once. Killing
+        the raylet alone is not a node loss: its workers went on running
+        and one committed the shard the job had already handed elsewhere."""
+        raylet = self.node_raylets()[node_id]
+        parents = {}
+        for d in Path("/proc").iterdir():
+            if d.name.isdigit():
+                try:
+                    stat = (d / "stat").read_text()
+                    parents[int(d.name)] = int(stat[stat.rindex(")") + 2:].split()[1])
+                except (OSError, ValueError, IndexError):
+                    continue
+        tree, grew = {raylet}, True
+        while grew:
+            more = {pid for pid, ppid in parents.items() if ppid in tree} - tree
+            tree |= more
+            grew = bool(more)
+        for pid in tree:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return sorted(tree)
+
 
 def start(tmp_root: Path, env: dict | None = None, max_gpu_nodes: int = 2) -> FakeCluster:
     ray_tmp = Path(tempfile.mkdtemp(prefix="imprint-fk-", dir="/tmp"))  # socket paths must stay short

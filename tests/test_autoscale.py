@@ -39,17 +39,33 @@ def cluster(tmp_path_factory):
         fake_cluster.stop(c)
 
 
+def _two_gpu_nodes(cluster):
+    if len(cluster.node_raylets()) < 2:
+        code = ("import ray; ray.init(logging_level='error'); A = ray.remote(num_gpus=1, num_cpus=0.5)(type('A', (), {'f': lambda self: 1}));"
+                " a = [A.remote() for _ in range(2)]; ray.get([x.f.remote() for x in a], timeout=120)")
+        r = subprocess.run([sys.executable, "-c", code], env=cluster.env, timeout=180, capture_output=True, text=True)
+        assert r.returncode == 0, f"the autoscaler did not bring up two GPU nodes:\n{r.stderr[-3000:]}"
+    assert len(cluster.node_raylets()) == 2
+    return cluster
+
+
 @pytest.fixture
 def gpu_nodes(cluster):
     """Both GPU nodes up (added by the autoscaler for two placeholder GPU
     actors, unless an earlier test's job already made it add them), so that
     timings measure the job, not the launch of nodes."""
-    if len(cluster.node_raylets()) < 2:
-        code = ("import ray; ray.init(logging_level='error'); A = ray.remote(num_gpus=1, num_cpus=0.5)(type('A', (), {'f': lambda self: 1}));"
-                " a = [A.remote() for _ in range(2)]; ray.get([x.f.remote() for x in a], timeout=120)")
-        subprocess.run([sys.executable, "-c", code], env=cluster.env, check=True, timeout=180, capture_output=True)
-    assert len(cluster.node_raylets()) == 2
-    return cluster
+    return _two_gpu_nodes(cluster)
+
+
+@pytest.fixture
+def own_gpu_nodes(tmp_path_factory):
+    """A cluster of its own with both GPU nodes up: for a test that must not
+    depend on whether an earlier test's lost node has been replaced yet."""
+    c = fake_cluster.start(tmp_path_factory.mktemp("own-cluster"))
+    try:
+        yield _two_gpu_nodes(c)
+    finally:
+        fake_cluster.stop(c)
 
 
 def make_shards(d: Path, n_shards: int, per_shard: int) -> list[str]:
@@ -268,8 +284,8 @@ def test_node_lost_mid_shard_every_row_once(gpu_nodes, tmp_path):
     per_shard = 4
     shards = make_shards(tmp_path, 4, per_shard)
     proc = imprint(cluster, str(job_file(tmp_path, shards)), "--no-progress")
-    # Wait until both GPU nodes run a worker, then kill one node's raylet: a
-    # node lost as Ray sees it, with the shard its worker was running.
+    # Wait until both GPU nodes run a worker, then kill one node (its raylet
+    # and every process under it), with the shard its worker was running.
     deadline = time.monotonic() + 120
     victim = None
     while victim is None:
@@ -281,7 +297,7 @@ def test_node_lost_mid_shard_every_row_once(gpu_nodes, tmp_path):
         if busy:
             victim = busy[0]
         time.sleep(0.2)
-    os.kill(cluster.node_raylets()[victim], signal.SIGKILL)
+    cluster.kill_node(victim)
     code, out, err = finish(proc)
     assert code == 0, err[-5000:]
     check_every_row_once(tmp_path / "out", shards, per_shard)
@@ -290,12 +306,12 @@ def test_node_lost_mid_shard_every_row_once(gpu_nodes, tmp_path):
 
 
 @pytest.mark.slow  # several minutes on a loaded machine: two workers start, then one redoes the big shard
-def test_a_lost_shard_goes_to_the_idle_worker(gpu_nodes, tmp_path):
+def test_a_lost_shard_goes_to_the_idle_worker(own_gpu_nodes, tmp_path):
     """The measured hang: two GPU nodes, run.max_workers = 2; one worker runs
     a big shard while the other has finished the small ones and idles; the
     big shard's node is lost. The idle worker must take the shard (a new
     worker may never be placed), and the loss charges no attempt."""
-    cluster = gpu_nodes
+    cluster = own_gpu_nodes
     # The big shard must outlast the second worker's start plus the three
     # small shards by a wide margin on any machine: a shard's fixed cost
     # (open, write, commit) is seconds, a tiny-model sample at 100 steps a
@@ -329,11 +345,12 @@ def test_a_lost_shard_goes_to_the_idle_worker(gpu_nodes, tmp_path):
     nodes = cluster.node_raylets()
     busy = sorted(set(nodes) - idle_node)
     assert len(nodes) == 2 and len(busy) == 1, (nodes, done)
-    os.kill(cluster.node_raylets()[busy[0]], signal.SIGKILL)
+    killed = cluster.kill_node(busy[0])
+    assert len(killed) > 1, killed  # the raylet and at least the worker running the big shard
     code, out, err = finish(proc, timeout=600)
     assert code == 0, err[-5000:]
     marker = next(json.loads(p.read_text()) for p in done_dir.glob("*.json") if json.loads(p.read_text())["shard"] == big)
-    assert {marker["actor_id"]} == idle_actor, (marker, idle_actor)  # the idle worker took it over
+    assert {marker["actor_id"]} == idle_actor, (marker, idle_actor, err[-3000:])  # the idle worker took it over
     assert not list((tmp_path / "out" / "_failed").glob("*.json"))  # max_attempts = 1: a charge would fail it
     src = pq.read_table(tmp_path / "out" / "sources").to_pylist()
     assert sorted(r["key"] for r in src) == [f"s{i:03d}" for i in range(51)]
