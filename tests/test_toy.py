@@ -115,6 +115,7 @@ def test_edit_friendly_reconstructs_toy_scenes_exactly(toy):
 NOT_MET = "not met by the shipped toy weights (README 'The toy model'): "
 
 
+@pytest.mark.slow  # 43 s for a claim the weights do not meet; make test keeps the demo setting's check
 @pytest.mark.xfail(strict=True, raises=AssertionError, reason=NOT_MET + "19/20 edits reach the target colour (95%) with mask IoU "
                    "0.61 on average, but only 11/20 keep the outline (IoU >= 0.6): at guidance 9 shapes swell; the "
                    "demo's guidance 3 meets it (test_colour_edit_at_the_demo_setting)")
