@@ -72,19 +72,29 @@ def pids_under(marker: str) -> list[int]:
     return found
 
 
+def parent_pids() -> dict[int, int]:
+    """pid -> parent pid of every process."""
+    out = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+                out[int(d.name)] = int(stat[stat.rindex(")") + 2:].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+    return out
+
+
 def children_titled(parents: set[int], title: bytes) -> dict[int, int]:
     """pid -> parent of the live children of `parents` whose title starts with `title`."""
     out = {}
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            stat = (d / "stat").read_text()
-            ppid = int(stat[stat.rindex(")") + 2:].split()[1])
-            if ppid in parents and (d / "cmdline").read_bytes().startswith(title):
-                out[int(d.name)] = ppid
-        except (OSError, ValueError, IndexError):
-            continue
+    for pid, ppid in parent_pids().items():
+        if ppid in parents:
+            try:
+                if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(title):
+                    out[pid] = ppid
+            except OSError:
+                continue
     return out
 
 
@@ -128,14 +138,7 @@ class FakeCluster:
         the raylet alone is not a node loss: its workers went on running
         and one committed the shard the job had already handed elsewhere."""
         raylet = self.node_raylets()[node_id]
-        parents = {}
-        for d in Path("/proc").iterdir():
-            if d.name.isdigit():
-                try:
-                    stat = (d / "stat").read_text()
-                    parents[int(d.name)] = int(stat[stat.rindex(")") + 2:].split()[1])
-                except (OSError, ValueError, IndexError):
-                    continue
+        parents = parent_pids()
         tree, grew = {raylet}, True
         while grew:
             more = {pid for pid, ppid in parents.items() if ppid in tree} - tree

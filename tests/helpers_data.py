@@ -75,8 +75,6 @@ def write(path, samples) -> str:
     return write_shards(samples, str(path))
 
 
-
-
 def tiny_job(tmp_path, shard: str, **sections) -> dict:
     """A raw job spec: the tiny model, 4 steps, no scoring, inline, on one
     shard, output under tmp_path/out; `sections` update its tables."""

@@ -349,7 +349,8 @@ def test_a_lost_shard_goes_to_the_idle_worker(own_gpu_nodes, tmp_path):
     assert len(killed) > 1, killed  # the raylet and at least the worker running the big shard
     code, out, err = finish(proc, timeout=600)
     assert code == 0, err[-5000:]
-    marker = next(json.loads(p.read_text()) for p in done_dir.glob("*.json") if json.loads(p.read_text())["shard"] == big)
+    markers = [json.loads(p.read_text()) for p in done_dir.glob("*.json")]
+    marker = next(m for m in markers if m["shard"] == big)
     assert {marker["actor_id"]} == idle_actor, (marker, idle_actor, err[-3000:])  # the idle worker took it over
     assert not list((tmp_path / "out" / "_failed").glob("*.json"))  # max_attempts = 1: a charge would fail it
     src = pq.read_table(tmp_path / "out" / "sources").to_pylist()
