@@ -468,7 +468,7 @@ def _random_scorers(run) -> str:
 
 
 def _warning(runs: list[Run]) -> str:
-    from .toy.model import TOY, TOY_NOTE
+    from .models.toy import TOY, TOY_NOTE
 
     if runs and all(run.meta.get("model_id") == TOY for run in runs):
         # The shipped toy model is trained (not random): say what it knows instead.
@@ -578,7 +578,7 @@ def _pick_samples(runs: list[Run], n: int) -> list[tuple[str, str]]:
 def _outside_domain(run: Run, source_row: dict) -> bool:
     """Whether an input lies outside what the run's model knows (the toy
     model knows toy scenes only; other models: nothing is outside)."""
-    from .toy.model import TOY, TOY_DOMAIN
+    from .models.toy import TOY, TOY_DOMAIN
 
     return run.meta.get("model_id") == TOY and _domain(source_row) != TOY_DOMAIN
 

@@ -109,6 +109,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .models.loading import hub_offline
+
 SCORE_COLUMNS = ("clip_text", "clip_direction", "clip_image", "lpips", "diversity")
 LPIPS_NETS = ("alex", "vgg", "squeeze")
 # Columns top_k_by may name, and whether larger is better. Diversity is constant
@@ -238,7 +240,7 @@ def default_pretrained(model: str) -> str:
 
 
 def _toy_clip_weights() -> Path:
-    from .toy.model import TOY_CLIP_DIR
+    from .models.toy import TOY_CLIP_DIR
 
     return TOY_CLIP_DIR / TOY_CLIP_WEIGHTS
 
@@ -293,11 +295,6 @@ def _check_clip_choice(model: str, pretrained: str | None) -> None:
         tags = ", ".join(open_clip.list_pretrained_tags_by_model(model)) or "none"
         raise ValueError(f"score.clip_pretrained {pretrained!r} is neither a pretrained tag of {model} "
                          f"(tags: {tags}) nor a checkpoint file; use \"random\" for random weights")
-
-
-def hub_offline() -> bool:
-    """HF_HUB_OFFLINE: nothing may be downloaded, so weights must be cached."""
-    return os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
 def missing_weights(cfg: ScoreConfig) -> tuple[str, str] | None:
@@ -574,7 +571,7 @@ class Scorers:
 
     @classmethod
     def load(cls, cfg: ScoreConfig, device: torch.device | str, dtype: torch.dtype | str) -> Scorers:
-        from .models import parse_dtype
+        from .models.loading import parse_dtype
 
         cfg.validate()
         device = torch.device(device)

@@ -668,7 +668,7 @@ def resolve_scorers(spec: JobSpec) -> None:
     trained toy-clip, every other model with ViT-L-14 and OpenAI's weights."""
     sc = spec.score
     if sc.clip_model == "auto":
-        from .toy.model import TOY, TOY_CLIP
+        from .models.toy import TOY, TOY_CLIP
 
         sc.clip_model = TOY_CLIP if spec.model.id == TOY else "ViT-L-14"
     if sc.clip_pretrained == "auto" and isinstance(sc.clip_model, str):

@@ -23,7 +23,7 @@ from .data import Sample, decode_sample, encode_image, read_raw_samples, render_
 from .engine import CodeItem, Engine, SampleOut, stroke_inputs
 from .inversion.common import NoiseCode
 from .models import load_models
-from .toy.model import TOY, TOY_NOTE
+from .models.toy import TOY, TOY_NOTE
 from .spec import JobSpec, filter_config, score_config
 from .store import OutputStore
 from .tables import STAGES

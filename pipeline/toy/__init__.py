@@ -3,7 +3,7 @@ with imprint so the method can be seen working without a GPU or a download.
 
 - `scenes`: the toy world (one coloured shape on a plain background) and its
   exact masks, for oracles.
-- `model`: the architecture (SD-shaped: a small AutoencoderKL trained on the
+- the architecture (`pipeline.models.toy`, with the other model families) (SD-shaped: a small AutoencoderKL trained on the
   scenes, UNet2DConditionModel, CLIP text encoder, CLIP tokenizer, SD's DDIM
   scheduler).
 - `train`: the recipe that made the shipped weights (`make toy-model`).

@@ -10,7 +10,7 @@ import io
 
 import numpy as np
 
-from .model import TOY_DOMAIN
+from ..models.toy import TOY_DOMAIN
 from .scenes import COLORS, random_scene
 
 TOY_DEMO_SCENES = 8

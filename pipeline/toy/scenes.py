@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-RESOLUTION = 64  # pixels; 4x16x16 latents after the toy autoencoder
+from ..models.toy import RESOLUTION  # the toy model's image size
 
 SHAPES = ("circle", "square", "triangle")
 # Saturated, well separated colours (8-bit RGB) so a nearest-colour oracle is unambiguous.

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models import clip_tokenizer, sd_scheduler_config
-from .model import PREDICTION_TYPE, TOY, TOY_CLIP, build_autoencoder, build_untrained, save_pipeline
+from ..models.toy import PREDICTION_TYPE, TOY, TOY_CLIP, build_autoencoder, build_untrained, save_pipeline
 from .scenes import random_batch
 
 DEFAULTS = dict(seed=0, ae_steps=600, ae_batch=32, ae_lr=1e-3, ae_latent_noise=0.1,

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from .scenes import RESOLUTION
 
+RESOLUTION = 64  # pixels; 4x16x16 latents after the toy autoencoder (the toy scenes' size)
 FACTOR = 4  # autoencoder downsampling: 64x64x3 images <-> 4x16x16 latents, as SD's VAE is 8x at 512
 LATENT_CHANNELS = 4
 # The "VAE" is a small AutoencoderKL trained on the toy scenes (`train --only
@@ -35,7 +35,8 @@ AE_CONFIG = dict(
 PREDICTION_TYPE = "v_prediction"
 TOY = "toy"
 TOY_CLIP = "toy-clip"
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+# the weights ship with the toy world in pipeline/toy/weights (package data)
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "toy" / "weights"
 TOY_DIR = WEIGHTS_DIR / TOY
 TOY_CLIP_DIR = WEIGHTS_DIR / TOY_CLIP
 # What outputs and reports say about runs on this model (instead of the random-weights warning).

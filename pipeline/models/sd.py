@@ -1,4 +1,5 @@
-"""Loading the diffusion components and the thin adapters around them.
+"""The Stable Diffusion family (SD 1.x/2.x and SDXL): loading UNet, VAE,
+text encoders and the DDIM scheduler, and the thin adapters around them.
 
 `load_models("tiny")` builds a small randomly initialised SD-shaped pipeline
 offline and deterministically (for tests), `load_models("tiny-sdxl")` an
@@ -14,18 +15,20 @@ model family conditions on, lives here.
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
-import tempfile
 import threading
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Sequence
 
 import torch
 
-from .inversion.common import Conditioning
+from ..inversion.common import Conditioning
+from .loading import (ModelLimits, clip_tokenizer, config_file, default_device, folder_weights_missing,
+                      hub_weights_missing, parse_dtype,
+                      index_has, model_index, vae_scale_factor)
+from .sdxl import AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE, ImageGeometry, time_ids_count
 
 TINY = "tiny"
 TINY_SDXL = "tiny-sdxl"
@@ -33,51 +36,6 @@ TINY_SEED = 0
 TINY_RESOLUTION = 128  # pixels; 16x16 latents with the SD-like factor-8 VAE
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
-def default_dtype(device: torch.device) -> torch.dtype:
-    """fp32 on CPU (half precision is slow or unsupported there); bf16 on
-    GPUs that support it (no fp16 overflow in the VAE), else fp16."""
-    if device.type != "cuda":
-        return torch.float32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-
-
-def parse_dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    if name is None or name == "auto":
-        return default_dtype(device)
-    if isinstance(name, torch.dtype):
-        return name
-    try:
-        return DTYPES[name]
-    except KeyError:
-        raise ValueError(f"unknown dtype {name!r}: expected one of auto, {', '.join(DTYPES)}") from None
-
-
-class ImageGeometry(NamedTuple):
-    """How an image reached the model, in (height, width) order as SDXL's
-    micro-conditioning reads it: its size as decoded, the top-left corner of
-    the crop (in resized pixels) and the size the model sees."""
-
-    orig_hw: tuple[int, int]
-    crop_tl: tuple[int, int]
-    target_hw: tuple[int, int]
-
-    @classmethod
-    def plain(cls, h: int, w: int) -> "ImageGeometry":
-        """An image the model sees as it is (no resize, no crop)."""
-        return cls((h, w), (0, 0), (h, w))
-
-
-# The refiner's micro-conditioning ends with an aesthetic score instead of
-# the target size; diffusers' defaults for the conditional and unconditional rows.
-AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE = 6.0, 2.5
 
 
 @dataclass
@@ -119,7 +77,7 @@ class Models:
 
     @property
     def vae_scale_factor(self) -> int:
-        return _vae_scale_factor(self.vae)
+        return vae_scale_factor(self.vae)
 
     @property
     def scaling_factor(self) -> float:
@@ -219,80 +177,6 @@ class Models:
         return img.float().clamp(-1, 1)
 
 
-def image_geometry(orig_wh: tuple[int, int], image_hw: tuple[int, int], spec_image, resolution: int) -> ImageGeometry:
-    """The geometry of an image of decoded size `orig_wh` (width, height)
-    that the pipeline's geometry rule (`data.target_size`, `image.resize`)
-    turned into a model image of `image_hw`: where the crop started, in
-    resized pixels. An unknown original size (0) counts as the model size."""
-    from .data import target_size
-
-    w, h = (int(v) for v in orig_wh)
-    th, tw = (int(v) for v in image_hw)
-    if w <= 0 or h <= 0:
-        return ImageGeometry.plain(th, tw)
-    if spec_image.resize == "square":
-        s = min(w, h)
-        scale = resolution / s
-        return ImageGeometry((h, w), (round((h - s) // 2 * scale), round((w - s) // 2 * scale)), (th, tw))
-    (rw, rh), (cw, ch) = target_size(w, h, spec_image, resolution)
-    return ImageGeometry((h, w), ((rh - ch) // 2, (rw - cw) // 2), (th, tw))
-
-
-def _vae_scale_factor(vae) -> int:
-    # AutoencoderKL halves the size at every block but the last
-    return 2 ** (len(vae.config.block_out_channels) - 1)
-
-
-def _clip_bpe_path() -> str:
-    import open_clip
-
-    path = os.path.join(os.path.dirname(open_clip.__file__), "bpe_simple_vocab_16e6.txt.gz")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"CLIP BPE vocabulary not found at {path} (open_clip_torch installation incomplete)")
-    return path
-
-
-@lru_cache(maxsize=1)
-def clip_tokenizer():
-    """The CLIP BPE tokenizer built offline from the vocabulary shipped in
-    open_clip_torch. Written as vocab.json/merges.txt and loaded with
-    `from_pretrained` (the direct constructor silently mis-tokenises under
-    transformers 5)."""
-    from transformers import CLIPTokenizer
-
-    with gzip.open(_clip_bpe_path(), "rt", encoding="utf-8") as fh:
-        lines = fh.read().split("\n")
-    merges = [tuple(m.split()) for m in lines[1 : 49152 - 256 - 2 + 1]]
-    byte_chars = _bytes_to_unicode()
-    vocab = list(byte_chars) + [c + "</w>" for c in byte_chars]
-    vocab += ["".join(m) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    with tempfile.TemporaryDirectory(prefix="imprint-tok-") as d:
-        with open(os.path.join(d, "vocab.json"), "w", encoding="utf-8") as fh:
-            json.dump({tok: i for i, tok in enumerate(vocab)}, fh)
-        with open(os.path.join(d, "merges.txt"), "w", encoding="utf-8") as fh:
-            fh.write("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
-        return CLIPTokenizer.from_pretrained(
-            d,
-            model_max_length=77,
-            bos_token="<|startoftext|>",
-            eos_token="<|endoftext|>",
-            unk_token="<|endoftext|>",
-            pad_token="<|endoftext|>",
-        )
-
-
-def _bytes_to_unicode() -> list[str]:
-    # The GPT-2/CLIP byte-to-printable-character table, in CLIP's vocab order.
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
 
 
 def sd_scheduler_config() -> dict:
@@ -425,25 +309,6 @@ def build_tiny_sdxl(device: torch.device | str = "cpu", dtype: torch.dtype = tor
     return build_random(TINY_SDXL, device, dtype, seed)
 
 
-def time_ids_count(unet, pooled_dim: int) -> int:
-    """How many micro-conditioning ids an SDXL UNet's added embedding takes:
-    its input size is ids x addition_time_embed_dim + the pooled text
-    embedding's `pooled_dim`, and the ids are 6 (orig size, crop, target
-    size) or 5 (the refiner's orig size, crop, aesthetic score). 0 for a
-    UNet without text_time conditioning. Raises ValueError otherwise."""
-    cfg = unet.config
-    if getattr(cfg, "addition_embed_type", None) != "text_time":
-        return 0
-    per_id = int(cfg.addition_time_embed_dim)
-    got = int(unet.add_embedding.linear_1.in_features)
-    for n in (6, 5):
-        if got == n * per_id + pooled_dim:
-            return n
-    raise ValueError(
-        f"the UNet's added embedding takes {got} inputs, which is neither 6 time ids (SDXL) nor 5 (the refiner's "
-        f"aesthetic-score variant) x addition_time_embed_dim {per_id} + the second text encoder's pooled {pooled_dim}"
-    )
-
 
 def _finish(unet, vae, text_encoder, tokenizer, scheduler, device, dtype, model_id, random_weights, resolution, *,
             text_encoder_2=None, tokenizer_2=None, force_zeros: bool = False) -> Models:
@@ -482,7 +347,7 @@ def _tiny_cached(name: str, device: str, dtype: torch.dtype) -> Models:
     return build_random(name, device, dtype)
 
 
-def load_models(
+def load(
     model_id: str = TINY,
     *,
     device: str | torch.device | None = None,
@@ -513,7 +378,7 @@ def load_models(
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from .toy.model import TOY, TOY_DIR
+    from .toy import TOY, TOY_DIR
 
     name, model_id = model_id, (str(TOY_DIR) if model_id == TOY else model_id)
     if name == TOY and not (TOY_DIR / "unet").is_dir():
@@ -525,9 +390,9 @@ def load_models(
         scheduler = DDIMScheduler.from_pretrained(model_id, subfolder="scheduler", **kw)
         unet = UNet2DConditionModel.from_pretrained(model_id, subfolder="unet", torch_dtype=dt, **kw)
         sdxl = getattr(unet.config, "addition_embed_type", None) == "text_time"
-        index = _model_index(model_id, revision) if sdxl else {}
+        index = model_index(model_id, revision) if sdxl else {}
         text_encoder = tokenizer = text_encoder_2 = tokenizer_2 = None
-        if not sdxl or _index_has(index, "text_encoder"):
+        if not sdxl or index_has(index, "text_encoder"):
             if local and not os.path.isdir(os.path.join(model_id, "tokenizer")):
                 tokenizer = clip_tokenizer()
             else:
@@ -543,7 +408,7 @@ def load_models(
             f"could not load model {model_id!r}: expected a diffusers-format Stable Diffusion or SDXL folder or hub id "
             f"(with unet/, vae/, text_encoder/, tokenizer/, scheduler/; SDXL also text_encoder_2/, tokenizer_2/): {exc}"
         ) from exc
-    resolution = int(unet.config.sample_size) * _vae_scale_factor(vae)
+    resolution = int(unet.config.sample_size) * vae_scale_factor(vae)
     return _finish(unet, vae, text_encoder, tokenizer if tokenizer is not None else tokenizer_2, scheduler, dev, dt,
                    name, False, resolution, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
                    force_zeros=bool(index.get("force_zeros_for_empty_prompt", True)) if sdxl else False)
@@ -566,34 +431,6 @@ def save_pipeline(models: Models, folder: str | os.PathLike) -> None:
     pipe.save_pretrained(str(folder))
 
 
-def _model_index(model_id: str, revision: str | None) -> dict:
-    """A diffusers folder's model_index.json ({} when it has none)."""
-    try:
-        return json.loads(_config_file(model_id, "model_index.json", revision))
-    except FileNotFoundError:
-        return {}
-
-
-def _index_has(index: dict, part: str) -> bool:
-    """Whether the pipeline has a component: model_index.json lists it as
-    [library, class], or [null, null] when it has none (the SDXL refiner's
-    first text encoder). Without an index, assume it has."""
-    if not index:
-        return True
-    entry = index.get(part)
-    return isinstance(entry, list) and bool(entry) and entry[0] is not None
-
-
-@dataclass(frozen=True)
-class ModelLimits:
-    """What a job spec must respect for a model, known without its weights."""
-
-    num_train_timesteps: int  # the scheduler's training steps: inversion.steps may not exceed them
-    text_context: int  # the text encoder's context in tokens (incl. start/end markers)
-    latent_multiple: int  # VAE factor x UNet downsampling: the smallest image side the model runs at
-    resolution: int  # native image size in pixels
-
-
 def _limits_from_configs(scheduler: dict, text: dict, tokenizer: dict, unet: dict, vae: dict,
                          text_2: dict | None = None, tokenizer_2: dict | None = None) -> ModelLimits:
     vae_factor = 2 ** (len(vae.get("block_out_channels", (128, 256, 512, 512))) - 1)  # halves per extra block
@@ -603,6 +440,7 @@ def _limits_from_configs(scheduler: dict, text: dict, tokenizer: dict, unet: dic
     bounds += [int(t["model_max_length"]) for t in (tokenizer, tokenizer_2) if t and t.get("model_max_length")]
     context = min(bounds) if bounds else 77
     return ModelLimits(num_train_timesteps=int(scheduler.get("num_train_timesteps", 1000)), text_context=context,
+                       family="sdxl" if unet.get("addition_embed_type") == "text_time" else "sd",
                        latent_multiple=vae_factor * unet_factor,
                        resolution=int(unet.get("sample_size", 64)) * vae_factor)
 
@@ -619,10 +457,12 @@ def _random_model_limits(name: str) -> ModelLimits:
 # add their built-in models here).
 BUILTIN_LIMITS = {name: (lambda name=name: _random_model_limits(name)) for name in RANDOM_MODELS}
 BUILTIN_LIMITS["toy"] = lambda: _toy_limits()
+# the ids this family builds (random weights) or ships (the toy model) offline
+BUILTIN = tuple(BUILTIN_LIMITS)
 
 
 def _toy_limits() -> ModelLimits:
-    from .toy.model import TOY_DIR
+    from .toy import TOY_DIR
 
     return model_limits(str(TOY_DIR))  # a local diffusers folder inside the package
 
@@ -643,7 +483,7 @@ def model_limits(model_id: str, revision: str | None = None) -> ModelLimits:
         if part in ("text_2", "tokenizer_2") and not sdxl:
             continue  # (not looked up: offline, a hub id's cache lacks them)
         try:
-            configs[part] = json.loads(_config_file(model_id, rel, revision))
+            configs[part] = json.loads(config_file(model_id, rel, revision))
         except FileNotFoundError:
             # optional: a tokenizer (its encoder's config gives the context too) and the
             # SDXL refiner's first encoder
@@ -657,33 +497,6 @@ def model_limits(model_id: str, revision: str | None = None) -> ModelLimits:
     return _limits_from_configs(**configs)
 
 
-def _config_file(model_id: str, rel: str, revision: str | None) -> str:
-    if os.path.isdir(model_id):
-        path = os.path.join(model_id, rel)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(path)
-        with open(path, encoding="utf-8") as fh:
-            return fh.read()
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.utils import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
-
-    try:
-        with open(hf_hub_download(model_id, rel, revision=revision), encoding="utf-8") as fh:
-            return fh.read()
-    except LocalEntryNotFoundError:  # (a subclass of EntryNotFoundError in some versions)
-        raise ValueError("not in the local cache and the hub cannot be reached (offline?)") from None
-    except EntryNotFoundError:
-        raise FileNotFoundError(rel) from None
-    except (HfHubHTTPError, OSError, ValueError) as exc:  # unknown repo, no access, malformed id
-        raise ValueError(f"cannot resolve on the hub: {type(exc).__name__}: {exc}") from None
-
-
-# Weight files diffusers/transformers load for a component (single or sharded).
-_WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin", "model.safetensors",
-                 "pytorch_model.bin", "diffusion_pytorch_model.safetensors.index.json",
-                 "model.safetensors.index.json")
-
-
 def missing_model_weights(model_id: str, revision: str | None = None) -> str | None:
     """Why `load_models` would not find the model's weights, without loading
     them; None when they are at hand. Built-in random models need none; the
@@ -692,27 +505,11 @@ def missing_model_weights(model_id: str, revision: str | None = None) -> str | N
     offline (HF_HUB_OFFLINE=1; online, the worker downloads them)."""
     if model_id in RANDOM_MODELS:
         return None
-    from .toy.model import TOY, TOY_DIR
+    from .toy import TOY, TOY_DIR
 
     folder = str(TOY_DIR) if model_id == TOY else model_id
     parts = ["unet", "vae", "text_encoder"]
     if os.path.isdir(folder):
-        for part in parts:
-            d = os.path.join(folder, part)
-            if not any(os.path.isfile(os.path.join(d, f)) for f in _WEIGHT_FILES):
-                hint = " (incomplete installation? `make toy-model` trains them)" if model_id == TOY else ""
-                return f"model {model_id!r} has no weights in {d} (expected one of {', '.join(_WEIGHT_FILES[:4])}){hint}"
-        return None
-    from .scoring import hub_offline
-
-    if not hub_offline():
-        return None
-    from huggingface_hub import try_to_load_from_cache
-
-    for part in parts:
-        if not any(isinstance(try_to_load_from_cache(model_id, f"{part}/{f}", revision=revision), str)
-                   for f in _WEIGHT_FILES):
-            return (f"the {part} weights of model {model_id!r} are not in the Hugging Face cache "
-                    f"(HF_HOME={os.environ.get('HF_HOME', '~/.cache/huggingface')}) and HF_HUB_OFFLINE is set; "
-                    "download them once online (huggingface-cli download " + model_id + ")")
-    return None
+        hint = " (incomplete installation? `make toy-model` trains them)" if model_id == TOY else ""
+        return folder_weights_missing(folder, model_id, parts, hint)
+    return hub_weights_missing(model_id, parts, revision)
