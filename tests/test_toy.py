@@ -14,7 +14,7 @@ from pipeline.models import load_models
 from pipeline.spec import load_spec
 from pipeline.toy import oracle
 from pipeline.toy import evaluate as ev
-from pipeline.toy.model import FACTOR, LATENT_CHANNELS, PREDICTION_TYPE, TOY_CLIP_DIR, TOY_DIR
+from pipeline.models.toy import FACTOR, LATENT_CHANNELS, PREDICTION_TYPE, TOY_CLIP_DIR, TOY_DIR
 from pipeline.toy.scenes import BACKGROUNDS, COLORS, SHAPES, Scene, caption, random_batch, scene_batch
 
 
