@@ -26,7 +26,10 @@ def _unpack(data: bytes, shape: list[int], dtype: str) -> torch.Tensor:
 
 def scheduler_config_json(scheduler) -> str:
     keep = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "steps_offset", "set_alpha_to_one",
-            "prediction_type", "timestep_spacing", "rescale_betas_zero_snr")
+            "prediction_type", "timestep_spacing", "rescale_betas_zero_snr",
+            # FlowMatchEulerDiscreteScheduler (SD3, FLUX): what decides its sigmas
+            "shift", "use_dynamic_shifting", "base_shift", "max_shift", "base_image_seq_len", "max_image_seq_len",
+            "time_shift_type", "shift_terminal", "invert_sigmas")
     cfg = scheduler.config
     return json.dumps({k: cfg[k] for k in keep if k in cfg}, sort_keys=True, default=str)
 
@@ -129,36 +132,46 @@ def check_code_rows(rows: list[dict], models) -> None:
     if not isinstance(params, dict):
         raise CodeError(f"stored code: params must be a JSON object, got {_short(params)}")
     _check_code_params(method, params)
-    module = get_method(method)
+    try:
+        module = get_method(method, models.family)
+    except ValueError as exc:
+        raise CodeError(f"stored code: {exc}") from None
+    f = models.vae_scale_factor
+    w, h = first["width"], first["height"]
+    if w <= 0 or h <= 0 or w % f or h % f:
+        raise CodeError(f"stored code: image size {w}x{h} is not a positive multiple of the VAE factor {f}")
     kind = first.get("zs_kind") or "noise"  # codes written before the column hold noise maps
     if kind != getattr(module, "ZS_KIND", "noise") or any((r.get("zs_kind") or "noise") != kind for r in rows):
         raise CodeError(f"stored code: zs_kind {kind!r} is not what method {method!r} stores "
                         f"({getattr(module, 'ZS_KIND', 'noise')!r})")
     own_schedule = getattr(module, "code_timesteps", None)  # a method with its own timestep rule (turbo-edit)
     try:
-        expected = (own_schedule(models.scheduler, n, params) if own_schedule else
-                    Schedule.from_scheduler(models.scheduler, n).timesteps.tolist())[skip:]
+        if models.family == "flow":  # sigmas depend on the latent's size (FLUX's resolution-dependent shift)
+            from .inversion.flow import FlowSchedule
+
+            expected = FlowSchedule.from_scheduler(models.scheduler, n, (h // f, w // f)).timesteps.tolist()[skip:]
+        else:
+            expected = (own_schedule(models.scheduler, n, params) if own_schedule else
+                        Schedule.from_scheduler(models.scheduler, n).timesteps.tolist())[skip:]
     except ValueError as exc:
         raise CodeError(f"stored code: {exc}") from None
     if first["timesteps"] != expected:
         raise CodeError(f"stored code: timesteps do not match the schedule of {n} steps from skip {skip}")
     if first["dtype"] not in _NP:
         raise CodeError(f"stored code: dtype must be one of {', '.join(_NP)}, got {first['dtype']!r}")
-    f = models.vae_scale_factor
-    w, h = first["width"], first["height"]
-    if w <= 0 or h <= 0 or w % f or h % f:
-        raise CodeError(f"stored code: image size {w}x{h} is not a positive multiple of the VAE factor {f}")
     grid = [int(models.vae.config.latent_channels), h // f, w // f]
     steps = len(expected)
     # methods whose codes always hold one map per step (noise maps, or residuals)
     stochastic = "eta" in getattr(module, "DEFAULTS", {}) or kind == "residual"
+    # a method whose maps are not one per step says how many its parameters give (flowedit's noise draws)
+    counts = (module.code_maps(steps, params),) if hasattr(module, "code_maps") else (steps,) if stochastic else (0, steps)
     for r in rows:
         if r["x_start_shape"] != grid:
             raise CodeError(f"stored code: latent grid {r['x_start_shape']} does not match {grid} "
                             f"(the model's latents of a {w}x{h} image)")
         zs_steps = r["zs_shape"][0] if r["zs_shape"] else -1
-        if r["zs_shape"][1:] != grid or zs_steps not in ((steps,) if stochastic else (0, steps)):
-            raise CodeError(f"stored code: noise maps of shape {r['zs_shape']}; expected {[steps, *grid]}")
+        if r["zs_shape"][1:] != grid or zs_steps not in counts:
+            raise CodeError(f"stored code: noise maps of shape {r['zs_shape']}; expected {[counts[-1], *grid]}")
         names, shapes, data = r.get("extra_names") or [], r.get("extra_shapes") or [], r.get("extra_data") or []
         if not (len(names) == len(shapes) == len(data)) or any(s != grid for s in shapes):
             raise CodeError("stored code: extra tensors do not match their names or the latent grid")

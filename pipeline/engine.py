@@ -19,6 +19,7 @@ make no host-device copy and no host sync.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -52,6 +53,7 @@ class CallCounter:
     def __init__(self, net, timed: bool = False):
         self.net = net
         self.dtype = getattr(net, "dtype", None)
+        self.guidance_embeds = getattr(net, "guidance_embeds", False)  # (a flow net's: FLUX-dev's embedded guidance)
         self.calls = 0
         self.rows = 0
         self.timed = timed
@@ -95,6 +97,7 @@ class PaddedNet:
         self.net = net
         self.multiple = multiple
         self.dtype = getattr(net, "dtype", None)
+        self.guidance_embeds = getattr(net, "guidance_embeds", False)
 
     def __call__(self, x, t, emb, added_cond_kwargs=None, **kwargs):
         n = x.shape[0]
@@ -175,7 +178,16 @@ class Engine:
         self.unet = CallCounter(unet, timed=timed)
         self._sync = models.device.type == "cuda"
         self.timings: dict[str, float] = defaultdict(float)
+        # each variant's method module for this model's family (edit-friendly differs on SD and on flows);
+        # a method the family lacks is refused here, before any work
+        self.methods = {v.method: get_method(v.method, models.family) for v in self.variants}
         self._job_strokes = None
+
+    def _method(self, name: str):
+        """The module of method `name` for this model's family (stored codes may name a method the job does not)."""
+        if name not in self.methods:
+            self.methods[name] = get_method(name, self.models.family)
+        return self.methods[name]
 
     @property
     def unet_calls(self) -> int:
@@ -208,7 +220,7 @@ class Engine:
         x0, strokes, texts, outs = self._prepare(group)
         codes: dict[tuple, NoiseCode] = {}  # variants that differ only in their edit control share an inversion
         for vi, v in enumerate(self.variants):
-            method = get_method(v.method)
+            method = self._method(v.method)
             key = v.inversion_key()
             first_use = key not in codes
             if first_use:
@@ -239,7 +251,7 @@ class Engine:
         image-major), or one per image for a seed-independent method (it gives
         the same code for every seed, so it is inverted and edited once)."""
         t0 = time.perf_counter()
-        method = get_method(v.method)
+        method = self._method(v.method)
         per_image = 1 if method.SEED_INDEPENDENT else self.spec.edit.seeds
         x0_rep = x0.repeat_interleave(per_image, dim=0)
         # each row's prompt and its image's conditioning (an SDXL image's size and crop)
@@ -388,7 +400,7 @@ class Engine:
         scale = cfgs[0] if len(set(cfgs)) == 1 else torch.tensor(cfgs, device=device)
         rows = code[code_idx]
         cond, uncond = texts.rows(cond_idx, [p[1] for p in plan])
-        row_args = self._row_args(v, texts, plan, outs)
+        row_args = self._row_args(self._method(v.method), texts, plan, outs)
         if v.control == "p2p":
             latents = self._p2p_chain(v, rows, cond, uncond, plan, outs, torch.tensor(cfgs, device=device), row_args)
         elif strokes is not None:
@@ -406,7 +418,7 @@ class Engine:
             # rows, prompts and scale as the inversion: every UNet call has
             # the inversion's shape and inputs, so float rounding is the same
             # and an exact method (EDICT) reconstructs to the last bit.
-            method = get_method(v.method)
+            method = self._method(v.method)
             kinds = torch.tensor([p[0] == "edit" for p in plan])
             edit_at, recon_at = kinds.nonzero().flatten(), (~kinds).nonzero().flatten()
             edits = method.edit(self.unet, m.scheduler, rows[edit_at], cond[edit_at], _rows_of(uncond, edit_at),
@@ -417,7 +429,7 @@ class Engine:
             latents[edit_at.to(latents.device)] = edits
             latents[recon_at.to(latents.device)] = recons.to(latents.dtype)
         else:
-            latents = get_method(v.method).edit(self.unet, m.scheduler, rows, cond, uncond,
+            latents = self._method(v.method).edit(self.unet, m.scheduler, rows, cond, uncond,
                                                 cfg_scale=scale, max_batch=mb, **spec.edit.params, **row_args)
         t0 = self._timed("edit", t0)
 
@@ -460,14 +472,18 @@ class Engine:
                 o.codes[vi] = kept
 
     @staticmethod
-    def _row_args(v: Variant, texts, plan, outs) -> dict:
+    def _row_args(method, texts, plan, outs) -> dict:
         """Per-row edit arguments of methods that edit against the source
-        prompt (turbo-edit): each row's source conditioning, and which rows
-        are reconstructions (edited with the source prompt, unclipped)."""
-        if not getattr(get_method(v.method), "EDIT_NEEDS_SOURCE", False):
+        prompt (turbo-edit, flowedit): each row's source conditioning, and,
+        where the method's edit takes it, which rows are reconstructions
+        (turbo-edit edits those with the source prompt, unclipped)."""
+        if not getattr(method, "EDIT_NEEDS_SOURCE", False):
             return {}
         source, _ = texts.rows([texts.row[outs[g].sample.source_prompt] for _, g, _, _ in plan], [p[1] for p in plan])
-        return {"source": source, "reconstruct": torch.tensor([kind != "edit" for kind, _, _, _ in plan])}
+        args = {"source": source}
+        if "reconstruct" in inspect.signature(method.edit).parameters:
+            args["reconstruct"] = torch.tensor([kind != "edit" for kind, _, _, _ in plan])
+        return args
 
     def _p2p_chain(self, v: Variant, rows: NoiseCode, cond, uncond, plan, outs, cfgs: torch.Tensor,
                    row_args: dict | None = None) -> torch.Tensor:
@@ -485,7 +501,7 @@ class Engine:
             source_of.append(group_starts[-1])
         ends = group_starts[1:] + [len(plan)]
         cap = max(1, self.spec.batch.max_unet_batch // 2)
-        method = get_method(v.method)
+        method = self._method(v.method)
         chunks, a = [], 0
         for e in ends:  # pack whole groups up to the cap (a group larger than the cap runs alone)
             if chunks and chunks[-1][1] == a and e - chunks[-1][0] <= cap:

@@ -75,6 +75,11 @@ def _draws(n_max: int, n_min: int, n_avg: int) -> tuple[int, int, int]:
     return n_ode, n_sample, n_ode * n_avg + (1 if n_sample else 0)
 
 
+def code_maps(n_max: int, params: dict) -> int:
+    """How many noise draws a code of n_max steps holds (what a stored code is checked against)."""
+    return _draws(n_max, int(params.get("n_min", 0)), int(params.get("n_avg", 1)))[2]
+
+
 @torch.no_grad()
 def invert(
     net: Callable,

@@ -366,8 +366,8 @@ def model_limits(model_id: str, revision: str | None = None) -> ModelLimits:
 
     if model_id in RANDOM_MODELS:
         cfg = RANDOM_MODELS[model_id]
-        return _limits(cfg["kind"], cfg["resolution"], 2 ** (len(_TINY_VAE["block_out_channels"]) - 1),
-                       cfg.get("t5_length") or 77)
+        # no T5 in the built-in models: the context is CLIP's 77 tokens
+        return _limits(cfg["kind"], cfg["resolution"], 2 ** (len(_TINY_VAE["block_out_channels"]) - 1), 77)
     try:
         kind = _kind_of(model_index(model_id, revision))
         vae = json.loads(config_file(model_id, "vae/config.json", revision))
