@@ -62,7 +62,7 @@ def test_step_loops_make_no_host_sync(meta_models):
     m = meta_models
     cond = m.encode_text(["a cat", "a dog"])
     x0 = torch.zeros(2, 4, 16, 16, device="meta")
-    for name in method_names():
+    for name in method_names("sd"):
         method = get_method(name)
         guided = getattr(method, "GUIDANCE", True)  # turbo-edit: no guidance, edits against the source prompt
         with count_host_syncs("meta", started=False) as c:

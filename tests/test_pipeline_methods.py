@@ -50,7 +50,7 @@ def shard(tmp_path_factory):
 
 
 def test_all_methods_in_one_job_one_table(shard, tmp_path):
-    spec = spec_for(tmp_path, [shard], inversion={"method": method_names(), "per_method": {
+    spec = spec_for(tmp_path, [shard], inversion={"method": method_names("sd"), "per_method": {
         "ddim": {"cfg_target": 7.5}, "turbo-edit": {"cfg_source": 1.0, "cfg_target": 1.0}}})
     report = run_job(spec, progress=False)
     assert report.done == 1 and not report.failed
@@ -58,7 +58,7 @@ def test_all_methods_in_one_job_one_table(shard, tmp_path):
     by_method = {}
     for r in res:
         by_method.setdefault(r["method"], []).append(r)
-    assert set(by_method) == set(method_names())
+    assert set(by_method) == set(method_names("sd"))
     for m, rows in by_method.items():
         # images x targets x seeds; deterministic methods: one row per (image, target) whatever edit.seeds
         assert len(rows) == 3 * 1 * (1 if get_method(m).SEED_INDEPENDENT else 2)
@@ -69,7 +69,7 @@ def test_all_methods_in_one_job_one_table(shard, tmp_path):
     assert json.loads(by_method["cycle"][0]["params"])["eta"] == 0.1
     src = table(tmp_path / "out", "sources")
     errs = json.loads(src[0]["recon_errors"])
-    assert set(errs) == set(method_names())
+    assert set(errs) == set(method_names("sd"))
     assert errs["edit-friendly"] < 1e-4 and errs["edict"] < 1e-4 and errs["cycle"] < 1e-4 and errs["turbo-edit"] < 1e-4
     # diversity is computed within (image, method, target) groups
     assert all(r["diversity"] == r["diversity"] for r in by_method["edit-friendly"])
