@@ -178,8 +178,11 @@ class Engine:
         self.unet = CallCounter(unet, timed=timed)
         self._sync = models.device.type == "cuda"
         self.timings: dict[str, float] = defaultdict(float)
-        # each variant's method module for this model's family (edit-friendly differs on SD and on flows);
-        # a method the family lacks is refused here, before any work
+        # what the model's family cannot run is refused here, before any work (preflight checked the
+        # same from configs); each variant's method module is the family's (edit-friendly differs)
+        from .preflight import check_family
+
+        check_family(spec, models.family, getattr(models, "guidance_embeds", None) if models.family == "flow" else None)
         self.methods = {v.method: get_method(v.method, models.family) for v in self.variants}
         self._job_strokes = None
 

@@ -66,7 +66,45 @@ def check_model(spec: JobSpec) -> ModelLimits:
         raise SpecError(f"input.max_prompt_tokens: {spec.input.max_prompt_tokens} is more than the text encoder's context "
                         f"of {limits.text_context} tokens (longer prompts would be truncated silently)")
     _check_size(spec, limits)
+    guidance = None
+    if limits.family == "flow":
+        from .models.flow import guidance_embedded
+
+        guidance = guidance_embedded(spec.model.id, spec.model.revision or None)
+    check_family(spec, limits.family, guidance)
     return limits
+
+
+def check_family(spec: JobSpec, family: str, guidance_embedded: bool | None = None) -> None:
+    """What the model's family cannot run, refused with the field: a method
+    without a module for the family (EDICT on flows, FlowEdit on SD), and on
+    flow models (SD3/FLUX) Prompt-to-Prompt (it edits a UNet's
+    cross-attention; flows have joint attention), noise-space strokes (they
+    act on DDPM noise maps), and guidance on a FLUX model without a guidance
+    embedding (FLUX-schnell is guidance-distilled: cfg must be 1).
+    `guidance_embedded`: the flow model's (True FLUX-dev, False FLUX-schnell,
+    None SD3); the engine checks a loaded model with the same function."""
+    from .inversion import FAMILY_NAMES, get_method
+
+    for name in spec.inversion.methods:
+        try:
+            get_method(name, family)
+        except ValueError as exc:
+            raise SpecError(f"inversion.method: {exc} (model {spec.model.id!r})") from None
+    if family != "flow":
+        return
+    family = FAMILY_NAMES[family]
+    if "p2p" in spec.edit.controls:
+        raise SpecError(f"edit.control: Prompt-to-Prompt replaces a UNet's cross-attention maps; {family} attend "
+                        f"jointly over text and image tokens, which imprint does not control: use control = \"none\"")
+    if spec.manipulate.strokes:
+        raise SpecError(f"manipulate.strokes: colour strokes act on DDPM noise maps; {family} are not supported")
+    if guidance_embedded is False:
+        for v in spec.variants():
+            for name, value in (("inversion.cfg_source", v.cfg_source), ("edit.cfg_target", v.cfg_target)):
+                if value != 1.0:
+                    raise SpecError(f"{name}: model {spec.model.id!r} takes no guidance (a FLUX model without a "
+                                    f"guidance embedding, e.g. FLUX.1-schnell): set it to 1, got {value!r}")
 
 
 def _check_size(spec: JobSpec, limits: ModelLimits) -> None:
