@@ -262,8 +262,12 @@ def test_an_interrupted_upload_leaves_no_object_imprint_shards(s3, tmp_path, mon
     for i in range(3):
         (src / f"{i}.png").write_bytes(image_bytes(seed=i))
     real_object_store = ingest.object_store
-    monkeypatch.setattr(ingest, "object_store", lambda url: (lambda fs, path: (_InterruptingFS(fs), path))(
-        *real_object_store(url)))
+
+    def interrupting_store(url):
+        fs, path = real_object_store(url)
+        return _InterruptingFS(fs), path
+
+    monkeypatch.setattr(ingest, "object_store", interrupting_store)
     with pytest.raises(KeyboardInterrupt):
         ingest.make_shards(str(src), f"s3://{BUCKET}/ingested/", progress=False)
     assert _objects(s3, "ingested/") == []
