@@ -291,8 +291,13 @@ def shards(
                                                          "prompt (default: target_prompts if present)."),
     samples_per_shard: int = typer.Option(1000, help="Samples per .tar shard."),
     prefix: str = typer.Option("shard", help="Shard names: PREFIX-000000.tar, ..."),
-    overwrite: bool = typer.Option(False, help="Replace PREFIX-*.tar shards already in DEST."),
-    timeout: float = typer.Option(30.0, help="Seconds before an image URL download gives up."),
+    overwrite: bool = typer.Option(False, help="Replace PREFIX-*.tar shards already in DEST (once the run succeeds)."),
+    timeout: float = typer.Option(30.0, help="Seconds one image URL download may take in all (not per read)."),
+    allow_outside: bool = typer.Option(False, help="Trusted table: read image paths anywhere on disk, not only "
+                                                   "inside the table's folder."),
+    allow_private: bool = typer.Option(False, help="Fetch URLs on loopback, link-local and private addresses "
+                                                   "(refused by default, redirects included)."),
+    max_image_mb: int = typer.Option(256, help="Largest image file or download, in MiB."),
     workers: int = typer.Option(8, help="Threads reading files and downloading URLs."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
@@ -303,7 +308,8 @@ def shards(
     try:
         summary = make_shards(src, dest, image_col=image_col, caption_col=caption_col, targets_col=targets_col,
                               samples_per_shard=samples_per_shard, prefix=prefix, overwrite=overwrite,
-                              timeout=timeout, workers=workers, progress=progress)
+                              timeout=timeout, workers=workers, progress=progress, allow_outside=allow_outside,
+                              allow_private=allow_private, max_image_bytes=max_image_mb * 2**20)
     except (IngestError, OSError) as exc:
         die(str(exc))
     for line in summary_lines(summary):

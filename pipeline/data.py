@@ -35,8 +35,8 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 # PSD, ... bytes are refused before any other plugin sees them.
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")
 DEMO = "demo"
-# Object stores read through pyarrow's filesystems; http(s) through webdataset's
-# curl opener (argument list, no shell). Any other scheme is refused.
+# Object stores read through pyarrow's filesystems; http(s) through requests
+# (`HttpShardStream`: read to its end or failed). Any other scheme is refused.
 OBJECT_STORE_SCHEMES = ("s3", "gs", "gcs", "hdfs")
 REMOTE_SCHEMES = ("http", "https", *OBJECT_STORE_SCHEMES)
 # A tar member larger than this is not read into memory; its sample becomes an
@@ -408,8 +408,8 @@ def _group_members(tar: tarfile.TarFile, url: str) -> Iterator[dict]:
 
 def open_shard(url: str, *, allow_pipe: bool = False, allow_remote: bool = True):
     """A binary stream for a shard: object stores through pyarrow's
-    filesystems (s3://, gs://, hdfs://), local files, http(s) through curl
-    (an argument list, no shell) and, only when allowed, pipe: commands."""
+    filesystems (s3://, gs://, hdfs://), local files, http(s) through
+    `HttpShardStream` and, only when allowed, pipe: commands."""
     check_url_allowed(url, allow_pipe=allow_pipe, allow_remote=allow_remote)
     scheme = url_scheme(url)
     if scheme in OBJECT_STORE_SCHEMES:
@@ -419,9 +419,80 @@ def open_shard(url: str, *, allow_pipe: bool = False, allow_remote: bool = True)
         return fs.open_input_stream(path, buffer_size=OBJECT_READ_BUFFER)
     if scheme == "":
         return open(local_path(url), "rb")
+    if scheme in ("http", "https"):
+        return HttpShardStream(url)
     from webdataset import gopen
 
     return gopen(url, "rb")
+
+
+HTTP_SHARD_TIMEOUT = (30.0, 120.0)  # seconds to connect, and with no byte received, before the attempt fails
+
+
+class HttpShardStream(io.RawIOBase):
+    """An http(s) shard read to its end or not at all. A failed request, a
+    status other than 200, a connection that breaks, a body shorter than its
+    Content-Length or a cut chunked body raise OSError from `read`, and the
+    end of the body is reported only once its length is checked: the tar
+    reader never sees a clean end of a broken transfer (which it would take
+    for a damaged tar and commit). A body with neither a length nor chunked
+    framing cannot be told complete from cut, so it is refused. The bytes are
+    the body as sent (no Content-Encoding decoding: the length counts those;
+    tarfile reads gzip itself)."""
+
+    def __init__(self, url: str, timeout: tuple[float, float] = HTTP_SHARD_TIMEOUT):
+        import requests
+
+        self.url, self.received = url, 0
+        self._session = requests.Session()
+        try:
+            self._resp = self._session.get(url, stream=True, timeout=timeout, headers={"User-Agent": "imprint"})
+        except requests.RequestException as exc:
+            self._session.close()
+            raise OSError(f"GET {url}: {type(exc).__name__}: {exc}") from exc
+        try:
+            if self._resp.status_code != 200:
+                raise OSError(f"GET {url}: HTTP {self._resp.status_code}")
+            length = self._resp.headers.get("Content-Length", "")
+            self.length = int(length) if length.isdigit() else None
+            chunked = "chunked" in self._resp.headers.get("Transfer-Encoding", "").lower()
+            if self.length is None and not chunked:
+                raise OSError(f"GET {url}: the server sent neither a Content-Length nor a chunked body, so a cut "
+                              "transfer could not be told from a complete one")
+        except BaseException:
+            self.close()
+            raise
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        from urllib3.exceptions import HTTPError as Urllib3Error
+
+        try:
+            data = self._resp.raw.read(n if n is not None and n >= 0 else None, decode_content=False)
+        except (Urllib3Error, OSError) as exc:
+            raise OSError(f"GET {self.url}: transfer broke after {self.received} bytes: {type(exc).__name__}: {exc}") from exc
+        self.received += len(data)
+        if self.length is not None and self.received > self.length:
+            raise OSError(f"GET {self.url}: more bytes than the Content-Length ({self.length})")
+        if not data and n != 0 and self.length is not None and self.received != self.length:
+            raise OSError(f"GET {self.url}: transfer ended after {self.received} of {self.length} bytes")
+        return data
+
+    def readinto(self, b) -> int:
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            try:
+                if hasattr(self, "_resp"):
+                    self._resp.close()
+            finally:
+                self._session.close()
+        super().close()
 
 
 # ---------------------------------------------------------------------------

@@ -14,24 +14,38 @@ Sources (`find_source` decides from what SRC is):
   columns are written as their names (`label` = "cat", `label_id` = 3).
 
 Every sample is checked before it is written (the image decodes, in JPEG,
-PNG or WebP, else converted to PNG; the caption is text); a bad one is
-skipped with its reason and counted, never raised. Records flow one way:
-source rows -> `load_sample` (in a thread pool: files and URLs are read in
-parallel, order kept) -> shards of `samples_per_shard`, each written by
-`data.write_shards` and, for object stores, uploaded through pyarrow.
+PNG or WebP, else BMP, GIF or TIFF converted to PNG; the caption is text); a
+bad one is skipped with its reason and counted, never raised. Records flow
+one way: source rows -> `load_sample` (in a thread pool: files and URLs are
+read in parallel, order kept, the bytes read ahead bounded by `ByteBudget`)
+-> shards of `samples_per_shard`, each written by `data.write_shards` into a
+staging folder in DEST and, for object stores, uploaded through pyarrow; the
+run's shards replace DEST's only when the whole run succeeds.
+
+A table is untrusted input unless the caller says otherwise (`Trust`): its
+paths must resolve inside its own folder and name regular files; URLs are
+fetched under a byte cap and one deadline per download, and only from public
+addresses (checked on every connection, redirects included, after DNS); only
+the image formats named here are decoded, each by its own PIL plugin.
 """
 
 from __future__ import annotations
 
 import io
+import ipaddress
 import json
 import math
 import os
 import re
 import shutil
+import socket
+import stat
 import tempfile
+import threading
+import uuid
 import warnings
 from collections import Counter
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import chain, islice
@@ -41,6 +55,7 @@ from typing import Any, Callable, Iterable, Iterator
 from PIL import Image
 
 from .data import IMAGE_FILE_EXTS, IMAGE_FORMATS, MAX_MEMBER_BYTES, is_local, local_path, object_store, sniff_format, write_shards
+from .objects import stage
 
 TABLE_EXTS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")  # Hugging Face imagefolder
@@ -49,7 +64,24 @@ IMAGE_COLS = ("image", "image_path", "file_name", "filename", "path", "filepath"
 CAPTION_COLS = ("source_prompt", "caption", "text", "prompt", "txt")
 TARGETS_COLS = ("target_prompts", "targets", "target_prompt")
 EXT_OF_FORMAT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
-LOOKAHEAD = 64  # records loaded ahead in the thread pool
+LOOKAHEAD = 64  # records loaded ahead in the thread pool (their bytes bounded by MAX_INFLIGHT_BYTES)
+MAX_INFLIGHT_BYTES = 1 << 30  # image bytes read but not yet written to a shard, all loader threads together
+# Formats re-encoded to PNG (the folder source lists their extensions), each
+# opened by its own plugin only: EPS (Ghostscript), PSD, ... are never decoded.
+CONVERTED_FORMATS = ("BMP", "GIF", "TIFF")
+READ_CHUNK = 1 << 16
+MAX_SIDECAR_BYTES = 16 * 2**20  # a .txt caption or .json sidecar
+STAGING_PREFIX = ".imprint-staging-"  # DEST/<this><id>/: a run's shards until the run succeeds (no job lists it)
+
+
+@dataclass(frozen=True)
+class Trust:
+    """What an ingest may read. The defaults are for untrusted tables."""
+
+    allow_outside: bool = False  # local paths anywhere on disk, not only inside the table's folder
+    allow_private: bool = False  # URLs on loopback, link-local and private addresses
+    max_image_bytes: int = MAX_MEMBER_BYTES  # per image, file or download
+    timeout: float = 30.0  # seconds for one whole download (retries included), not per read
 
 
 class IngestError(ValueError):
@@ -105,9 +137,11 @@ def _reason_kind(reason: str) -> str:
 
 def find_source(src: str, *, image_col: str | None = None, caption_col: str | None = None,
                 targets_col: str | None = None) -> Source:
-    p = Path(local_path(src))
     if not is_local(src):
         raise IngestError(f"{src}: SRC must be a local file or folder (DEST may be an object store)")
+    # resolved once: records carry absolute paths and absolute folders, so a relative
+    # SRC ("photos/") is not joined to itself, and containment compares real paths
+    p = Path(local_path(src)).resolve()
     if not p.exists():
         raise IngestError(f"{src}: no such file or folder")
     cols = dict(image_col=image_col, caption_col=caption_col, targets_col=targets_col)
@@ -145,7 +179,11 @@ def _folder_source(root: Path, images: list[Path]) -> Source:
             side_json, side_txt = img.with_suffix(".json"), img.with_suffix(".txt")
             caption_from = ""
             if side_json.is_file():
-                obj = _json_object(side_json.read_bytes())
+                try:
+                    obj = _json_object(read_regular_file(side_json, root, MAX_SIDECAR_BYTES))
+                except Skip as exc:
+                    yield Skip(f"{exc} ({img.relative_to(root).as_posix()})")
+                    continue
                 if isinstance(obj, str):
                     yield Skip(f"bad_json: {side_json.relative_to(root)}: {obj}")
                     continue
@@ -153,9 +191,12 @@ def _folder_source(root: Path, images: list[Path]) -> Source:
                 caption_from = "source_prompt" if "source_prompt" in obj else ""
             if side_txt.is_file() and not caption_from:
                 try:
-                    fields["source_prompt"] = side_txt.read_text(encoding="utf-8")
+                    fields["source_prompt"] = read_regular_file(side_txt, root, MAX_SIDECAR_BYTES).decode("utf-8")
                 except UnicodeDecodeError as exc:
                     yield Skip(f"bad_caption: {side_txt.relative_to(root)} is not UTF-8 ({exc})")
+                    continue
+                except Skip as exc:
+                    yield Skip(f"{exc} ({img.relative_to(root).as_posix()})")
                     continue
                 caption_from = "source_prompt"
             yield Record(key=rel, image=str(img), base=str(root), fields=fields, caption_from=caption_from,
@@ -414,10 +455,11 @@ def _hf_disk_source(p: Path, *, image_col, caption_col, targets_col) -> Source:
 # ---------------------------------------------------------------------------
 
 
-def load_sample(rec: Record, fetch: Callable[[str], bytes], max_pixels: int = 64_000_000) -> dict:
+def load_sample(rec: Record, fetch: Callable[[str], bytes], max_pixels: int = 64_000_000, trust: Trust = Trust(),
+                budget: ByteBudget | None = None) -> dict:
     """A WebDataset sample (`__key__`, image bytes under its extension,
     `json`) from a record; raises Skip with the reason when it is unusable."""
-    data = _image_bytes(rec, fetch)
+    data = _image_bytes(rec, fetch, trust, budget)
     ext, data, converted = _checked_image(data, max_pixels)
     obj = _json_fields(rec)
     sample = {"__key__": rec.key, ext: data, "json": obj}
@@ -426,7 +468,7 @@ def load_sample(rec: Record, fetch: Callable[[str], bytes], max_pixels: int = 64
     return sample
 
 
-def _image_bytes(rec: Record, fetch) -> bytes:
+def _image_bytes(rec: Record, fetch, trust: Trust, budget: ByteBudget | None) -> bytes:
     v = rec.image
     if isinstance(v, dict):  # Hugging Face Image: {"bytes": ..., "path": ...}
         v = v.get("bytes") or v.get("path")
@@ -444,28 +486,70 @@ def _image_bytes(rec: Record, fetch) -> bytes:
     path = Path(local_path(v))
     if not path.is_absolute():
         path = Path(rec.base) / path
+    return read_regular_file(path, None if trust.allow_outside else Path(rec.base), trust.max_image_bytes, budget)
+
+
+def read_regular_file(path: Path, inside: Path | None, cap: int, budget: ByteBudget | None = None) -> bytes:
+    """The bytes of `path` if it resolves (symbolic links followed) inside the
+    folder `inside` (None: anywhere) and is a regular file of at most `cap`
+    bytes; else Skip. A FIFO or device is refused after a non-blocking open,
+    before any read (a named pipe would block, /dev/zero never ends)."""
     try:
-        size = path.stat().st_size
-        if size > MAX_MEMBER_BYTES:
-            raise Skip(f"too_large: {path} is {size} bytes")
-        return path.read_bytes()
+        real = path.resolve(strict=True)
+    except FileNotFoundError:
+        raise Skip(f"missing_file: {path} not found") from None
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a symbolic link loop
+        raise Skip(f"unreadable_file: {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    if inside is not None and not real.is_relative_to(inside.resolve()):
+        raise Skip(f"outside: {path} is outside the table's folder {inside} (--allow-outside reads a trusted "
+                   "table's paths anywhere)")
+    try:
+        # O_NOFOLLOW: `real` has no links left; one put there since is not followed
+        fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
     except FileNotFoundError:
         raise Skip(f"missing_file: {path} not found") from None
     except OSError as exc:
         raise Skip(f"unreadable_file: {path}: {exc.strerror or exc}") from None
+    with os.fdopen(fd, "rb", buffering=0) as fh:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise Skip(f"not_a_file: {path} is {_file_kind_name(st.st_mode)}, not a regular file")
+        if st.st_size > cap:
+            raise Skip(f"too_large: {path} is {st.st_size} bytes (more than {cap})")
+        buf = bytearray()
+        while chunk := fh.read(min(READ_CHUNK * 16, cap + 1 - len(buf))):
+            if budget is not None:
+                budget.take(len(chunk))
+            buf += chunk
+            if len(buf) > cap:  # grew while read
+                raise Skip(f"too_large: {path} is more than {cap} bytes")
+        return bytes(buf)
+
+
+def _file_kind_name(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder")):
+        if test(mode):
+            return name
+    return "not a regular file"
 
 
 def _checked_image(data: bytes, max_pixels: int) -> tuple[str, bytes, bool]:
     """(extension, bytes, converted): JPEG/PNG/WebP bytes kept as they are
-    once they decode; any other format PIL reads is re-encoded to PNG."""
+    once they decode; BMP, GIF and TIFF re-encoded to PNG; any other format
+    refused before a decoder sees it (whatever the file's name says)."""
     if not data:
         raise Skip("decode: empty image")
     fmt = sniff_format(data)
+    if fmt is not None and fmt not in IMAGE_FORMATS + CONVERTED_FORMATS:
+        raise Skip(f"format_refused: {fmt} (imprint shards reads {', '.join(IMAGE_FORMATS + CONVERTED_FORMATS)})")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            # a contract format is decoded by its own plugin only (a camera's JPEG would open as MPO)
-            img = Image.open(io.BytesIO(data), formats=[fmt] if fmt in IMAGE_FORMATS else None)
+            # decoded by its own plugin only (a camera's JPEG would open as MPO; no other plugin is tried)
+            if fmt is None:
+                raise Image.UnidentifiedImageError()
+            img = Image.open(io.BytesIO(data), formats=[fmt])
             w, h = img.size
             if w * h > max_pixels:
                 raise Skip(f"too_large: {w}x{h} pixels")
@@ -554,36 +638,212 @@ def safe_key(key: str) -> str:
 # ---------------------------------------------------------------------------
 
 
-def url_fetcher(timeout: float = 30.0, retries: int = 2) -> Callable[[str], bytes]:
-    """GET with `requests`: connect/read timeouts, retries with backoff on
-    connection errors and 429/5xx (urllib3's Retry), and a size cap."""
-    import requests
+class BlockedAddress(Exception):
+    """A URL's host is on an address the trust rules refuse. Not an OSError,
+    so urllib3 neither retries it nor tries the next address."""
+
+
+def _is_public(ip: str) -> bool:
+    addr = ipaddress.ip_address(ip.split("%", 1)[0])  # an IPv6 scope ("fe80::1%eth0") is no part of the address
+    if addr.version == 6 and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return addr.is_global and not addr.is_multicast
+
+
+def _vetted_address(host: str, port: int, allow_private: bool) -> str:
+    """The address to connect to for `host`: every address DNS gives must be
+    public (unless allowed), so a name cannot mix a public and a private one."""
+    ips = [info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)]
+    if not allow_private:
+        for ip in ips:
+            if not _is_public(ip):
+                raise BlockedAddress(f"{host} is {ip}, a loopback, link-local or private address "
+                                     "(--allow-private fetches from such addresses)")
+    return ips[0]
+
+
+class _Download:
+    """One download's deadline: at expiry every socket it opened is shut
+    down, which ends a read blocked on a server that sends nothing, or one
+    byte at a time, or that stalls mid-headers."""
+
+    def __init__(self, seconds: float):
+        self.expired = False
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self.expire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> "_Download":
+        _current.download = self
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._timer.cancel()
+        _current.download = None
+
+    def expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            for sock in self._sockets:
+                _shut(sock)
+
+    def add(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sockets.append(sock)
+            if self.expired:
+                _shut(sock)
+
+
+def _shut(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+_current = threading.local()  # the download this thread runs (requests connects in the calling thread)
+
+
+def _guarded_adapter(allow_private: bool, **kwargs):
+    """A requests adapter whose every connection (the first and each
+    redirect's) goes to an address `_vetted_address` allowed, resolved once
+    and connected to as resolved (no second lookup a rebinding DNS could
+    change), and is registered with the thread's download for its deadline."""
     from requests.adapters import HTTPAdapter
+    from urllib3.connection import HTTPConnection, HTTPSConnection
+    from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+    from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
+    from urllib3.util.connection import create_connection
+
+    class Guarded:
+        def _new_conn(self):
+            try:
+                ip = _vetted_address(self._dns_host, self.port, allow_private)
+                sock = create_connection((ip, self.port), self.timeout, source_address=self.source_address,
+                                         socket_options=self.socket_options)
+            except socket.timeout as exc:
+                raise ConnectTimeoutError(self, f"connecting to {self.host} timed out") from exc
+            except OSError as exc:
+                raise NewConnectionError(self, f"cannot connect to {self.host}: {exc}") from exc
+            download = getattr(_current, "download", None)
+            if download is not None:
+                download.add(sock)
+            return sock
+
+    class Conn(Guarded, HTTPConnection):
+        pass
+
+    class SConn(Guarded, HTTPSConnection):
+        pass
+
+    class Pool(HTTPConnectionPool):
+        ConnectionCls = Conn
+
+    class SPool(HTTPSConnectionPool):
+        ConnectionCls = SConn
+
+    class Adapter(HTTPAdapter):
+        def init_poolmanager(self, *args, **kw):
+            super().init_poolmanager(*args, **kw)
+            self.poolmanager.pool_classes_by_scheme = {"http": Pool, "https": SPool}
+
+    return Adapter(**kwargs)
+
+
+def url_fetcher(trust: Trust = Trust(), retries: int = 2, budget: ByteBudget | None = None) -> Callable[[str], bytes]:
+    """GET with `requests`: retries with backoff on connection errors and
+    429/5xx (urllib3's Retry), and the trust rules: public addresses only
+    (every connection, redirects included), at most `trust.max_image_bytes`,
+    and one deadline of `trust.timeout` seconds for the whole download."""
+    import requests
+    from urllib3.exceptions import HTTPError as Urllib3Error
     from urllib3.util.retry import Retry
 
-    session = requests.Session()
     retry = Retry(total=retries, connect=retries, read=retries, backoff_factor=0.5,
                   status_forcelist=(429, 500, 502, 503, 504), allowed_methods=("GET",), raise_on_status=False)
-    adapter = HTTPAdapter(max_retries=retry, pool_maxsize=32)
-    session.mount("http://", adapter)
-    session.mount("https://", adapter)
-    session.headers["User-Agent"] = "imprint-shards"
+    cap = trust.max_image_bytes
 
     def fetch(url: str) -> bytes:
-        try:
-            with session.get(url, timeout=(min(10.0, timeout), timeout), stream=True) as r:
-                if r.status_code != 200:
-                    raise Skip(f"http_error: HTTP {r.status_code} for {url[:120]}")
-                buf = bytearray()
-                for chunk in r.iter_content(1 << 16):
-                    buf += chunk
-                    if len(buf) > MAX_MEMBER_BYTES:
-                        raise Skip(f"too_large: {url[:120]} is over {MAX_MEMBER_BYTES} bytes")
-                return bytes(buf)
-        except requests.RequestException as exc:
-            raise Skip(f"http_error: {url[:120]}: {type(exc).__name__}: {_one_line(exc)[:160]}") from None
+        # a session per download: no connection is reused from another download, whose deadline it would escape
+        with requests.Session() as session, _Download(trust.timeout) as download:
+            session.trust_env = False  # no proxy (the address checked is the one connected to), no .netrc credentials
+            session.max_redirects = 5
+            adapter = _guarded_adapter(trust.allow_private, max_retries=retry)
+            session.mount("http://", adapter)
+            session.mount("https://", adapter)
+            session.headers["User-Agent"] = "imprint-shards"
+            try:
+                with session.get(url, timeout=(min(10.0, trust.timeout), trust.timeout), stream=True) as r:
+                    if r.status_code != 200:
+                        raise Skip(f"http_error: HTTP {r.status_code} for {url[:120]}")
+                    length = r.headers.get("Content-Length", "")
+                    if length.isdigit() and int(length) > cap:
+                        raise Skip(f"too_large: {url[:120]} is {length} bytes (more than {cap})")
+                    buf = bytearray()
+                    for chunk in r.iter_content(READ_CHUNK):
+                        if budget is not None:
+                            budget.take(len(chunk))
+                        buf += chunk
+                        if len(buf) > cap:
+                            raise Skip(f"too_large: {url[:120]} is more than {cap} bytes")
+                    if download.expired:  # the shut-down socket may read as a clean end
+                        raise Skip(f"timeout: {url[:120]} not downloaded within {trust.timeout:g} s")
+                    return bytes(buf)
+            except BlockedAddress as exc:
+                raise Skip(f"blocked_address: {url[:120]}: {exc}") from None
+            except (requests.RequestException, Urllib3Error, OSError) as exc:
+                if isinstance(exc.__context__, BlockedAddress) or isinstance(getattr(exc, "reason", None), BlockedAddress):
+                    raise Skip(f"blocked_address: {url[:120]}: {exc.__context__ or exc.reason}") from None
+                if download.expired:
+                    raise Skip(f"timeout: {url[:120]} not downloaded within {trust.timeout:g} s") from None
+                raise Skip(f"http_error: {url[:120]}: {type(exc).__name__}: {_one_line(exc)[:160]}") from None
 
     return fetch
+
+
+class ByteBudget:
+    """Image bytes read but not yet written to a shard, all loader threads
+    together. Records are numbered in source order and written in that
+    order; a loader waits while its next read would pass the limit, except
+    the loader of the record written next, which never waits: it finishes,
+    its sample is written and its bytes given back, so the limit cannot
+    deadlock (one image over the limit still goes through, alone)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used, self.peak = limit, 0, 0
+        self._next = 0  # the record written next
+        self._cond = threading.Condition()
+        self._mine = threading.local()
+
+    def begin(self, index: int) -> None:
+        self._mine.index, self._mine.taken = index, 0
+
+    def taken(self) -> int:
+        return getattr(self._mine, "taken", 0)
+
+    def take(self, n: int) -> None:
+        index = getattr(self._mine, "index", None)
+        with self._cond:
+            while index is not None and index != self._next and self.used + n > self.limit:
+                self._cond.wait()
+            self.used += n
+            self.peak = max(self.peak, self.used)
+        self._mine.taken = self.taken() + n
+
+    def written(self, index: int, n: int) -> None:
+        """Record `index` is written (or skipped): its `n` bytes come back."""
+        with self._cond:
+            self.used -= n
+            self._next = index + 1
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        """The run stops: no loader waits any more."""
+        with self._cond:
+            self.limit = float("inf")
+            self._cond.notify_all()
 
 
 # ---------------------------------------------------------------------------
@@ -593,8 +853,13 @@ def url_fetcher(timeout: float = 30.0, retries: int = 2) -> Callable[[str], byte
 
 class ShardSink:
     """Shards `{prefix}-000000.tar`, ... in a local folder or an object-store
-    prefix. Each is written complete to a local file by `data.write_shards`
-    (renamed into place locally, uploaded in one request to an object store)."""
+    prefix. A run writes its shards into a staging folder in DEST
+    (`.imprint-staging-<id>/`, which no job lists) and `commit` moves them to
+    their names only once the whole run succeeded, then removes the old
+    shards it did not replace: a failed or interrupted run leaves DEST as it
+    was, `--overwrite` included. Each shard is complete before it is named:
+    written by `data.write_shards` (renamed into place) locally, uploaded by
+    `objects.stage` (aborted or deleted on an exception) to an object store."""
 
     def __init__(self, dest: str, prefix: str, overwrite: bool):
         self.dest, self.prefix = dest.rstrip("/"), prefix
@@ -605,10 +870,12 @@ class ShardSink:
                 raise IngestError(f"{dest}: DEST must be a folder")
             self.root.mkdir(parents=True, exist_ok=True)
             existing = sorted(str(f) for f in self.root.glob("*.tar"))
+            self.base = str(self.root)
         else:
             import pyarrow.fs as pafs
 
             self.fs, self.base = object_store(self.dest)
+            self.base = self.base.rstrip("/")
             self.fs.create_dir(self.base, recursive=True)  # a marker at most on object stores; needed elsewhere
             infos = self.fs.get_file_info(pafs.FileSelector(self.base, allow_not_found=True))
             existing = sorted(i.path for i in infos if i.path.endswith(".tar"))
@@ -618,68 +885,119 @@ class ShardSink:
             hint = ("--overwrite replaces only shards named "
                     f"{prefix}-*.tar" if overwrite else "pass --overwrite to replace them, or choose an empty DEST")
             raise IngestError(f"{dest} already holds {what}; a job reading this folder would read them too ({hint})")
-        for e in mine:
-            if self.local:
-                os.remove(e)
-            else:
-                self.fs.delete_file(e)
+        self.old = mine  # replaced or removed by `commit`, never before
+        self.staging = f"{self.base}/{STAGING_PREFIX}{uuid.uuid4().hex[:12]}"
+        self.staged: list[str] = []
+        if self.local:
+            os.mkdir(self.staging)
+        else:
+            self.fs.create_dir(self.staging, recursive=True)
 
     def write(self, index: int, samples: Iterable[dict]) -> str:
         name = f"{self.prefix}-{index:06d}.tar"
         if self.local:
-            return write_shards(samples, str(self.root / name))
-        with tempfile.TemporaryDirectory(prefix="imprint-shards-") as tmp:
-            local = write_shards(samples, os.path.join(tmp, name))
-            with open(local, "rb") as src, self.fs.open_output_stream(f"{self.base.rstrip('/')}/{name}") as out:
-                shutil.copyfileobj(src, out, 1 << 20)
+            write_shards(samples, f"{self.staging}/{name}")
+        else:
+            with tempfile.TemporaryDirectory(prefix="imprint-shards-") as tmp:
+                local = write_shards(samples, os.path.join(tmp, name))
+                with open(local, "rb") as src:
+                    stage(self.fs, f"{self.staging}/{name}", lambda out: shutil.copyfileobj(src, out, 1 << 20))
+        self.staged.append(name)
         return f"{self.dest}/{name}"
+
+    def commit(self) -> None:
+        """The run succeeded: its shards take their names (each move
+        atomic locally; an object appears whole), then old shards beyond
+        the new ones go."""
+        new = set()
+        for name in self.staged:
+            final = f"{self.base}/{name}"
+            if self.local:
+                os.replace(f"{self.staging}/{name}", final)
+            else:
+                self.fs.move(f"{self.staging}/{name}", final)
+            new.add(final)
+        for old in self.old:
+            if old not in new:
+                os.remove(old) if self.local else self.fs.delete_file(old)
+        self.discard()
+
+    def discard(self) -> None:
+        """Remove the staging folder (what a failed run wrote)."""
+        try:
+            if self.local:
+                shutil.rmtree(self.staging, ignore_errors=True)
+            else:
+                self.fs.delete_dir(self.staging)
+        except (OSError, FileNotFoundError):
+            pass
 
 
 def make_shards(src: str, dest: str, *, image_col: str | None = None, caption_col: str | None = None,
                 targets_col: str | None = None, samples_per_shard: int = 1000, prefix: str = "shard",
                 overwrite: bool = False, timeout: float = 30.0, workers: int = 8, progress: bool = True,
-                fetch: Callable[[str], bytes] | None = None) -> IngestSummary:
+                fetch: Callable[[str], bytes] | None = None, allow_outside: bool = False,
+                allow_private: bool = False, max_image_bytes: int = MAX_MEMBER_BYTES,
+                max_inflight_bytes: int = MAX_INFLIGHT_BYTES) -> IngestSummary:
     """Write SRC's samples to DEST as WebDataset shards; see the module doc.
-    Raises IngestError (nothing written) when SRC or DEST is unusable."""
+    Raises IngestError (nothing written) when SRC or DEST is unusable; on any
+    exception DEST keeps what it held before."""
     if samples_per_shard < 1:
         raise IngestError("--samples-per-shard must be at least 1")
     if not re.fullmatch(r"[A-Za-z0-9_-]+", prefix):
         raise IngestError(f"--prefix {prefix!r}: letters, digits, - and _ only")
+    if not 0 < max_image_bytes <= MAX_MEMBER_BYTES:
+        raise IngestError(f"--max-image-mb: more than 0 and at most {MAX_MEMBER_BYTES >> 20} (the input contract's cap)")
+    if not timeout > 0:
+        raise IngestError("--timeout must be more than 0 seconds")
+    trust = Trust(allow_outside=allow_outside, allow_private=allow_private, max_image_bytes=max_image_bytes,
+                  timeout=timeout)
     source = find_source(src, image_col=image_col, caption_col=caption_col, targets_col=targets_col)
     sink = ShardSink(dest, prefix, overwrite)
     summary = IngestSummary(source=src, kind=source.kind, columns=source.columns)
-    fetch = fetch or url_fetcher(timeout)
+    budget = ByteBudget(max_inflight_bytes)
+    fetch = fetch or url_fetcher(trust, budget=budget)
     used: set[str] = set()
 
-    def load(item: Record | Skip):
+    def load(index: int, item: Record | Skip) -> tuple[int, dict | Skip, int]:
+        """(index, sample or Skip, bytes it holds of the budget)"""
+        budget.begin(index)
         if isinstance(item, Skip):
-            return item
+            return index, item, 0
         try:
-            return load_sample(item, fetch)
+            out: dict | Skip = load_sample(item, fetch, trust=trust, budget=budget)
         except Skip as exc:
-            return Skip(f"{exc} ({item.where})")
+            out = Skip(f"{exc} ({item.where})")
         except Exception as exc:  # noqa: BLE001 - a record's data must not stop the others
-            return Skip(f"other: {type(exc).__name__}: {_one_line(exc)} ({item.where})")
+            out = Skip(f"other: {type(exc).__name__}: {_one_line(exc)} ({item.where})")
+        return index, out, budget.taken()
 
     def samples() -> Iterator[dict]:
         from tqdm import tqdm
 
         with ThreadPoolExecutor(max(1, workers)) as pool, \
                 tqdm(total=source.total, unit="img", desc="imprint shards", disable=not progress) as bar:
-            records = source.records()
-            while True:
-                chunk = list(islice(records, LOOKAHEAD))
-                if not chunk:
-                    return
-                for out in pool.map(load, chunk):
+            records = enumerate(source.records())
+            window = deque(pool.submit(load, i, item) for i, item in islice(records, LOOKAHEAD))
+            try:
+                while window:
+                    index, out, taken = window.popleft().result()
+                    following = next(records, None)
+                    if following is not None:
+                        window.append(pool.submit(load, *following))
                     bar.update(1)
                     if isinstance(out, Skip):
                         summary.skipped.append((_where(str(out)), str(out)))
-                        continue
-                    out["__key__"] = _unique(safe_key(out["__key__"]), used)
-                    summary.converted += bool(out.pop("__converted__", False))
-                    summary.uncaptioned += "source_prompt" not in out["json"]
-                    yield out
+                    else:
+                        out["__key__"] = _unique(safe_key(out["__key__"]), used)
+                        summary.converted += bool(out.pop("__converted__", False))
+                        summary.uncaptioned += "source_prompt" not in out["json"]
+                        yield out  # written to the tar when the generator resumes
+                    budget.written(index, taken)
+            finally:
+                for f in window:
+                    f.cancel()
+                budget.close()  # loaders still waiting for bytes go on (and are dropped)
 
     def counted(items: Iterator[dict]) -> Iterator[dict]:
         for item in items:
@@ -688,10 +1006,19 @@ def make_shards(src: str, dest: str, *, image_col: str | None = None, caption_co
 
     # streamed into each tar: memory holds the samples loading ahead, never a whole shard
     stream = samples()
-    index = 0
-    while (first := next(stream, None)) is not None:
-        summary.shards.append(sink.write(index, counted(chain([first], islice(stream, samples_per_shard - 1)))))
-        index += 1
+    try:
+        index = 0
+        while (first := next(stream, None)) is not None:
+            summary.shards.append(sink.write(index, counted(chain([first], islice(stream, samples_per_shard - 1)))))
+            index += 1
+    except BaseException:
+        stream.close()
+        sink.discard()
+        raise
+    if summary.written:
+        sink.commit()
+    else:  # nothing usable: the run failed, and DEST keeps its old shards
+        sink.discard()
     return summary
 
 

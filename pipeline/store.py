@@ -514,22 +514,14 @@ class OutputStore:
     def write_bytes(self, rel: str, data: bytes | pa.Buffer) -> None:
         """Write one complete file: staged and renamed where renames are
         atomic, uploaded in one request on object stores."""
+        from .objects import write_whole  # whole or not at all: staged under _tmp/ (swept), or an aborted upload
+
         final = self._p(rel)
         try:
             if self.renames_atomically:
-                tmp = self._p(STAGING, uuid.uuid4().hex)
                 self.fs.create_dir(self._p(STAGING), recursive=True)
                 self.fs.create_dir(final.rsplit("/", 1)[0], recursive=True)
-                try:
-                    with self.fs.open_output_stream(tmp) as fh:
-                        fh.write(data)
-                    self.fs.move(tmp, final)
-                except BaseException:
-                    self.delete_path(tmp)
-                    raise
-            else:
-                with self.fs.open_output_stream(final) as fh:
-                    fh.write(data)
+            write_whole(self.fs, final, lambda fh: fh.write(data), tmp=self._p(STAGING, uuid.uuid4().hex))
         except (OSError, pa.ArrowException) as exc:
             raise OutputWriteError(f"cannot write {final}: {one_line(exc)}") from exc
 

@@ -140,7 +140,8 @@ def test_parquet_with_image_bytes_and_urls_from_a_local_server(tmp_path):
             "score": [0.5, float("nan"), 1.0, 2.0],
         })
         pq.write_table(table, tmp_path / "d.parquet")
-        s = make_shards(str(tmp_path / "d.parquet"), str(tmp_path / "out"), timeout=5, progress=False)
+        s = make_shards(str(tmp_path / "d.parquet"), str(tmp_path / "out"), timeout=5, progress=False,
+                        allow_private=True)  # the test server is on 127.0.0.1
     finally:
         server.shutdown()
     assert s.kind == "parquet" and s.columns["image"] == "image" and s.written == 2, s.skipped

@@ -125,7 +125,9 @@ def test_s3_inputs_and_outputs_crash_mid_commit_then_rerun(s3, tmp_path):
     store = OutputStore.open(out)
     assert store.done_shards(spec.hash()) == {shard_name(urls[0])}
     assert len(read_table(out, "results")) == edits_of(3)
-    assert not [k for k in _keys(s3, f"{out_prefix}/") if "_tmp" in k]  # object stores never stage: uploads are atomic
+    # each upload is staged under _tmp/ and moved into place (objects.write_whole: pyarrow cannot abort an S3
+    # upload), so none is left there; pyarrow may keep the empty "_tmp/" folder marker
+    assert not [k for k in _objects(s3, f"{out_prefix}/") if "_tmp" in k]
 
     # rerun, polling the listings the whole time
     seen_bad: list = []
@@ -201,3 +203,71 @@ def test_object_store_shards_are_read_through_a_large_read_ahead(s3, tmp_path):
     assert unbuffered > 50, unbuffered
     print(f"\n[read-ahead] {size / 1e6:.2f} MB shard: {requests} GET(s), {size / 1e6 / seconds:.1f} MB/s "
           f"(unbuffered: {unbuffered} GETs, {size / 1e6 / unbuffered_s:.1f} MB/s)")
+
+
+class _InterruptedStream:
+    """An S3 upload stream that takes half of what it is given, then is
+    interrupted (Ctrl-C, or a SIGTERM turned into an exception)."""
+
+    def __init__(self, real):
+        self.real = real
+
+    def write(self, data):
+        self.real.write(bytes(data)[: max(1, len(data) // 2)])
+        raise KeyboardInterrupt
+
+    def close(self):
+        self.real.close()  # what leaving `with fs.open_output_stream(...)` does: it completes the upload
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class _InterruptingFS:
+    """A pyarrow filesystem whose uploads are interrupted mid-way (`_InterruptedStream`)."""
+
+    def __init__(self, real):
+        self.real = real
+
+    def open_output_stream(self, path, *a, **k):
+        return _InterruptedStream(self.real.open_output_stream(path, *a, **k))
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+def _objects(client, prefix: str) -> list[str]:
+    return [k for k in _keys(client, prefix) if not k.endswith("/")]  # "folder/" markers pyarrow may leave are no data
+
+
+def test_an_interrupted_upload_leaves_no_object_store_write_bytes(s3):
+    """Issue 31, item 9 (the output store): no truncated object under its final name, nothing staged left."""
+    store = OutputStore.open(f"s3://{BUCKET}/interrupted")
+    store.fs = _InterruptingFS(store.fs)
+    with pytest.raises(KeyboardInterrupt):
+        store.write_bytes("_done/shard.json", b"x" * 100_000)
+    assert _objects(s3, "interrupted/") == []
+
+
+def test_an_interrupted_upload_leaves_no_object_imprint_shards(s3, tmp_path, monkeypatch):
+    """Issue 31, item 9 (`imprint shards` to s3://): no truncated shard under its final name."""
+    from helpers_data import image_bytes
+    from pipeline import ingest
+
+    src = tmp_path / "f"
+    src.mkdir()
+    for i in range(3):
+        (src / f"{i}.png").write_bytes(image_bytes(seed=i))
+    real_object_store = ingest.object_store
+
+    def interrupting_store(url):
+        fs, path = real_object_store(url)
+        return _InterruptingFS(fs), path
+
+    monkeypatch.setattr(ingest, "object_store", interrupting_store)
+    with pytest.raises(KeyboardInterrupt):
+        ingest.make_shards(str(src), f"s3://{BUCKET}/ingested/", progress=False)
+    assert _objects(s3, "ingested/") == []
