@@ -43,7 +43,8 @@ SD15_RANDOM = "sd15-random"  # built by pipeline.models.build_random (kept as a 
 CFG_SOURCE = 3.5  # the paper's defaults; fixed so the closed-form counts hold (cfg 1 would skip the uncond half)
 CFG_TARGET = 15.0
 OUTPUT_FORMAT, OUTPUT_QUALITY = "webp", 90  # the pipeline's default output encoding ("write" stage)
-METHODS = ("edit-friendly", "turbo-edit")  # what `imprint bench --method` measures (see BenchConfig.method)
+# what `imprint bench --method` measures (see BenchConfig.method); "flow": FlowEdit against edit-friendly on a flow model
+METHODS = ("edit-friendly", "turbo-edit", "flow")
 STAGES = ("decode", "vae_encode", "invert", "edit", "vae_decode", "score", "write")
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s. Matched in order on
 # the CUDA device name: every substring of an entry must occur in it.
@@ -84,7 +85,8 @@ class BenchConfig:
     threads: int = 0  # torch intra-op threads; 0 = leave torch's default
     seed: int = 0
     # "edit-friendly": ours against the reference call pattern. "turbo-edit": turbo-edit at `turbo_steps`
-    # against edit-friendly at `steps`/`skip`, both through the engine, same model and inputs, one run
+    # against edit-friendly at `steps`/`skip`, both through the engine, same model and inputs, one run.
+    # "flow": on a flow model (tiny-sd3, tiny-flux, SD3, FLUX), FlowEdit against edit-friendly at `steps`/`skip`
     method: str = "edit-friendly"
     turbo_steps: int = 4
 
@@ -126,6 +128,22 @@ def evals_turbo(steps: int, prompts: int, seeds: int, images: int = 1, recon: bo
     return images * (steps * seeds + steps * (2 * prompts * seeds + int(recon)))
 
 
+def evals_flow(method: str, steps: int, skip: int, prompts: int, seeds: int, images: int = 1, recon: bool = True,
+               halves: int = 2) -> int:
+    """Transformer image-evaluations of a flow method in the engine, `halves`
+    rows per guided row (2 with SD3's classifier-free guidance, 1 with
+    FLUX-dev's embedded guidance). edit-friendly: (steps - skip) inversion
+    rows x N, in one batched call chain, then (steps - skip) edit steps x
+    (K N + 1 reconstruction) rows. flowedit: no inversion call; per edit step
+    a source and a target row (n_avg = 1) for each of the K N edit rows (its
+    reconstruction row is x_src by construction, without a call)."""
+    s = steps - skip
+    rows = prompts * seeds + int(recon)
+    if method == "flowedit":
+        return images * s * 2 * prompts * seeds * halves
+    return images * (s * seeds * halves + s * rows * halves)
+
+
 def evals_reference(steps: int, skip: int, prompts: int, seeds: int, images: int = 1) -> int:
     """Per image: N full inversions of `steps` x 2 batch-1 calls, then K x N
     edits of (steps - skip) x 2 batch-1 calls. Calls = image-evaluations."""
@@ -151,6 +169,11 @@ def _ours_models(ref, dtype, channels_last: bool, compile_unet: bool):
     import torch
 
     m = ref
+    if getattr(ref, "family", "") == "flow":  # the transformer and VAE cast (a new FlowNet wraps the copy)
+        if dtype != torch.float32:
+            m = replace(ref, transformer=copy.deepcopy(ref.transformer).to(dtype=dtype),
+                        vae=copy.deepcopy(ref.vae).to(dtype=dtype), dtype=dtype)
+        return replace(m, transformer=torch.compile(m.transformer)) if compile_unet else m
     if dtype != torch.float32 or channels_last:
         unet = copy.deepcopy(ref.unet).to(dtype=dtype)
         vae = copy.deepcopy(ref.vae).to(dtype=dtype)
@@ -168,6 +191,38 @@ def _classic_attention(models) -> None:
 
     for net in (models.unet, models.vae):
         net.set_attn_processor(AttnProcessor())
+
+
+def flops_per_eval(models, latent_hw: tuple[int, int]) -> int:
+    """FLOPs of one denoiser image-evaluation (batch 1): the UNet's, or a flow transformer's."""
+    if getattr(models, "family", "") == "flow":
+        return transformer_flops_per_eval(models, latent_hw)
+    return unet_flops_per_eval(models.unet, latent_hw)
+
+
+def transformer_flops_per_eval(models, latent_hw: tuple[int, int]) -> int:
+    """FLOPs of one flow-transformer evaluation (batch 1) through `FlowNet`
+    (FLUX's packing included) at latent size `latent_hw` with the model's
+    own text length, counted on a meta-device copy built from its config."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .models.flow import FlowNet
+
+    tr = getattr(models.transformer, "_orig_mod", models.transformer)
+    cfg = tr.config
+    with torch.device("meta"):
+        net = FlowNet(type(tr).from_config(cfg), models.kind)
+    width = int(cfg.joint_attention_dim)
+    tokens = models.sequence_length + (77 if models.kind == "sd3" else 0)
+    added = {"pooled_projections": torch.empty(1, int(cfg.pooled_projection_dim), device="meta")}
+    if net.guidance_embeds:
+        added["guidance"] = torch.empty(1, device="meta")
+    channels = int(models.vae.config.latent_channels)
+    x = torch.empty(1, channels, *latent_hw, device="meta")
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        net(x, torch.tensor(0.5, device="meta"), torch.empty(1, tokens, width, device="meta"), added_cond_kwargs=added)
+    return int(counter.get_total_flops())
 
 
 def unet_flops_per_eval(unet, latent_hw: tuple[int, int], tokens: int = 77) -> int:
@@ -306,15 +361,16 @@ def _peak_memory(device) -> tuple[int, str]:
 # ---------------------------------------------------------------------------
 
 
-def _ours_spec(cfg: BenchConfig, steps: int, skip: int, method: str = "edit-friendly"):
+def _ours_spec(cfg: BenchConfig, steps: int, skip: int, method: str = "edit-friendly",
+               cfg_pair: tuple[float, float] = (CFG_SOURCE, CFG_TARGET)):
     from .spec import load_spec
 
     guided = method != "turbo-edit"  # turbo-edit is guidance-free: cfg 1 on both sides
     return load_spec(raw={
         "input": {"shards": ["bench"]},
         "model": {"id": cfg.model},
-        "inversion": {"method": method, "steps": steps, "skip": skip, "cfg_source": CFG_SOURCE if guided else 1.0},
-        "edit": {"cfg_target": CFG_TARGET if guided else 1.0, "seeds": cfg.seeds},
+        "inversion": {"method": method, "steps": steps, "skip": skip, "cfg_source": cfg_pair[0] if guided else 1.0},
+        "edit": {"cfg_target": cfg_pair[1] if guided else 1.0, "seeds": cfg.seeds},
         # a compiled UNet gets padded rows (few batch shapes, no recompiles), as a job with model.compile does
         "batch": {"images": cfg.images, "max_unet_batch": cfg.batch, "max_decode_batch": cfg.decode_batch,
                   "pad_rows": 8 if cfg.compile else 0},
@@ -588,14 +644,14 @@ def _setup(cfg: BenchConfig, log) -> dict:
 
     t0 = time.perf_counter()
     ref_models = load_bench_models(cfg.model, device, torch.float32)  # the reference runs fp32
-    if not cfg.sdpa:
+    if not cfg.sdpa and getattr(ref_models, "family", "") != "flow":
         _classic_attention(ref_models)
     models = _ours_models(ref_models, dtype, cfg.channels_last, cfg.compile)
     load_s = time.perf_counter() - t0
     res = models.resolution
     latent_hw = (res // models.vae_scale_factor,) * 2
     try:
-        flops = unet_flops_per_eval(ref_models.unet, latent_hw)
+        flops = flops_per_eval(ref_models, latent_hw)
     except Exception as exc:  # a UNet the meta device cannot build: report without TFLOP/s
         log(f"imprint bench: FLOP count unavailable ({type(exc).__name__}: {exc})")
         flops = None
@@ -614,7 +670,8 @@ def _setup(cfg: BenchConfig, log) -> dict:
             "cudnn_allow_tf32": bool(torch.backends.cudnn.allow_tf32),
         }
 
-    model = {"id": cfg.model, "resolution": res, "latent_shape": [int(ref_models.unet.config.in_channels), *latent_hw],
+    model = {"id": cfg.model, "resolution": res, "latent_shape": [int(ref_models.vae.config.latent_channels), *latent_hw],
+             "family": getattr(ref_models, "family", "sd"),
              "random_weights": bool(ref_models.random_weights),
              "unet_parameters": sum(p.numel() for p in ref_models.unet.parameters())}
     return {"device": device, "dtype": dtype, "ref_models": ref_models, "models": models, "flops": flops,
@@ -624,7 +681,7 @@ def _setup(cfg: BenchConfig, log) -> dict:
 def _run_bench(cfg: BenchConfig, log) -> dict:
     import torch
 
-    if cfg.method == "turbo-edit":
+    if cfg.method in ("turbo-edit", "flow"):
         return _run_method_bench(cfg, log)
     su = _setup(cfg, log)
     device, dtype, ref_models, models, flops, peak = (su[k] for k in ("device", "dtype", "ref_models", "models", "flops", "peak"))
@@ -700,50 +757,82 @@ def _run_bench(cfg: BenchConfig, log) -> dict:
     return result
 
 
+def _method_pair(cfg: BenchConfig, models) -> tuple[dict, dict, dict, dict]:
+    """The two methods a methods bench compares: their specs, warm-up specs,
+    closed-form evaluation counts and parameters. turbo-edit: turbo-edit at
+    `turbo_steps` against edit-friendly at `steps`/`skip` (the paper's
+    guidance). flow: FlowEdit against edit-friendly, both at `steps`/`skip`,
+    with FlowEdit's paper guidance for the model (SD3 CFG 3.5/13.5, FLUX-dev's
+    embedded 1.5/5.5)."""
+    if cfg.method == "turbo-edit":
+        specs = {"turbo-edit": _ours_spec(cfg, cfg.turbo_steps, 0, "turbo-edit"),
+                 "edit-friendly": _ours_spec(cfg, cfg.steps, cfg.skip, "edit-friendly")}
+        warm = {"turbo-edit": _ours_spec(cfg, min(2, cfg.turbo_steps), 0, "turbo-edit"),
+                "edit-friendly": _ours_spec(cfg, 2, 0)}
+        closed = {"turbo-edit": evals_turbo(cfg.turbo_steps, cfg.prompts, cfg.seeds, cfg.images, cfg.recon),
+                  "edit-friendly": evals_ours(cfg.steps, cfg.skip, cfg.prompts, cfg.seeds, cfg.images, cfg.recon)}
+        params = {"turbo_edit": {"steps": cfg.turbo_steps, "skip": 0, "cfg": 1.0, "w": 1.5},
+                  "edit_friendly": {"steps": cfg.steps, "skip": cfg.skip, "cfg_source": CFG_SOURCE,
+                                    "cfg_target": CFG_TARGET}}
+        return specs, warm, closed, params
+    if getattr(models, "family", "") != "flow":
+        raise ValueError(f"--method flow measures a flow model (tiny-sd3, tiny-flux, SD3, FLUX); {cfg.model!r} is not one")
+    embedded = bool(models.guidance_embeds)
+    pair = (1.5, 5.5) if embedded else (3.5, 13.5)
+    names = ("flowedit", "edit-friendly")
+    specs = {n: _ours_spec(cfg, cfg.steps, cfg.skip, n, pair) for n in names}
+    warm = {n: _ours_spec(cfg, 2, 0, n, pair) for n in names}
+    closed = {n: evals_flow(n, cfg.steps, cfg.skip, cfg.prompts, cfg.seeds, cfg.images, cfg.recon,
+                            1 if embedded else 2) for n in names}
+    params = {n.replace("-", "_"): {"steps": cfg.steps, "skip": cfg.skip, "cfg_source": pair[0], "cfg_target": pair[1],
+                                    "guidance": "embedded" if embedded else "cfg"} for n in names}
+    return specs, warm, closed, params
+
+
 def _run_method_bench(cfg: BenchConfig, log) -> dict:
-    """turbo-edit at `turbo_steps` against edit-friendly at `steps`/`skip`
-    (the paper's 100/36 by default, with its guidance), both through the
-    engine on the same model, inputs, seeds and dtype, in one run: edits/s,
-    UNet image-evaluations per edit, and their ratios."""
+    """Two methods through the engine on the same model, inputs, seeds and
+    dtype, in one run (see `_method_pair`): edits/s, denoiser
+    image-evaluations and FLOPs per edit, and their ratios (the first
+    method's speed over the second's)."""
     su = _setup(cfg, log)
     models, flops, peak = su["models"], su["flops"], su["peak"]
     raws = synthetic_raw_samples(cfg.images, cfg.prompts, models.resolution, cfg.seed)
-    specs = {"turbo-edit": _ours_spec(cfg, cfg.turbo_steps, 0, "turbo-edit"),
-             "edit-friendly": _ours_spec(cfg, cfg.steps, cfg.skip, "edit-friendly")}
+    specs, warm, closed, method_params = _method_pair(cfg, models)
     if cfg.warmup:
         log("imprint bench: warm-up")
-        run_ours(models, _ours_spec(cfg, min(2, cfg.turbo_steps), 0, "turbo-edit"), raws)
-        run_ours(models, _ours_spec(cfg, 2, 0), raws)
+        for spec in warm.values():
+            run_ours(models, spec, raws)
     runs: dict[str, list[dict]] = {name: [] for name in specs}
     for r in range(cfg.repeats):
         for name, spec in specs.items():  # back to back in each repeat: the pair shares the machine's conditions
             log(f"imprint bench: repeat {r + 1}/{cfg.repeats}: {name}")
             runs[name].append(run_ours(models, spec, raws))
     k_n = cfg.images * cfg.prompts * cfg.seeds
-    closed = {"turbo-edit": evals_turbo(cfg.turbo_steps, cfg.prompts, cfg.seeds, cfg.images, cfg.recon),
-              "edit-friendly": evals_ours(cfg.steps, cfg.skip, cfg.prompts, cfg.seeds, cfg.images, cfg.recon)}
     paths = {}
     for name in specs:
         paths[name] = _summary(runs[name], flops, peak, closed[name], k_n)
         paths[name]["recon_error_max"] = runs[name][0]["recon_error_max"] if cfg.recon else None
-    turbo, ef = paths["turbo-edit"], paths["edit-friendly"]
+        if flops:
+            paths[name]["flops_per_edit"] = flops * paths[name]["unet_image_evals_per_edit"]
+    first, second = list(specs)
+    a, b = paths[first], paths[second]
     return {
         "bench_version": 2,
         "kind": "methods",
+        "methods": [first, second],
         "params": {**asdict(cfg), "cfg_source": CFG_SOURCE, "cfg_target": CFG_TARGET,
                    "dtype_ours": str(su["dtype"]).removeprefix("torch."), "output_format": OUTPUT_FORMAT,
-                   "turbo_edit": {"steps": cfg.turbo_steps, "skip": 0, "cfg": 1.0, "w": 1.5},
-                   "edit_friendly": {"steps": cfg.steps, "skip": cfg.skip, "cfg_source": CFG_SOURCE, "cfg_target": CFG_TARGET}},
+                   **method_params},
         "env": su["env"](),
         "model": su["model"],
         "unet_flops_per_image_eval": flops,
         "paths": paths,
-        # edits/s turbo-edit / edits/s edit-friendly (per edit: how many times faster)
-        "speedup": turbo["edits_per_s"] / ef["edits_per_s"],
-        "speedup_cpu_time": (turbo["edits_per_cpu_s"] / ef["edits_per_cpu_s"]
-                             if turbo["edits_per_cpu_s"] and ef["edits_per_cpu_s"] else None),
-        "speedup_per_repeat": [e["seconds"] / t["seconds"] for t, e in zip(runs["turbo-edit"], runs["edit-friendly"])],
-        "evals_per_edit_ratio": ef["unet_image_evals_per_edit"] / turbo["unet_image_evals_per_edit"],
+        # edits/s of the first method / edits/s of the second (per edit: how many times faster)
+        "speedup": a["edits_per_s"] / b["edits_per_s"],
+        "speedup_cpu_time": (a["edits_per_cpu_s"] / b["edits_per_cpu_s"]
+                             if a["edits_per_cpu_s"] and b["edits_per_cpu_s"] else None),
+        "speedup_per_repeat": [y["seconds"] / x["seconds"] for x, y in zip(runs[first], runs[second])],
+        "evals_per_edit_ratio": b["unet_image_evals_per_edit"] / a["unet_image_evals_per_edit"],
         "checks": {
             "recon_error_max": {name: p["recon_error_max"] for name, p in paths.items()},
             "counts_match_closed_form": all(p["unet_image_evals"] == p["unet_image_evals_closed_form"]
@@ -770,7 +859,12 @@ def format_table(result: dict) -> str:
     paths = result["paths"]
     names = list(paths)
     methods = result.get("kind") == "methods"
-    what = (f"turbo-edit {p['turbo_steps']} steps vs edit-friendly {p['steps']} steps (skip {p['skip']}, cfg "
+    first, second = result.get("methods", names)[:2] if methods else ("ours", "reference")
+    flow = methods and first == "flowedit"
+    what = (f"flowedit vs edit-friendly, both {p['steps']} steps (skip {p['skip']}, guidance "
+            f"{p['flowedit']['cfg_source']}/{p['flowedit']['cfg_target']} {p['flowedit']['guidance']}), both "
+            f"{p['dtype_ours']} through the engine\n" if flow else
+            f"turbo-edit {p['turbo_steps']} steps vs edit-friendly {p['steps']} steps (skip {p['skip']}, cfg "
             f"{p['cfg_source']}/{p['cfg_target']}), both {p['dtype_ours']} through the engine\n" if methods else
             f"ours {p['dtype_ours']}, reference {p['dtype_reference']}\nsteps {p['steps']}, skip {p['skip']}, ")
     head = (
@@ -804,10 +898,11 @@ def format_table(result: dict) -> str:
     lines.append("")
     if result["speedup"] is not None:
         per = ", ".join(f"{x:.2f}" for x in result["speedup_per_repeat"])
-        ratio = "turbo-edit / edit-friendly" if methods else "ours / reference"
+        ratio = f"{first} / {second}"
         lines.append(f"speed-up (edits/s {ratio}): {result['speedup']:.2f}x (per repeat: {per})")
         if methods:
-            lines.append(f"UNet image-evals per edit, edit-friendly / turbo-edit: {result['evals_per_edit_ratio']:.2f}x")
+            lines.append(f"{'transformer' if flow else 'UNet'} image-evals per edit, {second} / {first}: "
+                         f"{result['evals_per_edit_ratio']:.2f}x")
         if result["speedup_cpu_time"] is not None:
             lines.append(f"speed-up by process CPU time: {result['speedup_cpu_time']:.2f}x")
     c = result["checks"]
@@ -819,7 +914,11 @@ def format_table(result: dict) -> str:
                     if "edits_max_abs_diff_vs_reference" in c else "")
                  + f"counts match closed form: {c['counts_match_closed_form']}")
     if result["unet_flops_per_image_eval"]:
-        lines.append(f"UNet FLOPs per image-evaluation: {result['unet_flops_per_image_eval'] / 1e9:.4g} GFLOP")
+        net = "transformer" if model.get("family") == "flow" else "UNet"
+        lines.append(f"{net} FLOPs per image-evaluation: {result['unet_flops_per_image_eval'] / 1e9:.4g} GFLOP")
+        per_edit = [(n, paths[n].get("flops_per_edit")) for n in names if paths[n].get("flops_per_edit")]
+        if per_edit:
+            lines.append(f"{net} FLOPs per edit: " + ", ".join(f"{n} {v / 1e9:.4g} GFLOP" for n, v in per_edit))
     hs = result.get("host_syncs_per_step")
     if hs:
         lines.append(f"host syncs per denoising step ({hs['how']}): invert {hs['invert']:.2f}, edit {hs['edit']:.2f}")
@@ -852,7 +951,9 @@ def bench(
     recon: bool = typer.Option(True, "--recon/--no-recon", help="Ours: the reconstruction-check row per image."),
     threads: int = typer.Option(0, help="torch threads (0 = torch's default)."),
     method: str = typer.Option("edit-friendly", help="edit-friendly: the engine against the reference call pattern; "
-                               "turbo-edit: turbo-edit against edit-friendly at --steps/--skip on the same model."),
+                               "turbo-edit: turbo-edit against edit-friendly at --steps/--skip on the same model; "
+                               "flow: on a flow model (tiny-sd3, tiny-flux, SD3, FLUX), flowedit against "
+                               "edit-friendly at --steps/--skip."),
     turbo_steps: int = typer.Option(4, help="--method turbo-edit: turbo-edit's steps."),
     out: Path = typer.Option(Path("bench.json"), help="Where to write the JSON result."),
 ) -> None:

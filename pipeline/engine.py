@@ -182,7 +182,7 @@ class Engine:
         # same from configs); each variant's method module is the family's (edit-friendly differs)
         from .preflight import check_family
 
-        check_family(spec, models.family, getattr(models, "guidance_embeds", None) if models.family == "flow" else None)
+        check_family(spec, models.family, getattr(models, "guidance_embeds", None))
         self.methods = {v.method: get_method(v.method, models.family) for v in self.variants}
         self._job_strokes = None
 

@@ -4,6 +4,7 @@ update, and the FLUX packing. On the tiny random models built offline."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -359,3 +360,150 @@ def test_flowedit_seeds_give_diverse_edits_and_its_params_are_checked(flow_model
         flowedit.invert(m.unet, m.scheduler, x0, emb[0:1], None, num_steps=8, n_avg=0)
     with pytest.raises(ValueError, match="source"):
         flowedit.edit(m.unet, m.scheduler, code, emb[1:2], emb[2:3])
+
+
+# -- jobs, validation, stored codes, the Editor, bench -------------------------------
+
+TINY_SCORES = ["score.clip_model=imprint-tiny-clip", "score.clip_pretrained=none", "score.lpips_net=squeeze",
+               "score.lpips_pretrained=false"]
+
+
+def _table(out, name):
+    import pyarrow.parquet as pq
+
+    rows = []
+    for f in sorted((out / name).glob("*.parquet")):
+        rows.extend(pq.read_table(f).to_pylist())
+    return rows
+
+
+@pytest.fixture(scope="module")
+def small_shard(tmp_path_factory):
+    from helpers_data import good_samples, write
+
+    # two images (96x80 and 112x80: non-square), each with a source prompt and one target
+    samples = [s for s in good_samples(n=3) if "json" in s]
+    return write(tmp_path_factory.mktemp("flow") / "s.tar", samples)
+
+
+@pytest.mark.parametrize("job,model", [("jobs/sd3.toml", "tiny-sd3"), ("jobs/flux.toml", "tiny-flux")])
+def test_flow_job_runs_both_methods_and_its_codes_edit_again(tmp_path, monkeypatch, small_shard, job, model):
+    """The shipped flow job (both methods, its guidance and skip ratio) on a
+    tiny model, scored: edit-friendly reconstructs its source latent to 1e-4
+    and its N codes give N distinct edits; FlowEdit's seeds give distinct
+    edits. The stored codes pass the code checks, edit again with new target
+    prompts (edit-codes) and are refused by another model."""
+    from pipeline.codes import CodeError, check_code_rows
+    from pipeline.executor import run_job
+    from pipeline.spec import load_spec
+
+    monkeypatch.setenv("IMPRINT_CACHE", str(tmp_path / "cache"))
+    common = [f"model.id={model}", "model.dtype=float32", "inversion.steps=4", "inversion.skip=1",
+              "run.executor=inline", f'input.shards=["{small_shard}"]', "input.templates=[]", *TINY_SCORES]
+    spec = load_spec(job, [*common, f'output.path="{tmp_path / "o"}"'])
+    assert spec.inversion.methods == ["flowedit", "edit-friendly"]
+    report = run_job(spec, progress=False)
+    assert report.errors == 0 and report.images == 2 and report.edits == 2 * 2 * 2  # images x methods x seeds
+    sources = _table(tmp_path / "o", "sources")
+    assert len(sources) == 2 and all(s["status"] == "ok" for s in sources)
+    assert all(s["recon_error_max"] is not None and s["recon_error_max"] < 1e-4 for s in sources)
+    results = _table(tmp_path / "o", "results")
+    assert all(r["clip_text"] is not None for r in results)  # scored
+    by = {}
+    for r in results:
+        by.setdefault((r["method"], r["key"]), []).append(r["image"]["bytes"])
+    assert {m for m, _ in by} == {"flowedit", "edit-friendly"}
+    for k, images in by.items():
+        assert len(images) == 2 and images[0] != images[1], k  # N = 2 seeds, two different edits
+
+    noise = _table(tmp_path / "o", "noise")
+    models = load_models(model, device="cpu")
+    for method in ("flowedit", "edit-friendly"):
+        mine = [r for r in noise if r["method"] == method]
+        check_code_rows([r for r in mine if r["key"] == mine[0]["key"]], models)
+    other = load_models("tiny-flux" if model == "tiny-sd3" else "tiny-sd3", device="cpu")
+    with pytest.raises(ValueError, match="made with model"):
+        check_code_rows([r for r in mine if r["key"] == mine[0]["key"]], other)
+    bad = dict(mine[0], zs_shape=[mine[0]["zs_shape"][0] + 1, *mine[0]["zs_shape"][1:]])
+    with pytest.raises(CodeError, match="noise maps"):
+        check_code_rows([bad], models)
+
+    again = load_spec(job, [*common, f'output.path="{tmp_path / "again"}"', 'input.templates=["{source}, at night"]'])
+    again.input.shards, again.input.codes = [], str(tmp_path / "o")
+    report = run_job(again, progress=False)
+    assert report.errors == 0 and report.edits == 2 * 2 * 2  # every stored code: images x methods x seeds
+    redone = _table(tmp_path / "again", "results")
+    assert {r["method"] for r in redone} == {"flowedit", "edit-friendly"}
+    assert {r["target_prompt"] for r in redone} == {s["source_prompt"] + ", at night" for s in sources}
+
+
+@pytest.mark.parametrize("model,sets,field", [
+    ("tiny-flux", ['inversion.method="edict"'], "inversion.method"),
+    ("tiny-sd3", ['inversion.method="ddim"'], "inversion.method"),
+    ("tiny", ['inversion.method="flowedit"'], "inversion.method"),
+    ("tiny-sd3", ['edit.control="p2p"'], "edit.control"),
+    ("tiny-flux", ["manipulate.strokes=true"], "manipulate.strokes"),
+])
+def test_validate_refuses_what_the_family_cannot_run(tmp_path, small_shard, model, sets, field):
+    from pipeline.preflight import check_model
+    from pipeline.spec import SpecError, load_spec
+
+    spec = load_spec(raw={"input": {"shards": [small_shard]}, "model": {"id": model},
+                          "inversion": {"method": "edit-friendly", "steps": 4, "skip": 1},
+                          "output": {"path": str(tmp_path / "o")}}, overrides=sets)
+    with pytest.raises(SpecError, match=rf"^{field}: "):
+        check_model(spec)
+
+
+def test_a_flux_model_without_guidance_embedding_refuses_guidance(tmp_path):
+    """FLUX.1-schnell's configs (no guidance embedding), read from a local folder: cfg must be 1."""
+    from pipeline.models import model_family
+    from pipeline.models.flow import guidance_embedded
+    from pipeline.preflight import check_family
+    from pipeline.spec import SpecError, load_spec
+
+    d = tmp_path / "schnell"
+    (d / "transformer").mkdir(parents=True)
+    (d / "vae").mkdir()
+    (d / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    (d / "transformer" / "config.json").write_text(json.dumps({"guidance_embeds": False}))
+    (d / "vae" / "config.json").write_text(json.dumps({"block_out_channels": [128, 256, 512, 512]}))
+    assert guidance_embedded(str(d)) is False and model_family(str(d)) == "flow"
+    spec = load_spec("jobs/flux.toml", [f"model.id={d}"])
+    with pytest.raises(SpecError, match="inversion.cfg_source: .*takes no guidance"):
+        check_family(spec, "flow", guidance_embedded(str(d)))
+    check_family(load_spec("jobs/flux.toml", [f"model.id={d}", "inversion.cfg_source=1", "edit.cfg_target=1"]),
+                 "flow", False)
+    assert guidance_embedded("tiny-flux") is True and guidance_embedded("tiny-sd3") is None
+
+
+def test_editor_opens_tiny_flux_on_a_non_square_image():
+    from PIL import Image
+
+    from pipeline.editor import Editor
+
+    ed = Editor.from_pretrained("tiny-flux", device="cpu")
+    img = Image.fromarray((np.random.default_rng(0).random((64, 96, 3)) * 255).astype("uint8"))
+    for method in ("edit-friendly", "flowedit"):
+        codes = ed.invert(img, "a photo", seeds=2, method=method, steps=6, skip=1, cfg_source=1.5)
+        assert len(codes) == 2
+        out = ed.edit(codes, ["a painting"], cfg_target=5.5)
+        assert len(out) == 2 and out[0].size == out[1].size and out[0].size[0] > out[0].size[1]
+        assert np.asarray(out[0]).tobytes() != np.asarray(out[1]).tobytes()
+
+
+def test_bench_counts_transformer_evaluations_and_flops_per_edit():
+    from pipeline.bench import BenchConfig, evals_flow, run_bench
+
+    r = run_bench(BenchConfig(model="tiny-flux", method="flow", steps=4, skip=1, prompts=1, seeds=2, warmup=False),
+                  log=lambda m: None)
+    assert r["checks"]["counts_match_closed_form"]
+    assert r["paths"]["flowedit"]["unet_image_evals"] == evals_flow("flowedit", 4, 1, 1, 2, halves=1) == 12
+    assert r["paths"]["edit-friendly"]["unet_image_evals"] == evals_flow("edit-friendly", 4, 1, 1, 2, halves=1) == 15
+    flops = r["unet_flops_per_image_eval"]
+    assert flops and r["paths"]["flowedit"]["flops_per_edit"] == pytest.approx(flops * 6)
+    assert r["checks"]["recon_error_max"]["flowedit"] == 0.0
+    assert r["checks"]["recon_error_max"]["edit-friendly"] < 1e-4
+    with pytest.raises(ValueError, match="flow model"):
+        run_bench(BenchConfig(model="tiny", method="flow", steps=2, skip=0, prompts=1, seeds=1, warmup=False),
+                  log=lambda m: None)

@@ -136,16 +136,36 @@ def edit(
     *,
     cfg_scale: "float | torch.Tensor" = 1.0,
     source=None,
+    reconstruct: "torch.Tensor | None" = None,
     max_batch: int | None = None,
 ) -> torch.Tensor:
     """Edit `code` (x_src and its noise) toward `cond` (1 row, or one per
     code row) at guidance `cfg_scale` (a number, or one per row); `source`
     is the source prompt's conditioning (1 row or one per row), guided at the
-    code's `cfg_source`. Returns float32 latents [B, C, H, W]."""
+    code's `cfg_source`. Returns float32 latents [B, C, H, W].
+
+    reconstruct: rows whose target IS the source prompt at the source
+    guidance (the engine's reconstruction rows). Their Z_tar equals Z_src
+    and their two velocities are one function evaluation, so Delta V = 0 and
+    they return x_src: computed without model calls, which also keeps them
+    exact when a batch's rows would round differently by position."""
     if code.zs_kind != ZS_KIND:
         raise ValueError(f"code of method {code.method!r} holds {code.zs_kind} maps, not FlowEdit's noise draws")
     if source is None:
         raise ValueError("flowedit edits need the source prompt's conditioning (source=)")
+    if reconstruct is not None:
+        recon = torch.as_tensor(reconstruct, dtype=torch.bool).cpu()
+        if recon.numel() != len(code):
+            raise ValueError(f"reconstruct has {recon.numel()} entries for {len(code)} code rows")
+        if bool(recon.any()):
+            keep = (~recon).nonzero().flatten()
+            out = code.x_start.float().clone()
+            if keep.numel():
+                rows = lambda c: c if c is None or len(c) == 1 else c[keep]  # noqa: E731
+                scale = cfg_scale[keep.to(cfg_scale.device)] if torch.is_tensor(cfg_scale) else cfg_scale
+                out[keep.to(out.device)] = edit(net, scheduler, code[keep], rows(cond), rows(uncond), cfg_scale=scale,
+                                                source=rows(source), max_batch=max_batch)
+            return out
     schedule = code_schedule(scheduler, code)
     model = VelocityModel(net, schedule, max_batch)
     x_src = code.x_start.float()

@@ -164,8 +164,11 @@ class FlowModels:
     prediction_type = "flow"
 
     @property
-    def guidance_embeds(self) -> bool:
-        return self.unet.guidance_embeds
+    def guidance_embeds(self) -> bool | None:
+        """As `guidance_embedded` reads it from configs: True for FLUX-dev
+        (guidance through an embedding), False for a FLUX model without one
+        (no guidance at all), None for SD3 (classifier-free guidance)."""
+        return self.unet.guidance_embeds if self.kind == FLUX else None
 
     @property
     def vae_scale_factor(self) -> int:
