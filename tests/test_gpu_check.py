@@ -31,4 +31,8 @@ def test_gpu_check_cpu_smoke(tmp_path):
         run = summary["sdxl_turbo"][name]
         assert run["turbo_edit_edits_per_s"] > 0 and run["edit_friendly_edits_per_s"] > 0 and run["nonfinite_edits"] == 0
         assert run["evals_per_edit"]["turbo-edit"] < run["evals_per_edit"]["edit-friendly"]
+    flow = summary["flow"]  # the flow-shaped step (tiny-flux in the smoke run)
+    assert flow["counts_match_closed_form"] and flow["recon_error_max"]["edit-friendly"] < 1e-4
+    assert flow["flowedit"]["edits_per_s"] > 0 and flow["flowedit"]["flops_per_edit"] > 0
+    assert flow["flowedit"]["nonfinite_edits"] == flow["edit-friendly"]["nonfinite_edits"] == 0
     assert "gpu-check: wrote" in proc.stdout

@@ -13,13 +13,18 @@
 #      on the same model in one run), eager, then torch.compile; each reports edits/s of both methods,
 #      UNet image-evaluations per edit and the ratio. A failure here is reported in the summary and
 #      makes the exit status non-zero, after the steps above have written their results;
-#   4. a summary (summary.json) with the targets: UNet busy >= 90% of the engine's wall time,
+#   4. flow-shaped, random weights at real size (model $FLOW_MODEL, default sd3-random: SD3.5 medium's
+#      architecture at 1024x1024, 2.2 B transformer parameters, no T5), bf16, eager:
+#      `imprint bench --method flow` (FlowEdit against edit-friendly, both 28 steps, skip 4, FlowEdit's
+#      SD3 guidance 3.5 / 13.5, K = 2 prompts, N = 2 seeds, 1 image); reports edits/s of both, transformer
+#      evaluations and FLOPs per edit. A failure is reported like step 3's;
+#   5. a summary (summary.json) with the targets: UNet busy >= 90% of the engine's wall time,
 #      no host sync inside the step loop, peak memory <= 40 GiB.
 #
 # Usage: tools/gpu-check.sh [--cpu-smoke] [OUT_DIR]
 #   --cpu-smoke  the same steps on the CPU with the tiny model and minimal sizes (seconds), so the
 #                script is exercised in CI (tests/test_gpu_check.py) and cannot rot (step 3 on
-#                tiny-sdxl; set SDXL_MODEL to override).
+#                tiny-sdxl, step 4 on tiny-flux; set SDXL_MODEL / FLOW_MODEL to override).
 # OUT_DIR defaults to $OUT (the device machine's output folder) or out/gpu-check.
 # Exit status: non-zero when a step fails; missed targets are reported, not fatal.
 set -euo pipefail
@@ -38,6 +43,8 @@ if [[ $mode == gpu ]]; then
   bench_common=(--model sd15-random --device cuda --dtype bf16 --prompts 4 --seeds 4 --images 8
                 --batch 64 --decode-batch 8 --no-reference --repeats 1)
   run_sets=()
+  flow_bench=(--model "${FLOW_MODEL:-sd3-random}" --device cuda --dtype bf16 --method flow --steps 28 --skip 4
+              --prompts 2 --seeds 2 --images 1 --batch 64 --decode-batch 8 --repeats 1)
   sdxl_bench=(--model "${SDXL_MODEL:-sdxl-random}" --device cuda --dtype bf16 --method turbo-edit --turbo-steps 4
               --steps 100 --skip 36 --prompts 4 --seeds 4 --images 2 --batch 64 --decode-batch 8 --repeats 1)
   "$py" - <<'PY' || { echo "gpu-check: no CUDA device" >&2; exit 2; }
@@ -52,6 +59,8 @@ else
                 --batch 64 --decode-batch 8 --no-reference --no-warmup --threads 1)
   run_sets=(--set inversion.steps=2 --set inversion.skip=0 --set edit.seeds=1 --set score.enabled=false
             --set run.threads=1)
+  flow_bench=(--model "${FLOW_MODEL:-tiny-flux}" --device cpu --dtype fp32 --method flow --steps 3 --skip 1
+              --prompts 1 --seeds 2 --images 1 --batch 64 --decode-batch 8 --no-warmup --threads 1)
   sdxl_bench=(--model "${SDXL_MODEL:-tiny-sdxl}" --device cpu --dtype fp32 --method turbo-edit --turbo-steps 2
               --steps 3 --skip 1 --prompts 1 --seeds 1 --images 1 --batch 64 --decode-batch 8 --no-warmup --threads 1)
 fi
@@ -105,12 +114,23 @@ for variant in eager compile; do
   fi
 done
 
+step "flow-shaped bench, flowedit vs edit-friendly"
+flow_failed=0
+rm -f "$out_dir/flow.failed"
+if ! "${imprint[@]}" bench "${flow_bench[@]}" --out "$out_dir/bench-flow.json" > "$out_dir/bench-flow.txt" 2>&1; then
+  tail -n 20 "$out_dir/bench-flow.txt" >&2
+  echo "gpu-check: flow-shaped bench failed" | tee "$out_dir/flow.failed" >&2
+  flow_failed=1
+else
+  tail -n 8 "$out_dir/bench-flow.txt"
+fi
+
 step "summary"
 "$py" - "$out_dir" "$mode" <<'PY'
 import json, pathlib, sys
 
 out, mode = pathlib.Path(sys.argv[1]), sys.argv[2]
-summary = {"mode": mode, "runs": {}, "sdxl_turbo": {}}
+summary = {"mode": mode, "runs": {}, "sdxl_turbo": {}, "flow": {}}
 for name in ("eager", "compile"):
     r = json.loads((out / f"bench-{name}.json").read_text())
     o = r["paths"]["ours"]
@@ -158,7 +178,25 @@ for name in ("eager", "compile"):
     }
     print(f"gpu-check sdxl {name}: turbo-edit {t['edits_per_s']:.3g} edits/s ({t['unet_image_evals_per_edit']:.1f} UNet evals/edit), "
           f"edit-friendly {e['edits_per_s']:.3g} edits/s ({e['unet_image_evals_per_edit']:.1f}): {r['speedup']:.1f}x per edit")
+if (out / "flow.failed").exists():
+    summary["flow"] = {"failed": True, "log": "bench-flow.txt"}
+    print("gpu-check flow: FAILED (see bench-flow.txt)")
+else:
+    r = json.loads((out / "bench-flow.json").read_text())
+    summary["flow"] = {
+        "model": r["model"]["id"], "resolution": r["model"]["resolution"], "dtype": r["params"]["dtype_ours"],
+        "device_name": r["env"]["device_name"], "transformer_flops_per_eval": r["unet_flops_per_image_eval"],
+        "recon_error_max": r["checks"]["recon_error_max"], "counts_match_closed_form": r["checks"]["counts_match_closed_form"],
+        **{name: {"edits_per_s": p["edits_per_s"], "evals_per_edit": p["unet_image_evals_per_edit"],
+                  "flops_per_edit": p.get("flops_per_edit"), "bf16_peak_fraction": p["bf16_peak_fraction"],
+                  "peak_memory_gib": p["peak_memory_bytes"] / 2**30, "nonfinite_edits": p["nonfinite_edits"]}
+           for name, p in r["paths"].items()},
+    }
+    f, e = r["paths"]["flowedit"], r["paths"]["edit-friendly"]
+    print(f"gpu-check flow: flowedit {f['edits_per_s']:.3g} edits/s ({f['unet_image_evals_per_edit']:.1f} transformer evals/edit), "
+          f"edit-friendly {e['edits_per_s']:.3g} edits/s ({e['unet_image_evals_per_edit']:.1f})")
 (out / "summary.json").write_text(json.dumps(summary, indent=1))
 print(f"gpu-check: wrote {out / 'summary.json'}")
 PY
 if [[ $sdxl_failed == 1 ]]; then echo "gpu-check: an SDXL-shaped run failed" >&2; exit 1; fi
+if [[ $flow_failed == 1 ]]; then echo "gpu-check: the flow-shaped run failed" >&2; exit 1; fi

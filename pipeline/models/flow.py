@@ -17,6 +17,8 @@ Built-in random models (offline, for tests and benchmarks):
   are tiny random CLIP models with the shipped CLIP tokenizer, and the T5
   part of the token sequence is zeros (what SD3 itself does without its
   T5 encoder), 8 tokens long.
+- "sd3-random": SD3.5 medium's architecture at real size (random weights,
+  no T5), for GPU benchmarks.
 - "tiny-flux": FLUX's classes at diffusers' test sizes with
   `guidance_embeds=True` (the FLUX-dev path); its pooled CLIP encoder is a
   tiny random CLIP model, and a second tiny CLIP text model stands in for T5
@@ -40,6 +42,7 @@ from .loading import (ModelLimits, clip_tokenizer, config_file, default_device, 
 
 TINY_SD3 = "tiny-sd3"
 TINY_FLUX = "tiny-flux"
+SD3_RANDOM = "sd3-random"
 PIPELINE_CLASSES = ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline", "FluxPipeline",
                     "FluxImg2ImgPipeline")
 SD3, FLUX = "sd3", "flux"
@@ -68,6 +71,23 @@ RANDOM_MODELS = {
         text=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4),
         # the T5 stand-in: its last hidden states are the token sequence (joint dim 32)
         text_2=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4),
+    ),
+    # SD3.5 medium's published architecture at its native 1024 px (2.5 B transformer parameters, MMDiT-X
+    # dual attention in the first 13 layers, CLIP-L + CLIP-G; its T5 part zeros), random weights: for GPU
+    # benches (tools/gpu-check.sh) where no checkpoint can be downloaded.
+    SD3_RANDOM: dict(
+        kind=SD3, resolution=1024, latent_channels=16,
+        transformer=dict(sample_size=128, patch_size=PATCH, in_channels=16, out_channels=16, num_layers=24,
+                         attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
+                         caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=384,
+                         dual_attention_layers=tuple(range(13)), qk_norm="rms_norm"),
+        text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                  hidden_act="quick_gelu", projection_dim=768),
+        text_2=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                    hidden_act="gelu", projection_dim=1280),
+        vae=dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32,
+                 shift_factor=0.0609, scaling_factor=1.5305),
+        t5_length=256,
     ),
 }
 BUILTIN = tuple(RANDOM_MODELS)
@@ -286,7 +306,8 @@ def build_random(name: str, device: torch.device | str = "cpu", dtype: torch.dty
             te2 = CLIPTextModel(CLIPTextConfig(**_TEXT_IDS, **cfg["text_2"]))
         vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
                             up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=cfg["latent_channels"],
-                            sample_size=cfg["resolution"], use_quant_conv=False, use_post_quant_conv=False, **_TINY_VAE)
+                            sample_size=cfg["resolution"], use_quant_conv=False, use_post_quant_conv=False,
+                            **cfg.get("vae", _TINY_VAE))
     sched = FlowMatchEulerDiscreteScheduler(**(SD3_SCHEDULER if cfg["kind"] == SD3 else FLUX_SCHEDULER))
     common = dict(transformer=transformer, vae=vae, scheduler=sched, kind=cfg["kind"], device=device, dtype=dtype,
                   model_id=name, random_weights=True, resolution=cfg["resolution"], text_encoder=te1, tokenizer=tok,
@@ -302,6 +323,9 @@ def _random_cached(name: str, device: str, dtype: torch.dtype) -> FlowModels:
     return build_random(name, device, dtype)
 
 
+TINY = (TINY_SD3, TINY_FLUX)  # cached per process; the real-size random models are built per call
+
+
 def _kind_of(index: dict) -> str:
     return SD3 if str(index.get("_class_name", "")).startswith("StableDiffusion3") else FLUX
 
@@ -313,8 +337,10 @@ def load(model_id: str, *, device=None, dtype=None, revision: str | None = None)
     absent: zeros, as StableDiffusion3Pipeline runs without it)."""
     dev = torch.device(device) if device is not None else default_device()
     dt = parse_dtype(dtype, dev)
-    if model_id in RANDOM_MODELS:
+    if model_id in TINY:
         return _random_cached(model_id, str(dev), dt)
+    if model_id in RANDOM_MODELS:
+        return build_random(model_id, dev, dt)
     from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel,
                            SD3Transformer2DModel)
     from transformers import (AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer,
@@ -370,7 +396,8 @@ def model_limits(model_id: str, revision: str | None = None) -> ModelLimits:
     if model_id in RANDOM_MODELS:
         cfg = RANDOM_MODELS[model_id]
         # no T5 in the built-in models: the context is CLIP's 77 tokens
-        return _limits(cfg["kind"], cfg["resolution"], 2 ** (len(_TINY_VAE["block_out_channels"]) - 1), 77)
+        vae = cfg.get("vae", _TINY_VAE)
+        return _limits(cfg["kind"], cfg["resolution"], 2 ** (len(vae["block_out_channels"]) - 1), 77)
     try:
         kind = _kind_of(model_index(model_id, revision))
         vae = json.loads(config_file(model_id, "vae/config.json", revision))
