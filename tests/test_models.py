@@ -43,7 +43,7 @@ def test_dtype_parsing():
 
 
 def test_missing_model_is_a_clear_error(tmp_path):
-    with pytest.raises(ValueError, match="could not load model"):
+    with pytest.raises(ValueError, match="is not a folder, a built-in model .*tiny-flux"):
         load_models(str(tmp_path / "nope"), device="cpu")
 
 
@@ -73,3 +73,54 @@ def test_v_prediction_model_reconstructs_exactly(tiny):
     cond, uncond = tiny.encode_text(["a"]), tiny.encode_text([""])
     code = ef.invert(tiny.unet, sched, x0, cond, uncond, num_steps=8, skip=2, generator=torch.Generator().manual_seed(1))
     assert (ef.edit(tiny.unet, sched, code, cond, uncond, cfg_scale=3.5) - x0).abs().max() <= 1e-4
+
+
+def _serve(handler_cls):
+    import http.server
+    import threading
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler_cls)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv
+
+
+def test_an_unknown_model_id_fails_fast_naming_the_builtins_and_the_hub(monkeypatch):
+    """A mistyped hub id is refused within 2 s with the built-in ids listed:
+    against a local stand-in of the hub that answers 404, one that never
+    answers, and offline; a path-like id never reaches the hub."""
+    import http.server
+    import socket
+    import time
+
+    from pipeline.models import model_limits
+
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self):
+            self.send_response(404)
+            self.end_headers()
+
+        def log_message(self, *a):
+            pass
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    srv = _serve(NotFound)
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(1)  # accepts the connection, never answers
+    try:
+        for endpoint, says in ((f"http://127.0.0.1:{srv.server_port}", "not found on the Hugging Face hub"),
+                               (f"http://127.0.0.1:{silent.getsockname()[1]}", "did not answer within")):
+            monkeypatch.setenv("HF_ENDPOINT", endpoint)
+            t0 = time.perf_counter()
+            with pytest.raises(ValueError, match=says) as exc:
+                model_limits("nobody/stable-diffusion-typo")
+            assert time.perf_counter() - t0 < 2.0
+            assert "tiny-flux" in str(exc.value) and "toy" in str(exc.value)
+    finally:
+        srv.shutdown()
+        silent.close()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match="HF_HUB_OFFLINE is set .*built-in models: tiny"):
+        model_limits("nobody/stable-diffusion-typo")
+    with pytest.raises(ValueError, match="not a folder, a built-in model"):
+        model_limits("./no/such/folder")

@@ -48,12 +48,14 @@ def family_of(model_id: str, revision: str | None = None) -> ModuleType:
     for fam in _FAMILIES:
         if model_id in fam.BUILTIN:
             return fam
-    from .loading import model_index
+    from .loading import check_resolvable, model_index
+
+    check_resolvable(model_id, builtin_ids())  # a mistyped or unreachable id fails in seconds, not after retries
 
     try:
         cls = str(model_index(model_id, revision).get("_class_name", ""))
     except ValueError:
-        return sd
+        return sd  # (SD's loader then says what is missing)
     return flow if cls in flow.PIPELINE_CLASSES else sd
 
 

@@ -133,6 +133,45 @@ class ModelLimits:
 
 
 
+HUB_PROBE_TIMEOUT = 1.5  # seconds: how long an unknown id may take to be refused
+
+
+def hub_repo_cached(model_id: str) -> bool:
+    """Whether the Hugging Face cache holds anything of the repository `model_id`."""
+    from huggingface_hub import constants
+
+    return os.path.isdir(os.path.join(constants.HF_HUB_CACHE, "models--" + model_id.replace("/", "--")))
+
+
+def check_resolvable(model_id: str, builtin: list[str]) -> None:
+    """Refuse, within about HUB_PROBE_TIMEOUT seconds, an id that is neither
+    built in, a local folder, in the local cache, nor found on the hub: the
+    message lists the built-in ids and says whether the hub answered (the
+    hub client's own retries take half a minute without a network)."""
+    if model_id in builtin or os.path.isdir(model_id) or hub_repo_cached(model_id):
+        return
+    known = ", ".join(builtin)
+    looks_local = model_id.startswith((".", "/", "~")) or model_id.count("/") != 1
+    if looks_local:
+        raise ValueError(f"{model_id!r} is not a folder, a built-in model ({known}) or a hub id (owner/name)")
+    if hub_offline():
+        raise ValueError(f"{model_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set "
+                         f"(built-in models: {known})")
+    import requests
+    from huggingface_hub import constants
+
+    endpoint = os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
+    url = f"{endpoint.rstrip('/')}/api/models/{model_id}"
+    try:
+        status = requests.head(url, timeout=HUB_PROBE_TIMEOUT, allow_redirects=True).status_code
+    except requests.RequestException as exc:
+        raise ValueError(f"{model_id!r} is not in the local cache and the Hugging Face hub did not answer within "
+                         f"{HUB_PROBE_TIMEOUT:g} s ({type(exc).__name__}); built-in models: {known}") from None
+    if status in (401, 404):
+        raise ValueError(f"{model_id!r} was not found on the Hugging Face hub (HTTP {status}: a typo, or a gated or "
+                         f"private repository without a token); built-in models: {known}")
+
+
 def config_file(model_id: str, rel: str, revision: str | None) -> str:
     if os.path.isdir(model_id):
         path = os.path.join(model_id, rel)
