@@ -404,17 +404,13 @@ class Scheduler:
             self.workers[w.id] = w
             live.append(w)
             acts.append(Request(w.id, tuple(sorted(self.avoid))))
-        # Surplus workers go. Beyond the cap: idle ready ones first. Beyond the
-        # shards left (the tail of the job): only those no node has taken yet
-        # (their demand would make an autoscaler add nodes for nothing); idle
-        # ready ones stay until the job ends, to take over the shard of a
-        # worker that is lost. Never one a node is starting, nor a busy one.
-        idle = [w for w in live if w.state == READY and not w.shards]
-        unplaced = [w for w in live if w.state == REQUESTED]
-        over_cap = len(live) - self.cap
-        for w in (idle + unplaced)[:max(0, over_cap)]:
-            acts += self._drop(w)
-        live = self.live()
+        # Surplus workers go: beyond the cap and beyond the shards left (the
+        # tail of the job), only those no node has taken yet (their demand
+        # would make an autoscaler add nodes for nothing). Idle ready ones
+        # stay until the job ends, to take over the shard of a worker that is
+        # lost: a lower cap often means just that (a lost node leaves the
+        # cluster's GPU count before its workers' errors reach the driver).
+        # Never one a node is starting, nor a busy one.
         for w in [w for w in live if w.state == REQUESTED][:max(0, len(live) - want)]:
             acts += self._drop(w)
         placed = any(w.state in (STARTING, READY) for w in self.live())
