@@ -704,18 +704,28 @@ class Lease:
                 "heartbeat if it is not refreshed")
 
     def _beat(self) -> None:
+        """Refresh the heartbeat every ttl/4. A failed read or write (a
+        transient object-store error) is logged and retried at the next beat:
+        the lease only lapses after four failed beats in a row."""
         while not self._stop.wait(self.ttl_s / 4):
             try:
                 rec = self.holder()
-            except OutputError:
-                continue  # a transient read failure: try again at the next beat
+            except OutputError as exc:
+                self._log_failed_beat(exc)
+                continue
             if rec is None or rec["id"] != self.id:
                 self.lost = f"lease taken over by host {(rec or {}).get('host')} pid {(rec or {}).get('pid')}"
                 return
             try:
                 self.store.write_json(LEASE_FILE, self.record())
-            except OutputWriteError:
-                pass
+            except OutputWriteError as exc:
+                self._log_failed_beat(exc)
+
+    def _log_failed_beat(self, exc: Exception) -> None:
+        import sys
+
+        print(f"[imprint] could not refresh the output's lease ({one_line(exc)}); trying again in "
+              f"{self.ttl_s / 4:.0f} s", file=sys.stderr, flush=True)
 
     def still_ours(self) -> bool:
         if self.lost:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import pyarrow.fs as pafs
 import pytest
@@ -167,3 +168,33 @@ def test_a_worker_whose_driver_lost_the_lease_commits_nothing(tmp_path, monkeypa
         run_job(spec, progress=False, worker_cls=TakenOverMidShard)
     assert OutputStore.open(str(tmp_path / "o")).done_shards(spec.hash()) == {shard_name(SHARDS[0])}
     assert sorted(p.name.split(".")[0] for p in (tmp_path / "o" / "results").iterdir()) == [shard_name(SHARDS[0])]
+
+
+def test_a_failed_heartbeat_is_logged_and_retried(tmp_path, monkeypatch, capsys):
+    """Issue 31 item 5 (the lease heartbeat, a driver write): a failed
+    refresh is logged and retried at the next beat; the lease stays ours."""
+    monkeypatch.setattr(store_mod, "LEASE_TTL_S", 0.4)
+
+    class FailsTwoBeats(FaultFS):
+        def __init__(self):
+            super().__init__(pafs.LocalFileSystem(), seed=0, rate=0.0, permanent_rate=0.0)
+            self.lease_writes = 0
+
+        def _fault(self, op, path):
+            if path.endswith(LEASE_FILE) and op == "move":
+                self.lease_writes += 1
+                if self.lease_writes in (2, 3):  # the first is acquire's; then two heartbeats fail
+                    self.faults += 1
+                    return "before"
+            return None
+
+    ffs = FailsTwoBeats()
+    store = OutputStore(ffs, str(tmp_path / "o"))
+    store.prepare("x = 1\n", "spec00000001")
+    deadline = time.monotonic() + 5
+    while ffs.lease_writes < 5 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert ffs.faults == 2 and ffs.lease_writes >= 5, ffs.lease_writes  # beats went on after the failures
+    assert store.lease.still_ours() and not store.lease.lost
+    assert capsys.readouterr().err.count("could not refresh the output's lease") == 2
+    store.release()
