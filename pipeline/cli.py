@@ -177,7 +177,7 @@ def validate(
     except (SpecError, JobError) as exc:
         die(str(exc))
     typer.echo(to_toml(spec))
-    typer.echo(f"# spec hash {spec.hash()}")
+    typer.echo(f"# spec hash {found.spec_hash}")
     typer.echo(f"# {len(found.shards)} {'code file' if spec.input.codes else 'shard'}(s); output "
                f"{spec.output.path} is free or holds this spec")
 

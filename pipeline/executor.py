@@ -219,19 +219,25 @@ class Progress:
 # -- planning --------------------------------------------------------------------
 
 
-def plan(spec: JobSpec, force: bool = False) -> tuple[OutputStore, list[str], list[str]]:
+@dataclass
+class Plan:
+    """What a run executes: the output (opened and checked by preflight,
+    then claimed), the spec's hash, every shard and those still to do."""
+
+    store: OutputStore
+    spec_hash: str
+    shards: list[str]
+    pending: list[str]
+
+
+def plan(spec: JobSpec, force: bool = False) -> Plan:
     """Everything checked before any model is loaded (`preflight`: the spec
     against the model, weights at hand, shards exist and the first opens,
-    output free or this spec's), then the output path is claimed. Returns
-    (store, all shards, pending). O(n) in the shards, with one listing of the
-    output's done markers."""
-    shards = preflight(spec, force=force).shards
-    store = OutputStore.open(spec.output.path)
-    h = spec.hash()
-    try:
-        old = store.current_hash()
-    except OutputError as exc:  # job.json unreadable (run --force skips preflight's output check)
-        raise JobError(str(exc)) from None
+    output free or this spec's), then the output path is claimed, on the
+    store preflight opened and with the hash it computed. O(n) in the
+    shards, with one listing of the output's done markers."""
+    pre = preflight(spec, force=force)
+    store, h, old = pre.store, pre.spec_hash, pre.output_hash
     # An output whose job.json names another spec but that holds no results
     # (its run stopped before committing anything) is free: take it over.
     take_over = bool(old and old != h and not holds_results(store))
@@ -241,13 +247,13 @@ def plan(spec: JobSpec, force: bool = False) -> tuple[OutputStore, list[str], li
         raise JobError(str(exc)) from None
     store.delete(JOB_ERROR_FILE)  # a new run: the last one's stop reason no longer applies
     if force:
-        return store, shards, shards
+        return Plan(store, h, pre.shards, pre.shards)
     try:
         done = store.done_shards(h)
     except (OSError, OutputError) as exc:
         store.release()
         raise JobError(f"output.path {spec.output.path!r}: {exc}") from None
-    return store, shards, [s for s in shards if shard_name(s) not in done]
+    return Plan(store, h, pre.shards, [s for s in pre.shards if shard_name(s) not in done])
 
 
 def _finish_output(store: OutputStore, spec_hash: str) -> None:
@@ -278,7 +284,8 @@ def run_job(spec: JobSpec, *, executor: str | None = None, force: bool = False, 
     mode = executor or spec.run.executor
     if mode not in ("inline", "ray"):
         raise SpecError(f"run.executor: must be ray or inline, got {mode!r}")
-    store, shards, pending = plan(spec, force)
+    todo = plan(spec, force)
+    store, shards, pending = todo.store, todo.shards, todo.pending
     report = JobReport(output=spec.output.path, total=len(shards), skipped=len(shards) - len(pending))
     bar = Progress(len(shards), report.skipped, progress)
     t0 = time.perf_counter()
@@ -301,7 +308,7 @@ def run_job(spec: JobSpec, *, executor: str | None = None, force: bool = False, 
         raise JobInterrupted(getattr(exc, "signum", signal.SIGINT), report) from None
     finally:
         bar.close()
-        _finish_output(store, spec.hash())
+        _finish_output(store, todo.spec_hash)
     report.seconds = time.perf_counter() - t0
     return report
 

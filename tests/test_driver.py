@@ -59,7 +59,7 @@ def job(tmp_path, monkeypatch, fs=None, **run):
 
     def plan(spec, force=False):
         store.prepare(to_toml(spec), spec.hash())
-        return store, list(SHARDS), list(SHARDS)
+        return executor.Plan(store, spec.hash(), list(SHARDS), list(SHARDS))
 
     monkeypatch.setattr(executor, "plan", plan)
     return spec, store
