@@ -424,15 +424,6 @@ class _GCS:
         return None
 
 
-def _placed_on(handle) -> tuple[bool, str | None]:
-    return _GCS.placed_on(handle)
-
-
-def _loss_cause(exc: BaseException, handle) -> str:
-    """loss_cause with the GCS's death cause of `handle`'s actor."""
-    return loss_cause(exc, _GCS.death_cause(handle))
-
-
 # -- the local cluster ---------------------------------------------------------------
 
 

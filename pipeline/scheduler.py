@@ -4,8 +4,9 @@ node or not; a shard done or failed; time passing) and returns actions
 (request a worker, submit a shard, kill a worker, charge an attempt, record
 a shard as done or failed, stop the job, finish). No I/O and no clock of its
 own: time comes in with every event, so the same code runs under Ray
-(`executor._drive`), inline (`executor._run_inline`) and in the seeded
-simulator of tests/test_scheduler_sim.py.
+(`ray_adapter._drive`), inline (`executor._run_inline`) and in the seeded
+simulators of tests/test_scheduler_sim.py (the state machine alone) and
+tests/test_ray_driver_sim.py (the Ray driver's loop around it).
 
 What it guarantees (checked after every step of the simulator):
 - every shard ends exactly once: done, or failed with its cause;
