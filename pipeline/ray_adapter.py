@@ -463,6 +463,20 @@ def _token_auth() -> None:
     Config.initialize("")
 
 
+def _restore_auth(auth_mode: str | None) -> None:
+    """After a local cluster is shut down: RAY_AUTH_MODE as the caller had
+    it (a notebook, a test process that joins other clusters next)."""
+    if auth_mode == os.environ.get("RAY_AUTH_MODE"):
+        return
+    if auth_mode is None:
+        os.environ.pop("RAY_AUTH_MODE", None)
+    else:
+        os.environ["RAY_AUTH_MODE"] = auth_mode
+    from ray._raylet import Config
+
+    Config.initialize("")
+
+
 def _forwarded_env() -> dict:
     keys = ("HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TORCH_HOME", "IMPRINT_CACHE",
             "OMP_NUM_THREADS")
@@ -492,14 +506,8 @@ def _run_ray(spec, store, pending, report, bar, worker_cls, stop) -> None:
             ray.kill(w.handle, no_restart=True)
         if started:
             ray.shutdown()  # stops the local cluster's processes too
-        if started and auth_mode != "token":  # the caller's environment as it was (a notebook, a test)
-            if auth_mode is None:
-                os.environ.pop("RAY_AUTH_MODE", None)
-            else:
-                os.environ["RAY_AUTH_MODE"] = auth_mode
-            from ray._raylet import Config
-
-            Config.initialize("")
+        if started:
+            _restore_auth(auth_mode)
 
 
 def _drive(ray, spec, store, pending, report, bar, worker_cls, started_local, workers, stop, *,

@@ -184,6 +184,8 @@ def test_a_cluster_this_run_starts_always_has_token_auth(monkeypatch, tmp_path, 
     fake = InitOnly()
     monkeypatch.setitem(sys.modules, "ray", fake)
     monkeypatch.setattr(ra, "_token_auth", lambda: os.environ.__setitem__("RAY_AUTH_MODE", "token"))
+    monkeypatch.setattr(ra, "_restore_auth", lambda mode: os.environ.__setitem__("RAY_AUTH_MODE", mode)
+                        if mode is not None else os.environ.pop("RAY_AUTH_MODE", None))
     monkeypatch.setattr(ra, "_drive", lambda *a, **k: None)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     if user_mode is None:
@@ -266,4 +268,5 @@ def test_the_local_cluster_refuses_a_client_without_its_token(monkeypatch, tmp_p
         assert seen["401"] and seen["not http/1"], seen  # the check reached both kinds of server
     finally:
         ray.shutdown()
+        ra._restore_auth("disabled")  # this process's Ray config as it was (later tests join other clusters)
         shutil.rmtree(short, ignore_errors=True)
