@@ -82,21 +82,17 @@ def _run_job(spec, **kwargs):
     """run_job, with the two ways a job stops early turned into messages and
     exit codes: the scheduler stopped it (workers that cannot start, no
     worker placed in time: 1) and Ctrl-C / SIGTERM (130 / 143)."""
-    from .executor import JobInterrupted, JobStopped, run_job
+    from .executor import JobInterrupted, JobStopped, OutputTakenOver, run_job
 
-    set_auth = (spec.run.executor == "ray" and not (spec.run.ray_address or os.environ.get("RAY_ADDRESS"))
-                and "RAY_AUTH_MODE" not in os.environ)
-    if set_auth:
-        # The local cluster this run starts: Ray's default, token authentication, chosen explicitly (an
-        # unset mode makes Ray warn on every start); the raylet and its workers inherit it. Only for this
-        # run: a caller in the same process (a notebook, a test) keeps its own environment afterwards.
-        os.environ["RAY_AUTH_MODE"] = "token"
     try:
         return run_job(spec, **kwargs)
     except JobStopped as exc:
         typer.echo(f"imprint: error: {exc}", err=True)
         for line in exc.info.get("traceback", []):
             typer.echo(f"    {line}", err=True)
+        if isinstance(exc, OutputTakenOver):
+            typer.echo(f"imprint: another run now writes {spec.output.path}; this one wrote nothing more", err=True)
+            raise typer.Exit(1)
         typer.echo(f"imprint: the job stopped; shards done are kept and the same command resumes; "
                    f"`imprint status {spec.output.path}` keeps this message", err=True)
         raise typer.Exit(1)
@@ -105,9 +101,6 @@ def _run_job(spec, **kwargs):
         typer.echo(f"imprint: interrupted ({exc}): {r.done + r.skipped} of {r.total} shards done "
                    f"({r.done} in this run); run the same command again to resume", err=True)
         raise typer.Exit(128 + exc.signum)
-    finally:
-        if set_auth:
-            os.environ.pop("RAY_AUTH_MODE", None)
 
 
 @app.command("edit-codes")
@@ -184,7 +177,7 @@ def validate(
     except (SpecError, JobError) as exc:
         die(str(exc))
     typer.echo(to_toml(spec))
-    typer.echo(f"# spec hash {spec.hash()}")
+    typer.echo(f"# spec hash {found.spec_hash}")
     typer.echo(f"# {len(found.shards)} {'code file' if spec.input.codes else 'shard'}(s); output "
                f"{spec.output.path} is free or holds this spec")
 

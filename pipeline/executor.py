@@ -1,22 +1,19 @@
 """Running a job: check everything that can be checked before any work,
 skip shards already done under the same spec, then hand shards to workers,
-inline or as Ray actors. Ray is a thin executor around `ShardWorker`; the
-shard is the unit of scheduling, output, retry and resume.
+inline or as Ray actors (ray_adapter.py). Ray is a thin executor around
+`ShardWorker`; the shard is the unit of scheduling, output, retry and resume.
 
 Every scheduling decision (which worker gets which shard, when to ask for a
 worker, what charges an attempt, when the job stops) is made by the pure
-state machine in `scheduler.py`; the drivers here only turn what they see
-(Ray's results and errors, inline results) into its events and carry out
-its actions. On Ray the driver keeps as many worker actors requested as the
-cluster has, or its autoscaler can add, GPU slots for (`_worker_cap`):
-actors that cannot be placed yet stay pending, which is the demand that
-makes the autoscaler add GPU nodes."""
+state machine in `scheduler.py`; the drivers (inline here, Ray in
+ray_adapter.py) only turn what they see into its events and carry out its
+actions. The driver's own writes (a shard's `_stats/` file, the index,
+`job.error.json`) are retried and then logged: they never stop a job whose
+shards are committed. Before handing out a shard and before accounting for
+one, the driver checks that the output's lease is still its own."""
 
 from __future__ import annotations
 
-import json
-import math
-import os
 import signal
 import sys
 import threading
@@ -29,13 +26,13 @@ from .data import expand_shards, missing_shards, shard_name  # noqa: F401
 from .preflight import JobError, holds_results, preflight  # noqa: F401 (JobError: its public home)
 from . import scheduler as sch
 from .spec import JobSpec, SpecError, to_toml
-from .store import STATS, OutputError, OutputStore
+from .store import STATS, LeaseLost, OutputError, OutputStore, one_line
 
-# Without the autoscaler's limits (an autoscaler that does not publish its
-# cluster config), request this many GPU workers at most: the ones that cannot
-# be placed are the demand that makes it add nodes. run.max_workers overrides.
-UNKNOWN_REACH_WORKERS = 16
 TRACEBACK_LINES = 8
+# The driver's own writes (see _driver_write): tries, and the first wait between
+# them (doubled after each).
+DRIVER_WRITE_TRIES = 4
+DRIVER_WRITE_WAIT_S = 0.5
 JOB_ERROR_FILE = "job.error.json"  # why the last run stopped, for `imprint status`
 
 
@@ -48,6 +45,12 @@ class JobStopped(RuntimeError):
     def __init__(self, message: str, info: dict | None = None):
         self.info = info or {}
         super().__init__(message)
+
+
+class OutputTakenOver(JobStopped):
+    """The output's lease is no longer this driver's (it was stopped past the
+    lease's TTL and another run took the output over): it stops and writes
+    nothing more there, not even its stop reason."""
 
 
 class WorkerStartError(JobStopped):
@@ -216,19 +219,25 @@ class Progress:
 # -- planning --------------------------------------------------------------------
 
 
-def plan(spec: JobSpec, force: bool = False) -> tuple[OutputStore, list[str], list[str]]:
+@dataclass
+class Plan:
+    """What a run executes: the output (opened and checked by preflight,
+    then claimed), the spec's hash, every shard and those still to do."""
+
+    store: OutputStore
+    spec_hash: str
+    shards: list[str]
+    pending: list[str]
+
+
+def plan(spec: JobSpec, force: bool = False) -> Plan:
     """Everything checked before any model is loaded (`preflight`: the spec
     against the model, weights at hand, shards exist and the first opens,
-    output free or this spec's), then the output path is claimed. Returns
-    (store, all shards, pending). O(n) in the shards, with one listing of the
-    output's done markers."""
-    shards = preflight(spec, force=force).shards
-    store = OutputStore.open(spec.output.path)
-    h = spec.hash()
-    try:
-        old = store.current_hash()
-    except OutputError as exc:  # job.json unreadable (run --force skips preflight's output check)
-        raise JobError(str(exc)) from None
+    output free or this spec's), then the output path is claimed, on the
+    store preflight opened and with the hash it computed. O(n) in the
+    shards, with one listing of the output's done markers."""
+    pre = preflight(spec, force=force)
+    store, h, old = pre.store, pre.spec_hash, pre.output_hash
     # An output whose job.json names another spec but that holds no results
     # (its run stopped before committing anything) is free: take it over.
     take_over = bool(old and old != h and not holds_results(store))
@@ -238,23 +247,27 @@ def plan(spec: JobSpec, force: bool = False) -> tuple[OutputStore, list[str], li
         raise JobError(str(exc)) from None
     store.delete(JOB_ERROR_FILE)  # a new run: the last one's stop reason no longer applies
     if force:
-        return store, shards, shards
+        return Plan(store, h, pre.shards, pre.shards)
     try:
         done = store.done_shards(h)
     except (OSError, OutputError) as exc:
         store.release()
         raise JobError(f"output.path {spec.output.path!r}: {exc}") from None
-    return store, shards, [s for s in shards if shard_name(s) not in done]
+    return Plan(store, h, pre.shards, [s for s in pre.shards if shard_name(s) not in done])
 
 
 def _finish_output(store: OutputStore, spec_hash: str) -> None:
     """End of a run (done, failed or stopped): remove the parts of shards
     without a valid marker, so the finished output holds committed rows
-    only, then give the output's lease up."""
+    only, and refresh the index (retried, then logged: see _driver_write);
+    then give the output's lease up. A driver whose lease is gone leaves
+    the output as it is."""
     try:
-        if store.finish(spec_hash) is None and store.lease is not None:
+        if store.lease is not None and not store.lease.still_ours():
             print(f"[imprint] {store.lease.lost or 'the output lease is no longer ours'}: "
                   "leaving the output as it is", file=sys.stderr, flush=True)
+        else:
+            _driver_write("the output's index", lambda: store.finish(spec_hash))
     except (OSError, OutputError) as exc:
         print(f"[imprint] could not clean up the output ({exc}); the next run sweeps it", file=sys.stderr, flush=True)
     finally:
@@ -271,7 +284,8 @@ def run_job(spec: JobSpec, *, executor: str | None = None, force: bool = False, 
     mode = executor or spec.run.executor
     if mode not in ("inline", "ray"):
         raise SpecError(f"run.executor: must be ray or inline, got {mode!r}")
-    store, shards, pending = plan(spec, force)
+    todo = plan(spec, force)
+    store, shards, pending = todo.store, todo.shards, todo.pending
     report = JobReport(output=spec.output.path, total=len(shards), skipped=len(shards) - len(pending))
     bar = Progress(len(shards), report.skipped, progress)
     t0 = time.perf_counter()
@@ -280,16 +294,21 @@ def run_job(spec: JobSpec, *, executor: str | None = None, force: bool = False, 
             if pending and mode == "inline":
                 _run_inline(spec, store, pending, report, bar, worker_cls)
             elif pending:
+                from .ray_adapter import _run_ray
+
                 _run_ray(spec, store, pending, report, bar, worker_cls, stop)
+    except OutputTakenOver:
+        raise  # the output is another run's now: nothing is written there
     except JobStopped as exc:
-        store.write_json(JOB_ERROR_FILE, {"error": str(exc), **exc.info, "time": time.time()})
+        why = {"error": str(exc), **exc.info, "time": time.time()}
+        _driver_write(JOB_ERROR_FILE, lambda: store.write_json(JOB_ERROR_FILE, why))
         raise
     except (_Stopped, KeyboardInterrupt) as exc:
         report.seconds = time.perf_counter() - t0
         raise JobInterrupted(getattr(exc, "signum", signal.SIGINT), report) from None
     finally:
         bar.close()
-        _finish_output(store, spec.hash())
+        _finish_output(store, todo.spec_hash)
     report.seconds = time.perf_counter() - t0
     return report
 
@@ -340,8 +359,44 @@ def _shard_succeeded(store: OutputStore, report: JobReport, bar: Progress, summa
     stats = {k: summary[k] for k in ("shard", "images", "errors", "edits", "kept", "unet_calls", "seconds")}
     stats.update(samples=summary["images"] + summary["errors"], error_types=summary.get("error_types", {}),
                  **{k: where.get(k) for k in ("host", "node_id", "actor_id")})
-    store.write_json(f"{STATS}/{summary['name']}.json", stats)
+    _driver_write(f"{STATS}/{summary['name']}.json",
+                  lambda: store.write_json(f"{STATS}/{summary['name']}.json", stats))
     bar.shard_done(summary)
+
+
+def _driver_write(what: str, write):
+    """One of the driver's own writes (a shard's _stats/ file, the index,
+    job.error.json): an I/O error (a transient object-store error) is
+    retried with a growing wait, then logged, and the job goes on: what the
+    write describes (committed shards) is already safe in their markers.
+    Returns the write's result, None when every try failed."""
+    wait = DRIVER_WRITE_WAIT_S
+    for attempt in range(1, DRIVER_WRITE_TRIES + 1):
+        try:
+            return write()
+        except OSError as exc:  # OutputWriteError and the file system's own errors
+            if attempt == DRIVER_WRITE_TRIES:
+                print(f"[imprint] could not write {what} after {attempt} tries ({one_line(exc)}); "
+                      "the job goes on without it", file=sys.stderr, flush=True)
+                return None
+            time.sleep(wait)
+            wait *= 2
+
+
+def _check_lease(store: OutputStore) -> None:
+    """Before the driver hands out a shard or accounts for a finished one:
+    OutputTakenOver when the output's lease is another run's (this driver
+    was stopped past the TTL and resumed). A lease that cannot be read
+    proves nothing: the workers check again before each part they write."""
+    lost = store.lease.lost if store.lease is not None else ""
+    try:
+        store.check_fence()
+    except LeaseLost as exc:
+        lost = str(exc)
+    except OSError:
+        pass
+    if lost:
+        raise OutputTakenOver(f"{lost}; this driver stopped without writing more (the other run goes on)")
 
 
 def _limits(spec: JobSpec, demand: str = "a worker") -> sch.Limits:
@@ -370,6 +425,7 @@ class _Ledger:
         elif isinstance(act, sch.Requeue):
             self.bar.shard_stopped(act.shard)
         elif isinstance(act, sch.Succeed):
+            _check_lease(self.store)
             _shard_succeeded(self.store, self.report, self.bar, self.summaries.pop(act.shard),
                              self.where.get(act.worker, {}))
         elif isinstance(act, sch.Fail):
@@ -408,6 +464,7 @@ def _run_inline(spec, store, pending, report, bar, worker_cls) -> None:
     """One worker in this process, driven by the same scheduler as on Ray:
     the same retries, charges and failure records (no deadlines: a shard
     cannot be stopped from outside its own thread)."""
+    from .ray_adapter import record_event, scheduler_actions
     from .worker import ShardWorker
 
     ledger = _Ledger(spec, store, report, bar)
@@ -433,358 +490,22 @@ def _run_inline(spec, store, pending, report, bar, worker_cls) -> None:
             if isinstance(act, sch.Request):
                 try:
                     worker, wid = (worker_cls or ShardWorker)(spec), act.worker
+                    if getattr(worker, "store", None) is not None:
+                        worker.store.fence = store.fence  # its commits run under this driver's lease
                 except Exception as exc:
                     todo.extend(sched.start_failed(act.worker, None, failure_info(exc), now))
                     continue
                 ledger.where[wid] = worker.placement
                 todo.extend(sched.ready(wid, worker.placement.get("node_id"), now))
             elif isinstance(act, sch.Submit):
-                result = run_shard(worker, act.shard)
-                if "summary" in result:
-                    ledger.summaries[act.shard] = result["summary"]
-                    todo.extend(sched.shard_done(act.worker, act.shard, time.monotonic()))
-                else:
-                    f = result["failure"]
-                    todo.extend(sched.shard_failed(act.worker, act.shard, f, time.monotonic(),
-                                                   deterministic=f.get("deterministic", False)))
+                _check_lease(store)
+                # the same reading of a result as on Ray: a CUDA error replaces the worker, a lost lease stops
+                event = record_event(act.shard, run_shard(worker, act.shard))
+                if hasattr(event, "summary"):
+                    ledger.summaries[act.shard] = event.summary
+                todo.extend(scheduler_actions(sched, act.worker, event, time.monotonic()))
             elif isinstance(act, sch.Kill):
                 worker = None if act.worker == wid else worker
     finally:
         stop.set()
         watcher.join()
-
-
-# -- Ray -------------------------------------------------------------------------
-
-
-class _ShardActor:
-    """The Ray actor: a ShardWorker kept alive across shards. A start-up
-    failure is kept, not raised, so `ready()` can tell the driver why
-    (an exception in __init__ would only surface as a bare ActorDiedError)."""
-
-    def __init__(self, spec: JobSpec, worker_cls: type | None, expect_cuda: bool):
-        from .worker import ShardWorker, placement
-
-        self.where = placement()
-        self.worker = None
-        self.startup_error = None
-        try:
-            if expect_cuda:
-                _check_cuda(spec, self.where)
-            self.worker = (worker_cls or ShardWorker)(spec)
-        except BaseException as exc:  # reported by ready(); the scheduler decides (stop, or avoid the node)
-            self.startup_error = failure_info(exc)
-
-    def ready(self) -> dict:
-        return {**self.where, "error": self.startup_error}
-
-    def process(self, url: str) -> dict:
-        return run_shard(self.worker, url)
-
-    def live(self) -> dict:  # runs in the "monitor" concurrency group, beside process()
-        return self.worker.live if self.worker else {}
-
-
-def _check_cuda(spec: JobSpec, where: dict) -> None:
-    import torch
-
-    if not torch.cuda.is_available():
-        raise RuntimeError(
-            f"model.device = {spec.model.device!r} with run.gpus_per_worker = {spec.run.gpus_per_worker or 1} "
-            f"expects CUDA, but this worker (host {where['host']}, CUDA_VISIBLE_DEVICES="
-            f"{os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')!r}) sees no CUDA device; set model.device = \"cpu\" "
-            f"and run.gpus_per_worker = 0 to run on CPUs")
-
-
-@dataclass
-class _Worker:
-    """The driver's view of one actor (its scheduling state is the scheduler's)."""
-
-    handle: object
-    ready_ref: object  # ready(), until it has answered
-    placed: bool = False  # a node has taken it (polled from the GCS)
-    placed_asked: float = 0.0
-    running: dict = field(default_factory=dict)  # process() ref -> shard url
-    live_ref: object = None
-    live_asked: float = 0.0
-    live: dict = field(default_factory=dict)
-
-
-def _placement(spec: JobSpec, ray, started_local: bool) -> tuple[float, bool, int | None, bool]:
-    """(GPUs per worker, whether workers expect CUDA, GPUs the autoscaler can
-    reach (None when unknown), whether an autoscaler runs)."""
-    reach, autoscaler = _autoscaler_view(ray) if not started_local else (None, False)
-    gpus = spec.run.gpus_per_worker
-    device = spec.model.device
-    if gpus is None:
-        if device.startswith("cuda"):
-            gpus = 1.0
-        elif device == "auto":
-            has = ray.cluster_resources().get("GPU", 0) > 0 or (reach or 0) > 0 or (reach is None and autoscaler)
-            gpus = 1.0 if has else 0.0
-        else:
-            gpus = 0.0
-    expect_cuda = gpus > 0 and (device == "auto" or device.startswith("cuda"))
-    return gpus, expect_cuda, reach, autoscaler
-
-
-def _autoscaler_view(ray) -> tuple[int | None, bool]:
-    """GPUs the cluster can reach with its autoscaler (from the cluster config
-    the autoscaler publishes: autoscaler v2, KubeRay), and whether an
-    autoscaler that can add nodes runs at all (the v1 autoscaler publishes
-    only its status, with the node types of the nodes it runs).
-    Both are private Ray APIs, so any failure means "unknown"."""
-    reach = None
-    try:
-        from ray._private import state
-
-        limits = state.state.get_max_resources_from_cluster_config()
-        if limits and 0 < limits.get("GPU", 0) < sys.maxsize:
-            reach = int(limits["GPU"])
-        running = limits is not None
-    except Exception:
-        running = False
-    if not running:
-        try:
-            from ray.experimental.internal_kv import _internal_kv_get
-
-            status = json.loads(_internal_kv_get("__autoscaling_status") or "{}")
-            node_types = ((status.get("autoscaler_report") or {}).get("node_type_mapping") or {}).values()
-            # Every head runs the v1 monitor; without a cluster config it has a
-            # read-only provider whose "node types" are just "node_<id>" per
-            # node, and it can add nothing.
-            running = any(not t.startswith("node_") for t in node_types)
-        except Exception:
-            running = False
-    return reach, running
-
-
-def _worker_cap(spec: JobSpec, gpus_per_worker: float, cluster_gpus: float, reach: int | None,
-                autoscaler: bool) -> int:
-    """How many workers to keep requested. Explicit run.max_workers wins; CPU
-    workers: 1; GPU workers: one per GPU slot the cluster has or its
-    autoscaler can add; with an autoscaler whose limits are unknown, up to
-    UNKNOWN_REACH_WORKERS (the pending ones are the scale-up demand); on a
-    fixed cluster, its GPU slots (at least 1: a pending actor waits for a GPU
-    node that is added by hand)."""
-    if spec.run.max_workers:
-        return spec.run.max_workers
-    if gpus_per_worker == 0:
-        return 1
-    slots = lambda g: int(math.floor(g / gpus_per_worker + 1e-9))  # noqa: E731
-    if reach is not None:
-        return max(1, slots(max(reach, cluster_gpus)))
-    if autoscaler:
-        return max(UNKNOWN_REACH_WORKERS, slots(cluster_gpus))
-    return max(1, slots(cluster_gpus))
-
-
-def _placed_on(handle) -> tuple[bool, str | None]:
-    """Whether a node has taken this actor (a worker process leased for it,
-    maybe still in __init__), and which node, from the GCS actor table (a
-    private Ray API: when it fails the actor counts as placed, so it is not
-    killed as surplus; its start deadline then covers the wait)."""
-    try:
-        from ray._private import state
-
-        address = state.actors(actor_id=handle._actor_id.hex())["Address"]
-        return bool(address["Port"]), address.get("NodeID") or None
-    except Exception:
-        return True, None
-
-
-def _loss_cause(exc: BaseException, handle) -> str:
-    """Why an actor is gone, as the scheduler counts it: its node was
-    preempted (spot) or lost/drained/unreachable (no attempt charged), or its
-    process died (a crash, an OOM kill: the shard it ran is charged). Ray
-    says "preempted" on the error; the rest is in the actor's death cause in
-    the GCS (a private API; without it the error message is read)."""
-    from ray.exceptions import ActorUnavailableError
-
-    if getattr(exc, "preempted", False):
-        return sch.PREEMPTED
-    if isinstance(exc, ActorUnavailableError):
-        return sch.NODE  # the GCS still counts it alive: its node cannot be reached
-    try:
-        from ray._private import state
-        from ray.core.generated.common_pb2 import ActorDiedErrorContext, NodeDeathInfo
-
-        cause = state.actors(actor_id=handle._actor_id.hex())["DeathCause"]
-        if cause.HasField("actor_died_error_context"):
-            ctx = cause.actor_died_error_context
-            if ctx.node_death_info.reason == NodeDeathInfo.AUTOSCALER_DRAIN_PREEMPTED:
-                return sch.PREEMPTED
-            if ctx.reason == ActorDiedErrorContext.NODE_DIED:
-                return sch.NODE
-            return sch.CRASH
-        if cause.HasField("oom_context"):
-            return sch.CRASH
-    except Exception:
-        pass
-    return sch.NODE if "its node has died" in str(exc) else sch.CRASH
-
-
-def _connect(ray, spec: JobSpec, stop: _StopSignals) -> bool:
-    """Join the cluster named by run.ray_address (--ray-address), else by
-    RAY_ADDRESS (set for the driver of a `ray job submit` job), else start a
-    local one. Returns whether this driver started it (and must stop it)."""
-    address = spec.run.ray_address or os.environ.get("RAY_ADDRESS", "")
-    kwargs = dict(include_dashboard=False, log_to_driver=True, logging_level="warning",
-                  runtime_env={"env_vars": _forwarded_env()})
-    if address:
-        ray.init(address=address, **kwargs)
-    else:
-        workers = spec.run.max_workers or 1
-        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(workers * spec.run.cpus_per_worker)),
-                 _temp_dir=os.environ.get("IMPRINT_RAY_TMPDIR"), **kwargs)
-    stop.install()
-    return not address
-
-
-def _run_ray(spec, store, pending, report, bar, worker_cls, stop: _StopSignals) -> None:
-    import ray
-
-    started = False
-    if not ray.is_initialized():
-        started = _connect(ray, spec, stop)
-    workers: dict[int, _Worker] = {}
-    try:
-        _drive(ray, spec, store, pending, report, bar, worker_cls, started, workers, stop)
-    finally:
-        for w in workers.values():
-            ray.kill(w.handle, no_restart=True)
-        if started:
-            ray.shutdown()  # stops the local cluster's processes too
-
-
-def _drive(ray, spec, store, pending, report, bar, worker_cls, started_local, workers, stop) -> None:
-    """The Ray adapter: Ray's signals become scheduler events, the
-    scheduler's actions become Ray calls."""
-    from ray.exceptions import GetTimeoutError, RayActorError
-
-    gpus, expect_cuda, reach, autoscaler = _placement(spec, ray, started_local)
-    actor_cls = ray.remote(num_gpus=gpus, num_cpus=spec.run.cpus_per_worker, max_restarts=0, max_task_retries=0,
-                           concurrency_groups={"monitor": 1})(_ShardActor)
-    demand = f"{gpus:g} GPU and {spec.run.cpus_per_worker:g} CPU each" if gpus else \
-        f"{spec.run.cpus_per_worker:g} CPU each"
-    cap = lambda: _worker_cap(spec, gpus, ray.cluster_resources().get("GPU", 0), reach, autoscaler)  # noqa: E731
-    ledger = _Ledger(spec, store, report, bar)
-    sched = sch.Scheduler(pending, _limits(spec, demand), cap(), time.monotonic())
-    cap_checked = time.monotonic()
-
-    def act(actions: list) -> None:
-        for a in actions:
-            if ledger.apply(a):
-                continue
-            if isinstance(a, sch.Request):
-                workers[a.worker] = _request(actor_cls, a.avoid, spec, worker_cls, expect_cuda)
-            elif isinstance(a, sch.Submit):
-                w = workers[a.worker]
-                w.running[w.handle.process.remote(a.shard)] = a.shard
-            elif isinstance(a, sch.Kill):
-                w = workers.pop(a.worker, None)
-                if w is not None:
-                    ray.kill(w.handle, no_restart=True)
-
-    def lost(wid: int, w: _Worker, exc: BaseException, now: float) -> None:
-        first = str(exc).splitlines()[0] if str(exc) else ""
-        cause = _loss_cause(exc, w.handle) if isinstance(exc, RayActorError) else sch.NODE
-        doing = "while running the shard" if w.running else "while starting"
-        info = {"type": type(exc).__name__, "message": f"worker lost {doing} ({cause}): {first}",
-                "traceback": str(exc).splitlines()[-TRACEBACK_LINES:]}
-        act(sched.worker_lost(wid, cause, info, now))
-
-    act(sched.start(time.monotonic()))
-    while not ledger.finished:
-        stop.check()
-        now = time.monotonic()
-        if now - cap_checked > 2.0:
-            cap_checked = now
-            act(sched.set_cap(cap(), now))
-        for wid, w in list(workers.items()):
-            if not w.placed and w.ready_ref is not None and now - w.placed_asked > 2.0:
-                w.placed_asked = now
-                w.placed, node = _placed_on(w.handle)
-                if w.placed:
-                    act(sched.placed(wid, node, now))
-
-        refs = {}
-        for wid, w in workers.items():
-            if w.ready_ref is not None:
-                refs[w.ready_ref] = (wid, "ready")
-            for ref in w.running:
-                refs[ref] = (wid, "process")
-            if w.live_ref is not None:
-                refs[w.live_ref] = (wid, "live")
-        done = []
-        if refs:
-            done, _ = ray.wait(list(refs), num_returns=1, timeout=0.5)
-            if done:
-                done, _ = ray.wait(list(refs), num_returns=len(refs), timeout=0)
-        else:
-            time.sleep(0.5)
-        for ref in done:
-            wid, what = refs[ref]
-            w = workers.get(wid)
-            if w is None or ledger.finished:
-                continue  # killed while handling an earlier ref of this round
-            now = time.monotonic()
-            try:
-                result = ray.get(ref, timeout=10)
-            except (RayActorError, GetTimeoutError) as exc:
-                if what != "live":  # a failed counter read says nothing the other calls will not
-                    lost(wid, w, exc, now)
-                else:
-                    w.live_ref = None
-                continue
-            if what == "ready":
-                w.ready_ref, w.placed = None, True
-                ledger.where[wid] = result
-                if result["error"]:
-                    info = {**result["error"], **{k: result.get(k) for k in ("host", "node_id")}}
-                    act(sched.start_failed(wid, result.get("node_id"), info, now))
-                else:
-                    act(sched.ready(wid, result.get("node_id"), now))
-            elif what == "live":
-                w.live_ref, w.live = None, result or {}
-                bar.set_live(w.live)
-            else:
-                url = w.running.pop(ref)
-                if "summary" in result:
-                    ledger.summaries[url] = result["summary"]
-                    act(sched.shard_done(wid, url, now))
-                else:
-                    f = result["failure"]
-                    act(sched.shard_failed(wid, url, f, now, deterministic=f.get("deterministic", False),
-                                           broken=_is_cuda_error(f)))
-        if ledger.finished:
-            break
-        now = time.monotonic()
-        act(sched.tick(now))
-        for w in workers.values():
-            if w.running and w.live_ref is None and now - w.live_asked > 1.0:
-                w.live_asked = now
-                w.live_ref = w.handle.live.options(concurrency_group="monitor").remote()
-        bar.refresh()
-
-
-def _request(actor_cls, avoid: tuple, spec: JobSpec, worker_cls, expect_cuda: bool) -> _Worker:
-    """A new actor, on none of the `avoid` nodes (where workers could not
-    start), through a label selector on Ray's node-id label."""
-    opts = {"label_selector": {"ray.io/node-id": f"!in({','.join(avoid)})"}} if avoid else {}
-    try:
-        h = actor_cls.options(**opts).remote(spec, worker_cls, expect_cuda)
-    except (TypeError, ValueError):  # a Ray without label selectors: the node may be tried again
-        h = actor_cls.remote(spec, worker_cls, expect_cuda)
-    return _Worker(handle=h, ready_ref=h.ready.remote())
-
-
-def _forwarded_env() -> dict:
-    keys = ("HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TORCH_HOME", "IMPRINT_CACHE",
-            "OMP_NUM_THREADS")
-    # Inside a submitted Ray job, the job's runtime_env already gives its
-    # env_vars to every worker, and Ray refuses a ray.init runtime_env that
-    # sets one of them again.
-    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
-    taken = (job.get("runtime_env") or {}).get("env_vars") or {}
-    return {k: os.environ[k] for k in keys if k in os.environ and k not in taken}

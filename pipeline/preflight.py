@@ -14,15 +14,22 @@ the driver, before the output path is claimed) and by `imprint validate`
 - the output path is free or holds results of this spec.
 
 A failure is one error naming the field (exit 2): SpecError for the spec
-against the model and machine, JobError for the input and output."""
+against the model and machine, JobError for the input and output. What it
+found (the shards, the spec's hash, the output store it opened and the hash
+in its job.json) is what `run` goes on with: the spec is hashed and the
+output opened once per run."""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .models import ModelLimits, model_limits
 from .spec import JobSpec, SpecError
+
+if TYPE_CHECKING:
+    from .store import OutputStore
 
 # Smallest image side (pixels) each LPIPS trunk can score: below it a pooling
 # layer has no output ("Output size is too small"). Measured on lpips 0.1's
@@ -38,6 +45,9 @@ class JobError(RuntimeError):
 class Preflight:
     limits: ModelLimits
     shards: list[str]  # the job's input files (tar shards, or noise files of an edit-codes job)
+    spec_hash: str
+    store: "OutputStore"  # the output, opened once: read by the checks here, claimed by executor.plan
+    output_hash: str | None  # the spec hash in the output's job.json (None: there is none)
 
 
 def preflight(spec: JobSpec, force: bool = False) -> Preflight:
@@ -48,8 +58,9 @@ def preflight(spec: JobSpec, force: bool = False) -> Preflight:
     _check_device(spec)
     shards = _check_input(spec)  # the user's own data first; weights are the machine's
     _check_weights(spec)
-    _check_output(spec, force)
-    return Preflight(limits, shards)
+    spec_hash = spec.hash()
+    store, output_hash = _check_output(spec, spec_hash, force)
+    return Preflight(limits, shards, spec_hash, store, output_hash)
 
 
 def check_model(spec: JobSpec) -> ModelLimits:
@@ -205,21 +216,22 @@ def _open_first(url: str, allow_pipe: bool) -> None:
         samples.close()
 
 
-def _check_output(spec: JobSpec, force: bool) -> None:
-    """The output path is free, or holds this spec's results (read only:
-    the path is claimed by `OutputStore.prepare` once every check passed)."""
-    if force:
-        return
+def _check_output(spec: JobSpec, spec_hash: str, force: bool) -> "tuple[OutputStore, str | None]":
+    """The output path is free, or holds this spec's results, or `force`
+    (results of another spec are moved aside). Read only: the path is
+    claimed by `OutputStore.prepare` once every check passed. Returns the
+    store and the spec hash in its job.json."""
     from .store import OutputError, OutputStore
 
     store = OutputStore.open(spec.output.path)
     try:
         old = store.current_hash()
-    except OutputError as exc:  # job.json there but unreadable: refuse, decide nothing from it
+    except OutputError as exc:  # job.json there but unreadable: refuse, decide nothing from it (--force too)
         raise JobError(str(exc)) from None
-    if old and old != spec.hash() and holds_results(store):
+    if not force and old and old != spec_hash and holds_results(store):
         raise JobError(f"output.path: {spec.output.path!r} holds results of another job spec (hash {old}, this one "
-                        f"{spec.hash()}); use a new output path, or run --force to move them aside and redo every shard")
+                        f"{spec_hash}); use a new output path, or run --force to move them aside and redo every shard")
+    return store, old
 
 
 def holds_results(store) -> bool:

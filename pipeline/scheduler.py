@@ -4,8 +4,9 @@ node or not; a shard done or failed; time passing) and returns actions
 (request a worker, submit a shard, kill a worker, charge an attempt, record
 a shard as done or failed, stop the job, finish). No I/O and no clock of its
 own: time comes in with every event, so the same code runs under Ray
-(`executor._drive`), inline (`executor._run_inline`) and in the seeded
-simulator of tests/test_scheduler_sim.py.
+(`ray_adapter._drive`), inline (`executor._run_inline`) and in the seeded
+simulators of tests/test_scheduler_sim.py (the state machine alone) and
+tests/test_ray_driver_sim.py (the Ray driver's loop around it).
 
 What it guarantees (checked after every step of the simulator):
 - every shard ends exactly once: done, or failed with its cause;
@@ -404,17 +405,13 @@ class Scheduler:
             self.workers[w.id] = w
             live.append(w)
             acts.append(Request(w.id, tuple(sorted(self.avoid))))
-        # Surplus workers go. Beyond the cap: idle ready ones first. Beyond the
-        # shards left (the tail of the job): only those no node has taken yet
-        # (their demand would make an autoscaler add nodes for nothing); idle
-        # ready ones stay until the job ends, to take over the shard of a
-        # worker that is lost. Never one a node is starting, nor a busy one.
-        idle = [w for w in live if w.state == READY and not w.shards]
-        unplaced = [w for w in live if w.state == REQUESTED]
-        over_cap = len(live) - self.cap
-        for w in (idle + unplaced)[:max(0, over_cap)]:
-            acts += self._drop(w)
-        live = self.live()
+        # Surplus workers go: beyond the cap and beyond the shards left (the
+        # tail of the job), only those no node has taken yet (their demand
+        # would make an autoscaler add nodes for nothing). Idle ready ones
+        # stay until the job ends, to take over the shard of a worker that is
+        # lost: a lower cap often means just that (a lost node leaves the
+        # cluster's GPU count before its workers' errors reach the driver).
+        # Never one a node is starting, nor a busy one.
         for w in [w for w in live if w.state == REQUESTED][:max(0, len(live) - want)]:
             acts += self._drop(w)
         placed = any(w.state in (STARTING, READY) for w in self.live())

@@ -93,6 +93,12 @@ class LeaseHeld(OutputError):
     """Another driver holds the output's lease."""
 
 
+class LeaseLost(OutputError):
+    """The lease this writer works under is no longer the output's (another
+    run took the output over, e.g. while this driver was stopped past the
+    lease's TTL): it must make nothing more visible."""
+
+
 class OutputWriteError(OSError):
     """Writing one file failed (disk full, permission lost, object-store error);
     the shard being written fails with this one-line reason."""
@@ -134,6 +140,10 @@ class OutputStore:
     fs: pafs.FileSystem
     root: str
     lease: "Lease | None" = None  # held while this process runs a job on the output
+    # The id of the lease a job's writes of committed data run under (the
+    # driver's, handed to its workers): `check_fence` refuses them once
+    # `_lease.json` names another. None: unfenced (tools, tests).
+    fence: str | None = None
 
     @classmethod
     def open(cls, path: str) -> "OutputStore":
@@ -210,10 +220,13 @@ class OutputStore:
             lease = Lease(self)
             lease.acquire()
             self.lease = lease
+            self.fence = lease.id  # this store's commits run under it (see check_fence)
 
     def release(self) -> None:
         """Stop the lease's heartbeat and give the lease up."""
         if self.lease is not None:
+            if self.fence == self.lease.id:
+                self.fence = None
             self.lease.release()
             self.lease = None
 
@@ -227,6 +240,26 @@ class OutputStore:
         swept = self.sweep(spec_hash)
         self.update_index(spec_hash)
         return swept
+
+    def check_fence(self) -> None:
+        """Before making a shard's data visible (a part, its marker, the
+        driver's accounting of it): LeaseLost when the output's lease is no
+        longer `fence`. A lease that cannot be read is no proof either way:
+        OutputWriteError, so that attempt fails like any failed write and
+        is retried. There is no conditional write on object stores, so a
+        takeover between this read and the write can still land one file;
+        the check makes a driver resumed after losing its lease stop at its
+        next part instead of committing its shards."""
+        if self.fence is None:
+            return
+        try:
+            rec = self.load_json(LEASE_FILE)
+        except OutputUnreadable as exc:
+            raise OutputWriteError(f"cannot check the output's lease: {exc}") from None
+        if rec is None or rec.get("id") != self.fence:
+            who = f"host {rec.get('host')} pid {rec.get('pid')}, lease {rec.get('id')}" if rec else "nobody"
+            raise LeaseLost(f"output.path {self.root!r}: this run's lease {self.fence} is no longer the output's "
+                            f"(now held by {who}); another run took the output over, so this one commits nothing more")
 
     def check_writable(self) -> None:
         # Locally under _tmp/ (swept); on an object store at the root: pyarrow
@@ -663,18 +696,28 @@ class Lease:
                 "heartbeat if it is not refreshed")
 
     def _beat(self) -> None:
+        """Refresh the heartbeat every ttl/4. A failed read or write (a
+        transient object-store error) is logged and retried at the next beat:
+        the lease only lapses after four failed beats in a row."""
         while not self._stop.wait(self.ttl_s / 4):
             try:
                 rec = self.holder()
-            except OutputError:
-                continue  # a transient read failure: try again at the next beat
+            except OutputError as exc:
+                self._log_failed_beat(exc)
+                continue
             if rec is None or rec["id"] != self.id:
                 self.lost = f"lease taken over by host {(rec or {}).get('host')} pid {(rec or {}).get('pid')}"
                 return
             try:
                 self.store.write_json(LEASE_FILE, self.record())
-            except OutputWriteError:
-                pass
+            except OutputWriteError as exc:
+                self._log_failed_beat(exc)
+
+    def _log_failed_beat(self, exc: Exception) -> None:
+        import sys
+
+        print(f"[imprint] could not refresh the output's lease ({one_line(exc)}); trying again in "
+              f"{self.ttl_s / 4:.0f} s", file=sys.stderr, flush=True)
 
     def still_ours(self) -> bool:
         if self.lost:
@@ -768,6 +811,7 @@ class ShardWriter:
         blob = encode_part(table, self._buffers.pop(table, []), self.metadata)
         part = self._parts.get(table, 0)
         rel = f"{table}/{part_name(self.shard, part, self.attempt)}"
+        self.store.check_fence()
         self._parts[table] = part + 1
         # listed before the write: a write that fails after its bytes landed is still ours to delete
         self.files.append({"path": rel, "size": blob.size, "sha256": hashlib.sha256(blob).hexdigest()})
@@ -781,6 +825,7 @@ class ShardWriter:
             if table in self._buffers or table not in self._parts:
                 self.flush(table)
         digest = files_digest([(f["path"], f["size"]) for f in self.files])
+        self.store.check_fence()  # the marker makes the shard count: only under this run's lease
         self.store.delete(f"{FAILED}/{self.shard}.json")
         name = marker_name(self.shard, spec_hash, digest)
         try:

@@ -85,25 +85,3 @@ def _dependencies() -> list[str]:
     from pathlib import Path
 
     return tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]["dependencies"]
-
-
-def test_local_cluster_runs_with_explicit_token_auth(monkeypatch, tmp_path):
-    """A run that starts its own Ray cluster names Ray's auth mode (token, its
-    default) so Ray does not warn; one that joins a cluster leaves it alone."""
-    import pipeline.cli as cli
-    import pipeline.executor as executor
-    from pipeline.spec import load_spec
-
-    seen = []
-    monkeypatch.setattr(executor, "run_job", lambda spec, **kw: seen.append(os.environ.get("RAY_AUTH_MODE")))
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    base = {"input": {"shards": ["demo"]}, "output": {"path": str(tmp_path / "o")}}
-    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
-    cli._run_job(load_spec(raw={**base, "run": {"ray_address": "auto"}}))
-    cli._run_job(load_spec(raw={**base, "run": {"executor": "inline"}}))
-    cli._run_job(load_spec(raw=base))
-    assert seen == [None, None, "token"]
-    assert "RAY_AUTH_MODE" not in os.environ  # set for that run only, not left behind in the process
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # a user's choice wins
-    cli._run_job(load_spec(raw=base))
-    assert seen[-1] == "disabled"

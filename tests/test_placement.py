@@ -4,8 +4,8 @@ live checks are in tests/test_autoscale.py)."""
 
 import pytest
 
-from pipeline import executor
-from pipeline.executor import UNKNOWN_REACH_WORKERS, _placement, _worker_cap
+from pipeline import executor, ray_adapter
+from pipeline.ray_adapter import UNKNOWN_REACH_WORKERS, _placement, _worker_cap
 from pipeline.spec import SpecError, load_spec
 
 
@@ -31,14 +31,14 @@ class FakeRay:
     ("auto", 0, (None, True), 1.0),  # an autoscaler whose limits are unknown
 ])
 def test_gpus_per_worker_default(monkeypatch, device, gpus, view, expected):
-    monkeypatch.setattr(executor, "_autoscaler_view", lambda ray: view)
+    monkeypatch.setattr(ray_adapter, "_autoscaler_view", lambda ray: view)
     got, expect_cuda, _, _ = _placement(spec(device=device), FakeRay(gpus), started_local=False)
     assert got == expected
     assert expect_cuda == (expected > 0 and device != "cpu")
 
 
 def test_explicit_gpus_per_worker_and_cpu_device_with_gpu_placement(monkeypatch):
-    monkeypatch.setattr(executor, "_autoscaler_view", lambda ray: (None, False))
+    monkeypatch.setattr(ray_adapter, "_autoscaler_view", lambda ray: (None, False))
     # the tests' setting: placed as a GPU worker, computing on CPU, no CUDA check
     assert _placement(spec(device="cpu", gpus_per_worker=1), FakeRay(0), False)[:2] == (1.0, False)
     assert _placement(spec(gpus_per_worker=0.25), FakeRay(1), False)[:2] == (0.25, True)
@@ -46,7 +46,7 @@ def test_explicit_gpus_per_worker_and_cpu_device_with_gpu_placement(monkeypatch)
 
 
 def test_a_local_cluster_never_asks_the_autoscaler(monkeypatch):
-    monkeypatch.setattr(executor, "_autoscaler_view", lambda ray: pytest.fail("asked"))
+    monkeypatch.setattr(ray_adapter, "_autoscaler_view", lambda ray: pytest.fail("asked"))
     assert _placement(spec(), FakeRay(0), started_local=True)[0] == 0.0
 
 

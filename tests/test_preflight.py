@@ -227,3 +227,41 @@ def test_shipped_jobs_score_with_trained_weights():
         spec = load_spec(f"jobs/{name}.toml")
         assert spec.model.id == "toy" and (spec.score.clip_model, spec.score.clip_pretrained) == ("toy-clip", "toy"), name
         preflight(spec)
+
+
+class _NoOpWorker:
+    """Opens nothing and hashes nothing itself, so the counts below are the driver's."""
+
+    def __init__(self, spec):
+        self.placement, self.live = {"host": "here", "pid": 1, "node_id": None}, {}
+
+    def process(self, url):
+        return {"shard": url, "name": "s-000", "images": 0, "errors": 0, "edits": 0, "kept": 0, "unet_calls": 0,
+                "seconds": 0.0}
+
+
+def test_a_run_opens_its_output_once_and_hashes_its_spec_once(tmp_path, shard, monkeypatch):
+    """Issue 31: preflight's findings are the plan `run` executes; one run
+    opened the output three times and hashed the spec five times (the
+    driver's share of that: twice and three times)."""
+    from pipeline.executor import run_job
+    from pipeline.spec import JobSpec
+    from pipeline.store import OutputStore
+
+    spec = load_spec(raw=job(tmp_path, shard))
+    counts = {"open": 0, "hash": 0}
+    real_open, real_hash = OutputStore.open.__func__, JobSpec.hash
+
+    def open_(cls, path):
+        counts["open"] += 1
+        return real_open(cls, path)
+
+    def hash_(self):
+        counts["hash"] += 1
+        return real_hash(self)
+
+    monkeypatch.setattr(OutputStore, "open", classmethod(open_))
+    monkeypatch.setattr(JobSpec, "hash", hash_)
+    report = run_job(spec, executor="inline", progress=False, worker_cls=_NoOpWorker)
+    assert report.done == 1
+    assert counts == {"open": 1, "hash": 1}

@@ -389,7 +389,7 @@ class Sim:
         if any(w.state in (STARTING, READY) for w in s.workers.values()):
             self.last_placed = self.t
         live = s.live()
-        spare = [w.id for w in live if w.state == REQUESTED or (w.state == READY and not w.shards)]
+        spare = [w.id for w in live if w.state == REQUESTED]  # idle ready ones stay for a lost shard
         if len(live) > s.cap and spare:
             raise Violation(f"{len(live)} workers for a cap of {s.cap}, and {spare} could go")
 
@@ -642,3 +642,24 @@ def test_a_cuda_error_replaces_the_worker_and_its_shard_is_retried():
     s.ready(0, "n0", 1)
     acts = s.shard_failed(0, "a", {"type": "RuntimeError", "message": "CUDA error"}, 2, broken=True)
     assert [type(a) for a in acts] == [Charge, Requeue, Kill, Request]
+
+
+def test_a_cap_drop_keeps_the_idle_warm_worker_for_a_lost_shard():
+    """Issue 31 item 8: on a fixed cluster a lost node lowers the GPU count
+    the driver re-reads every 2 s before the lost worker's error arrives; the
+    lower cap must not kill the idle ready worker kept for that shard, or the
+    shard waits for a new worker to load the model."""
+    s = two_ready(["small", "big"])
+    s.shard_done(0, "small", 5)
+    acts = s.set_cap(1, 6)  # the node running "big" is gone from the cluster's GPU count
+    assert Kill(0) not in acts and s.workers[0].state == READY, acts
+    acts = s.worker_lost(1, NODE, {"type": "ActorDiedError", "message": "node died"}, 7)
+    assert Submit(0, "big") in acts and not any(isinstance(a, Request) for a in acts), acts
+
+
+def test_a_cap_drop_still_withdraws_unplaced_requests():
+    s = Scheduler(["a", "b", "c", "d"], LIM, 3, 0)
+    s.start(0)
+    s.ready(0, "n0", 1)
+    acts = s.set_cap(1, 2)
+    assert Kill(1) in acts and Kill(2) in acts and s.workers[0].shards == ["a"], acts

@@ -21,8 +21,8 @@ import pipeline.store as store_mod
 from pipeline.cli import app
 from pipeline.data import ShardReadError, read_raw_samples
 from pipeline.executor import JobError, _finish_output, run_job
-from pipeline.store import (DONE, FAILED, LEASE_FILE, META_FILE, LeaseHeld, OutputStore, OutputUnreadable,
-                            parse_marker_name)
+from pipeline.store import (DONE, FAILED, LEASE_FILE, META_FILE, LeaseHeld, LeaseLost, OutputStore,
+                            OutputUnreadable, parse_marker_name)
 from test_outputs import edits_of, job, samples
 from helpers_data import write
 
@@ -153,7 +153,11 @@ def test_lease_of_a_dead_process_on_this_host_is_taken_over(committed_output):
     (committed_output / LEASE_FILE).write_text(json.dumps(lease))
     store = OutputStore.open(str(committed_output))
     store.prepare("x = 1\n", OTHER)
+    on_disk = json.loads((committed_output / LEASE_FILE).read_text())
+    assert on_disk["id"] == store.lease.id != lease["id"]  # the dead driver's lease is replaced by ours
+    assert (on_disk["host"], on_disk["pid"]) == (socket.gethostname(), os.getpid())
     store.release()
+    assert not (committed_output / LEASE_FILE).exists()  # given up at the end
 
 
 def test_heartbeat_refreshes_and_notices_a_takeover(tmp_path, monkeypatch):
@@ -167,7 +171,10 @@ def test_heartbeat_refreshes_and_notices_a_takeover(tmp_path, monkeypatch):
     (tmp_path / "out" / LEASE_FILE).write_text(json.dumps(other))
     time.sleep(0.35)
     assert "elsewhere" in store.lease.lost
-    commit(store, "a-00000001")
+    # A driver that lost its lease (stopped past its TTL, then resumed) commits nothing more.
+    with pytest.raises(LeaseLost, match="elsewhere"):
+        commit(store, "a-00000001")
+    assert not list((tmp_path / "out" / DONE).iterdir())
     (tmp_path / "out" / "results" / "a-00000001.0123456789ab.00000.parquet").write_bytes(b"stray")
     assert _finish_output(store, SPEC) is None
     # a lost lease deletes nothing at the end of the job
@@ -409,3 +416,27 @@ def test_run_with_a_folder_for_job_json_exits_2_and_keeps_the_output(tmp_path):
         run_job(job(out, [a], edit={"seeds": 3}), progress=False)
     assert tables_and_markers(out) == before
     assert parse_marker_name(next(iter((out / DONE).iterdir())).name)
+
+
+def test_a_writer_fenced_by_a_lost_lease_makes_no_part_and_no_marker_visible(tmp_path):
+    """Issue 31 items 7a/9a: a worker of a driver whose lease was taken over
+    (the driver stopped past the TTL, a new run took the output) neither
+    writes a part nor commits; `fence` is what the driver hands its workers."""
+    store = OutputStore.open(str(tmp_path / "out"))
+    store.prepare("x = 1\n", SPEC)
+    worker_side = OutputStore.open(str(tmp_path / "out"))
+    worker_side.fence = store.lease.id
+    commit(worker_side, "a-00000001")  # under the lease: committed
+    slow = worker_side.shard_writer("b-00000001", ["results", "sources"], {})
+    slow.add("results", [{"key": "b/0", "shard": "b"}])
+    taker = dict(json.loads((tmp_path / "out" / LEASE_FILE).read_text()), id="1" * 32, host="newrun")
+    (tmp_path / "out" / LEASE_FILE).write_text(json.dumps(taker))
+    with pytest.raises(LeaseLost, match="newrun"):
+        slow.commit({"images": 1}, SPEC)
+    with pytest.raises(LeaseLost):
+        commit(worker_side, "c-00000001")
+    assert store.done_shards(SPEC) == {"a-00000001"}
+    assert not [p for p in (tmp_path / "out" / "results").iterdir() if not p.name.startswith("a-")]
+    (tmp_path / "out" / LEASE_FILE).write_text("{not json")  # unreadable: no proof, the attempt fails as an I/O error
+    with pytest.raises(OSError, match="cannot check the output's lease"):
+        commit(worker_side, "d-00000001")

@@ -67,7 +67,8 @@ def main() -> None:
         list(pool.map(write_marker, shards[: args.done]))
 
     t0 = time.perf_counter()
-    store, all_shards, pending = plan(spec)
+    todo = plan(spec)
+    store, all_shards, pending = todo.store, todo.shards, todo.pending
     t_plan = time.perf_counter() - t0
     assert len(all_shards) == n and len(pending) == n - args.done, (len(all_shards), len(pending))
 
