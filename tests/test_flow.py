@@ -507,3 +507,25 @@ def test_bench_counts_transformer_evaluations_and_flops_per_edit():
     with pytest.raises(ValueError, match="flow model"):
         run_bench(BenchConfig(model="tiny", method="flow", steps=2, skip=0, prompts=1, seeds=1, warmup=False),
                   log=lambda m: None)
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_flow_job_on_ray_workers_equals_inline(tmp_path, monkeypatch, small_shard):
+    """The FLUX job through Ray actors (a local cluster the run starts) writes
+    the same edits, byte for byte, as inline at the same torch thread count
+    (Ray gives each actor one thread; the transformer's matmuls round by
+    thread count)."""
+    from pipeline.executor import run_job
+    from pipeline.spec import load_spec
+
+    monkeypatch.setenv("IMPRINT_CACHE", str(tmp_path / "cache"))
+    common = ["model.id=tiny-flux", "model.dtype=float32", "inversion.steps=4", "inversion.skip=1", "run.threads=1",
+              f'input.shards=["{small_shard}"]', "input.templates=[]", *TINY_SCORES]
+    for executor in ("inline", "ray"):
+        spec = load_spec("jobs/flux.toml", [*common, f"run.executor={executor}", f'output.path="{tmp_path / executor}"'])
+        report = run_job(spec, progress=False)
+        assert report.errors == 0 and report.edits == 8 and not report.failed, executor
+    a, b = ({(r["method"], r["key"], r["seed_index"]): r["image"]["bytes"] for r in _table(tmp_path / x, "results")}
+            for x in ("inline", "ray"))
+    assert len(a) == 8 and a == b
