@@ -80,8 +80,10 @@ class EditSpec:
     params: dict = field(default_factory=dict)  # method-specific edit parameters
     # attention control: "none", "p2p" (Prompt-to-Prompt), or a list to compare them in one table
     control: str | list[str] = "none"
-    cross_until: float = 0.6  # p2p: fraction of the edit's steps with cross-attention injected
-    self_until: float = 0.2  # p2p: fraction of the edit's steps with self-attention injected
+    # p2p: fractions of the full `steps` (not steps - skip), counted from the edit's first step, during which
+    # cross- / self-attention is injected, as the reference code counts (p2p.injected_steps)
+    cross_until: float = 0.6
+    self_until: float = 0.2
     # p2p: "auto" (replace when source and target have the same number of words, else refine) |
     # "replace" (same number of words) | "refine" (any prompts, token alignment)
     mode: str = "auto"
