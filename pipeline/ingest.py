@@ -69,6 +69,7 @@ class Record:
     caption_from: str = ""  # column or entry holding the caption
     targets_from: str = ""
     where: str = ""  # for messages: file and row
+    entries: dict = field(default_factory=dict)  # further sample entries as bytes, e.g. {"edit_mask.png": ...}
 
 
 @dataclass
@@ -420,7 +421,7 @@ def load_sample(rec: Record, fetch: Callable[[str], bytes], max_pixels: int = 64
     data = _image_bytes(rec, fetch)
     ext, data, converted = _checked_image(data, max_pixels)
     obj = _json_fields(rec)
-    sample = {"__key__": rec.key, ext: data, "json": obj}
+    sample = {"__key__": rec.key, ext: data, "json": obj, **rec.entries}
     if converted:
         sample["__converted__"] = True
     return sample
@@ -638,14 +639,18 @@ class ShardSink:
 def make_shards(src: str, dest: str, *, image_col: str | None = None, caption_col: str | None = None,
                 targets_col: str | None = None, samples_per_shard: int = 1000, prefix: str = "shard",
                 overwrite: bool = False, timeout: float = 30.0, workers: int = 8, progress: bool = True,
-                fetch: Callable[[str], bytes] | None = None) -> IngestSummary:
+                fetch: Callable[[str], bytes] | None = None, format: str | None = None) -> IngestSummary:
     """Write SRC's samples to DEST as WebDataset shards; see the module doc.
     Raises IngestError (nothing written) when SRC or DEST is unusable."""
     if samples_per_shard < 1:
         raise IngestError("--samples-per-shard must be at least 1")
     if not re.fullmatch(r"[A-Za-z0-9_-]+", prefix):
         raise IngestError(f"--prefix {prefix!r}: letters, digits, - and _ only")
-    source = find_source(src, image_col=image_col, caption_col=caption_col, targets_col=targets_col)
+    if format is not None:  # a benchmark's own layout: its reader in pipeline/pie_bench.py
+        from .pie_bench import format_source
+        source = format_source(format, src)
+    else:
+        source = find_source(src, image_col=image_col, caption_col=caption_col, targets_col=targets_col)
     sink = ShardSink(dest, prefix, overwrite)
     summary = IngestSummary(source=src, kind=source.kind, columns=source.columns)
     fetch = fetch or url_fetcher(timeout)

@@ -149,6 +149,10 @@ class ScoreSpec:
     lpips_pretrained: bool = True
     batch_size: int = 16
     recon_psnr: bool = False
+    # PIE-Bench's structure distance (samples with an edit mask): a timm ViT, DINO ViT-B/8 as published;
+    # structure_pretrained = false: randomly initialised (not meaningful; tests, offline)
+    structure_model: str = "vit_base_patch8_224.dino"
+    structure_pretrained: bool = True
 
 
 @dataclass
@@ -157,6 +161,14 @@ class FilterSpec:
     clip_direction_min: float | None = None
     clip_image_min: float | None = None
     lpips_max: float | None = None
+    # PIE-Bench's metrics (rows of samples with an edit mask)
+    structure_distance_max: float | None = None
+    bg_psnr_min: float | None = None
+    bg_lpips_max: float | None = None
+    bg_mse_max: float | None = None
+    bg_ssim_min: float | None = None
+    clip_whole_min: float | None = None
+    clip_edited_min: float | None = None
     keep_top_k: int = 0
     top_k_by: str = "clip_direction"
     write_rejected: bool = False
