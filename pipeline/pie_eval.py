@@ -67,11 +67,17 @@ def load_rows(outs: list[str], by: str | None = None) -> list[dict]:
     """The results rows of every output, with the method name (made unique per
     output when two outputs hold the same method) and, with `by`, the value
     of that field of the input json (`meta`) as `group`."""
+    import pyarrow as pa
+
     from .store import read_table
 
     tables = []
     for out in outs:
-        t = read_table(out, "results", columns=["method", "meta", *PIE_METRICS])
+        try:
+            t = read_table(out, "results", columns=["method", "meta", *PIE_METRICS])
+        except (pa.ArrowInvalid, KeyError) as exc:  # a results table without the metric columns
+            raise ValueError(f"{out}: its results/ tables have no PIE-Bench metric columns (written by an imprint "
+                             f"that did not measure them?): {exc}") from None
         tables.append((out, t.to_pylist()))
     names: dict[str, set] = {}
     for out, rows in tables:

@@ -174,6 +174,13 @@ class FilterSpec:
     write_rejected: bool = False
 
 
+# Fields added with PIE-Bench's metrics; left out of JobSpec.hash at their defaults, so that outputs written
+# before them keep their hash (and resume)
+_PIE_FIELDS = {"score": ("structure_model", "structure_pretrained"),
+               "filter": ("structure_distance_max", "bg_psnr_min", "bg_lpips_max", "bg_mse_max", "bg_ssim_min",
+                          "clip_whole_min", "clip_edited_min")}
+
+
 @dataclass
 class RunSpec:
     seed: int = 0
@@ -237,6 +244,11 @@ class JobSpec:
         for k in ("compile", "device"):
             d["model"].pop(k, None)
         d["score"].pop("batch_size", None)
+        defaults = dataclasses.asdict(JobSpec())
+        for section, names in _PIE_FIELDS.items():  # at their defaults: the hash of specs written before them
+            for k in names:
+                if d[section][k] == defaults[section][k]:
+                    d[section].pop(k)
         d["run"] = {"seed": d["run"]["seed"]}
         d["output"].pop("path")
         blob = json.dumps(d, sort_keys=True, default=str).encode()

@@ -156,3 +156,16 @@ def test_filters_and_top_k_accept_the_pie_metrics():
     assert select(by_lpips, [0, 0, 0], FilterConfig(keep_top_k=1, top_k_by="bg_lpips")) == [False, True, False]
     with pytest.raises(ValueError, match="filter.bg_mse_max"):
         FilterConfig(bg_mse_max="a lot").validate()
+
+
+def test_spec_hash_of_specs_without_pie_settings_is_unchanged():
+    # the hashes imprint gave these specs before the PIE-Bench fields existed (commit 81c13eb): outputs written
+    # then still resume; a PIE-Bench setting changes the hash (it changes the rows)
+    from pipeline.spec import JobSpec, load_spec
+
+    assert JobSpec().hash() == "b87b6ff3c0ee69f5"
+    raw = {"input": {"shards": ["x.tar"]}, "score": {"lpips_net": "squeeze"}, "filter": {"clip_text_min": 0.2}}
+    assert load_spec(raw=raw).hash() == "41a089cb834485d1"
+    assert load_spec(raw={**raw, "filter": {"clip_text_min": 0.2, "bg_psnr_min": 24}}).hash() != "41a089cb834485d1"
+    assert load_spec(raw={**raw, "score": {"lpips_net": "squeeze", "structure_pretrained": False}}).hash() \
+        != "41a089cb834485d1"
