@@ -95,6 +95,25 @@ def load_rows(outs: list[str], by: str | None = None) -> list[dict]:
     return rows_all
 
 
+def random_weight_outputs(outs: list[str]) -> list[str]:
+    """The outputs whose results were scored with randomly initialised
+    weights (the `imprint.scores_random_weights` metadata of their files):
+    their numbers mean nothing."""
+    import pyarrow.parquet as pq
+
+    from .store import OutputStore
+
+    flagged = []
+    for out in outs:
+        store = OutputStore.open(out)
+        for f in store.table_files("results"):
+            meta = pq.read_schema(f, filesystem=store.fs).metadata or {}
+            if meta.get(b"imprint.scores_random_weights") == b"true":
+                flagged.append(out)
+                break
+    return flagged
+
+
 def evaluate(outs: list[str], by: str | None = None) -> dict:
     """The JSON `imprint eval` writes: {"units": ..., "methods": {method:
     {metric: mean}}, "counts": ..., and with `by` "by": {value: {"methods":
@@ -103,7 +122,8 @@ def evaluate(outs: list[str], by: str | None = None) -> dict:
     if not any(any(r.get(m) is not None and not _isnan(r.get(m)) for m in PIE_METRICS) for r in rows):
         raise ValueError("no result row has PIE-Bench metrics: were the samples given edit masks "
                          "(edit_mask.png entries) and the job run with scoring on?")
-    report = {"units": {m: f"x{PUBLISHED_SCALE[m]:g}" for m in PIE_METRICS}, **summarize(rows)}
+    report = {"units": {m: f"x{PUBLISHED_SCALE[m]:g}" for m in PIE_METRICS},
+              "random_weights": random_weight_outputs(outs), **summarize(rows)}
     if by:
         groups: dict[str, list[dict]] = {}
         for r in rows:
@@ -131,7 +151,9 @@ def format_table(methods: dict[str, dict], published: bool = False) -> str:
 
 
 def format_report(report: dict, published: bool = False) -> str:
-    parts = [format_table(report["methods"], published)]
+    parts = [f"Warning: {out} was scored with random weights: its numbers are not meaningful"
+             for out in report.get("random_weights", [])]
+    parts.append(format_table(report["methods"], published))
     for group, sub in report.get("by", {}).get("groups", {}).items():
         parts.append(f"\n{report['by']['field']} = {group}")
         parts.append(format_table(sub["methods"]))

@@ -109,6 +109,7 @@ def test_pie_bench_folder_to_shards_job_and_eval(tmp_path, monkeypatch):
     assert res.exit_code == 0, res.output
     assert "edit-friendly+p2p" in res.output and "DDIM+P2P (published)" in res.output and "69.43" in res.output
     assert "editing_type = 1_change_object_80" in res.output
+    assert "scored with random weights" in res.output  # the scorers here are random, and eval says so
     got = json.loads(out_json.read_text())
     assert set(got["methods"]) == {"edit-friendly", "edit-friendly+p2p"}
     for method in got["methods"]:
@@ -120,6 +121,7 @@ def test_pie_bench_folder_to_shards_job_and_eval(tmp_path, monkeypatch):
             1e3 * np.mean([r["structure_distance"] for r in mine]), rel=1e-6)
         assert got["methods"][method]["bg_psnr"] == pytest.approx(np.mean([r["bg_psnr"] for r in mine]), rel=1e-6)
     assert set(got["by"]["groups"]) == {"0_random_140", "1_change_object_80"}
+    assert got["random_weights"] == [str(tmp_path / "out")]
     # eval of an output without masks says why it has nothing to show
     res = runner.invoke(app, ["eval", str(tmp_path / "nothing")], env=WIDE, prog_name="imprint")
     assert res.exit_code != 0 and "edit_mask.png" in res.output
