@@ -293,6 +293,8 @@ def shards(
     max_image_mb: int = typer.Option(256, help="Largest image file or download, in MiB."),
     workers: int = typer.Option(8, help="Threads reading files and downloading URLs."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
+    format_: Optional[str] = typer.Option(None, "--format", help="pie-bench: SRC is a PIE-Bench folder "
+                                                                 "(mapping_file.json, annotation_images/)."),
 ) -> None:
     """Write one's own images (with captions, labels, or nothing) as WebDataset shards for `imprint run`; bad
     inputs are skipped and listed with their reasons."""
@@ -302,13 +304,34 @@ def shards(
         summary = make_shards(src, dest, image_col=image_col, caption_col=caption_col, targets_col=targets_col,
                               samples_per_shard=samples_per_shard, prefix=prefix, overwrite=overwrite,
                               timeout=timeout, workers=workers, progress=progress, allow_outside=allow_outside,
-                              allow_private=allow_private, max_image_bytes=max_image_mb * 2**20)
+                              allow_private=allow_private, max_image_bytes=max_image_mb * 2**20, format=format_)
     except (IngestError, OSError) as exc:
         die(str(exc))
     for line in summary_lines(summary):
         typer.echo(line)
     if not summary.written:
         die(f"no samples written from {src}")
+
+
+@app.command("eval")
+def eval_(
+    outs: list[str] = typer.Argument(..., help="Job outputs (local paths or URLs) whose results/ tables to read."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the means as JSON to this file."),
+    by: Optional[str] = typer.Option(None, help="Also one table per value of this field of the input's json "
+                                                "(e.g. editing_type for PIE-Bench shards)."),
+    published: bool = typer.Option(False, help="Print the published PIE-Bench rows beside."),
+) -> None:
+    """PIE-Bench's table (structure distance, background PSNR / LPIPS / MSE / SSIM, CLIP whole / edited) per
+    method, in the published units, from the results of samples that carry an edit mask."""
+    from .pie_eval import evaluate, format_report
+
+    try:
+        report = evaluate(outs, by)
+    except (ValueError, OSError) as exc:
+        die(str(exc))
+    typer.echo(format_report(report, published))
+    if json_path:
+        json_path.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
 
 
 @app.command()

@@ -72,13 +72,19 @@ def row_to_code(row: dict) -> NoiseCode:
 def check_compatible(row: dict, models) -> None:
     """A stored code only makes sense with the model and schedule it was
     inverted with; say which part differs."""
-    if row["model_id"] != models.model_id:
-        raise ValueError(f"code of {row['key']!r} was made with model {row['model_id']!r}, not {models.model_id!r}")
+    check_made_with(row["key"], row["model_id"], row["scheduler_config"], models)
+
+
+def check_made_with(key: str, model_id: str, scheduler_config: str, models) -> None:
+    """The check of `check_compatible` for a code that is not a stored row
+    (the Python API's `Code`): the same rule and message."""
+    if model_id != models.model_id:
+        raise ValueError(f"code of {key!r} was made with model {model_id!r}, not {models.model_id!r}")
     ours = json.loads(scheduler_config_json(models.scheduler))
-    theirs = json.loads(row["scheduler_config"])
+    theirs = json.loads(scheduler_config)
     diff = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
     if diff:
-        raise ValueError(f"code of {row['key']!r} was made with another scheduler configuration (differs in {', '.join(diff)})")
+        raise ValueError(f"code of {key!r} was made with another scheduler configuration (differs in {', '.join(diff)})")
 
 
 class CodeError(ValueError):

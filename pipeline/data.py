@@ -30,6 +30,9 @@ import torch
 from PIL import Image, ImageOps
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+# The entry holding a sample's edit-region mask (lossless PNG, white = the region to edit), measured by the
+# PIE-Bench metrics (pipeline/pie_metrics.py). Not `mask.png`: that entry is a noise-space stroke's mask.
+EDIT_MASK_KEY = "edit_mask.png"
 # The only decoders PIL may use on sample bytes (the input contract,
 # schemas/sample.md). Whatever the member's name says, TIFF, EPS (Ghostscript),
 # PSD, ... bytes are refused before any other plugin sees them.
@@ -57,6 +60,9 @@ class Sample:
     error: str = ""
     error_type: str = ""  # short snake_case kind of `error` (ERROR_TYPES), "" when ok
     extras: dict = field(default_factory=dict)  # other entries of the sample (bytes), e.g. masks
+    # the `edit_mask.png` entry at the model geometry of `image`: [H, W] float32, 1 = the edit region
+    # (PIE-Bench's masks; the background metrics measure outside it); None when the sample has none
+    edit_mask: torch.Tensor | None = None
     meta: dict = field(default_factory=dict)  # the sample json's other fields (not source/target prompts)
 
 
@@ -518,6 +524,8 @@ def decode_sample(raw: dict, shard: str, spec_input, spec_image, resolution: int
         sample.orig_size = pil.size
         sample.image = to_model_tensor(pil, spec_image, resolution)
         sample.extras = {k: v for k, v in raw.items() if not k.startswith("__") and k not in (img_ext, "json", "txt")}
+        if EDIT_MASK_KEY in raw:
+            sample.edit_mask = edit_mask_tensor(raw[EDIT_MASK_KEY], pil.size, spec_image, resolution)
     except SampleError as exc:
         sample.error, sample.error_type = str(exc), exc.kind
     except Exception as exc:  # anything else the decoders throw is still the sample's fault
@@ -726,12 +734,9 @@ def target_size(w: int, h: int, spec_image, resolution: int) -> tuple[tuple[int,
     return (rw, rh), (cw, ch)
 
 
-def to_model_tensor(img: Image.Image, spec_image, resolution: int) -> torch.Tensor:
-    """Apply the geometry rule (`target_size`) to a decoded image. Only the
-    region that survives the crop is resampled, straight to the output size,
-    so the work and memory per image are bounded by the output size however
-    long the image is (a 1,000,000 x 16 strip is not first scaled up whole)."""
-    w, h = img.size
+def _geometry_box(w: int, h: int, spec_image, resolution: int) -> tuple[tuple[float, ...], tuple[int, int]]:
+    """The region of a w x h image that survives the geometry rule's crop (in
+    its own pixels) and the output size it is resampled to."""
     x0, y0 = 0, 0
     if spec_image.resize == "square":
         s = min(w, h)
@@ -739,12 +744,36 @@ def to_model_tensor(img: Image.Image, spec_image, resolution: int) -> torch.Tens
     (rw, rh), (cw, ch) = target_size(w, h, spec_image, resolution)
     left, top = (rw - cw) // 2, (rh - ch) // 2  # the crop, in resized coordinates
     sx, sy = w / rw, h / rh
-    box = (x0 + left * sx, y0 + top * sy, x0 + (left + cw) * sx, y0 + (top + ch) * sy)
+    return (x0 + left * sx, y0 + top * sy, x0 + (left + cw) * sx, y0 + (top + ch) * sy), (cw, ch)
+
+
+def to_model_tensor(img: Image.Image, spec_image, resolution: int) -> torch.Tensor:
+    """Apply the geometry rule (`target_size`) to a decoded image. Only the
+    region that survives the crop is resampled, straight to the output size,
+    so the work and memory per image are bounded by the output size however
+    long the image is (a 1,000,000 x 16 strip is not first scaled up whole)."""
+    box, (cw, ch) = _geometry_box(*img.size, spec_image, resolution)
     # reducing_gap: a large downscale first reduces by an integer factor (box
     # filter), then Lanczos-resamples: work tracks the output, not the source
     img = img.resize((cw, ch), Image.Resampling.LANCZOS, box=box, reducing_gap=3.0)
     arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def edit_mask_tensor(data: bytes, image_size: tuple[int, int], spec_image, resolution: int) -> torch.Tensor:
+    """A sample's edit-region mask (PNG: lossless, so the region is exact) at
+    the model geometry of its image: scaled to the image's size if it differs,
+    then cropped and resized as the image is, with nearest-neighbour sampling.
+    [H, W] float32, 1 = the edit region (pixels >= 128)."""
+    if sniff_format(data) != "PNG":
+        raise SampleError(f"{EDIT_MASK_KEY}: the edit mask must be a PNG (lossless), got "
+                          f"{sniff_format(data) or 'unrecognised bytes'}", "decode")
+    mask = load_image(data, spec_image).convert("L")
+    if mask.size != image_size:
+        mask = mask.resize(image_size, Image.Resampling.NEAREST)
+    box, (cw, ch) = _geometry_box(*image_size, spec_image, resolution)
+    mask = mask.resize((cw, ch), Image.Resampling.NEAREST, box=box)
+    return torch.from_numpy((np.asarray(mask) >= 128).astype(np.float32))
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:

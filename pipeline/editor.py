@@ -33,6 +33,7 @@ from typing import Sequence
 from PIL import Image, ImageOps
 
 from .batching import ShapeBuckets
+from .codes import check_made_with, scheduler_config_json
 from .data import Sample, to_model_tensor, to_pil, to_rgb
 from .engine import CodeItem, Engine
 from .inversion import get_method
@@ -62,6 +63,9 @@ class Code:
     seed_index: int
     seed: int
     size: tuple[int, int]  # (width, height) of the image as the model saw it
+    # the model and schedule it was inverted with: `edit` refuses a code made by another (as `edit-codes` does)
+    model_id: str = ""
+    scheduler_config: str = ""
 
     @property
     def method(self) -> str:
@@ -97,8 +101,9 @@ class Editor:
         gives one code per image whatever `seeds`, as a job writes one edit
         per (image, target) for it. Bad arguments raise `SpecError` (a
         ValueError) naming the job field they set."""
-        images = [images] if isinstance(images, Image.Image) else list(images)
-        prompts = [source_prompts] * len(images) if isinstance(source_prompts, str) else list(source_prompts)
+        images = [images] if isinstance(images, Image.Image) else _sequence("images", images, "a PIL image or a list of them")
+        prompts = ([source_prompts] * len(images) if isinstance(source_prompts, str) else
+                   _sequence("source_prompts", source_prompts, 'a prompt or one per image ("" for none)'))
         if len(prompts) != len(images):
             raise ValueError(f"source_prompts: {len(prompts)} prompts for {len(images)} images (give one, or one per image)")
         inversion = {"method": method, "params": params}
@@ -121,11 +126,13 @@ class Editor:
             for batch in batches:
                 items.update(zip(map(id, batch), engine.invert(batch)))
         call = uuid.uuid4().hex[:8]
+        made_with = dict(model_id=self.models.model_id, scheduler_config=scheduler_config_json(self.models.scheduler))
         codes = []
         for i, s in enumerate(samples):
             it = items[id(s)]
             size = (int(s.image.shape[2]), int(s.image.shape[1]))
-            codes.extend(Code(it.code[n], s.source_prompt, f"{call}-{i}", n, it.seeds[n], size) for n in range(len(it.code)))
+            codes.extend(Code(it.code[n], s.source_prompt, f"{call}-{i}", n, it.seeds[n], size, **made_with)
+                         for n in range(len(it.code)))
         return codes
 
     # -- edit ------------------------------------------------------------------
@@ -144,6 +151,8 @@ class Editor:
         codes = [codes] if isinstance(codes, Code) else list(codes)
         if not codes or not all(isinstance(c, Code) for c in codes):
             raise ValueError("codes: expected the Code objects Editor.invert returns")
+        for c in codes:
+            check_made_with(c.image_id, c.model_id, c.scheduler_config, self.models)
         groups: list[list[Code]] = []
         for c in codes:
             if groups and groups[-1][0].image_id == c.image_id:
@@ -237,6 +246,18 @@ class Editor:
             raise ValueError(f"target_prompts: expected a prompt, a list of prompts, or one non-empty list per image "
                              f"({n_images} images)")
         return [list(t) for t in tp]
+
+
+def _sequence(name: str, value, expected: str) -> list:
+    """A list argument as a list, or a ValueError naming the argument (not
+    the bare TypeError of list(None))."""
+    if value is None or isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise ValueError(f"{name}: expected {expected}, got {_type_name(value)}")
+    return list(value)
+
+
+def _type_name(value) -> str:
+    return "None" if value is None else type(value).__name__
 
 
 def _guided(method: str) -> bool:

@@ -101,6 +101,7 @@ class Record:
     caption_from: str = ""  # column or entry holding the caption
     targets_from: str = ""
     where: str = ""  # for messages: file and row
+    entries: dict = field(default_factory=dict)  # further sample entries as bytes, e.g. {"edit_mask.png": ...}
 
 
 @dataclass
@@ -462,7 +463,7 @@ def load_sample(rec: Record, fetch: Callable[[str], bytes], max_pixels: int = 64
     data = _image_bytes(rec, fetch, trust, budget)
     ext, data, converted = _checked_image(data, max_pixels)
     obj = _json_fields(rec)
-    sample = {"__key__": rec.key, ext: data, "json": obj}
+    sample = {"__key__": rec.key, ext: data, "json": obj, **rec.entries}
     if converted:
         sample["__converted__"] = True
     return sample
@@ -938,7 +939,7 @@ def make_shards(src: str, dest: str, *, image_col: str | None = None, caption_co
                 overwrite: bool = False, timeout: float = 30.0, workers: int = 8, progress: bool = True,
                 fetch: Callable[[str], bytes] | None = None, allow_outside: bool = False,
                 allow_private: bool = False, max_image_bytes: int = MAX_MEMBER_BYTES,
-                max_inflight_bytes: int = MAX_INFLIGHT_BYTES) -> IngestSummary:
+                max_inflight_bytes: int = MAX_INFLIGHT_BYTES, format: str | None = None) -> IngestSummary:
     """Write SRC's samples to DEST as WebDataset shards; see the module doc.
     Raises IngestError (nothing written) when SRC or DEST is unusable; on any
     exception DEST keeps what it held before."""
@@ -952,7 +953,11 @@ def make_shards(src: str, dest: str, *, image_col: str | None = None, caption_co
         raise IngestError("--timeout must be more than 0 seconds")
     trust = Trust(allow_outside=allow_outside, allow_private=allow_private, max_image_bytes=max_image_bytes,
                   timeout=timeout)
-    source = find_source(src, image_col=image_col, caption_col=caption_col, targets_col=targets_col)
+    if format is not None:  # a benchmark's own layout: its reader in pipeline/pie_bench.py
+        from .pie_bench import format_source
+        source = format_source(format, src)
+    else:
+        source = find_source(src, image_col=image_col, caption_col=caption_col, targets_col=targets_col)
     sink = ShardSink(dest, prefix, overwrite)
     summary = IngestSummary(source=src, kind=source.kind, columns=source.columns)
     budget = ByteBudget(max_inflight_bytes)

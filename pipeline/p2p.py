@@ -7,7 +7,7 @@ and seed in the same batched UNet calls. While the control is installed,
 every attention layer computes the source rows' attention probabilities and
 injects them into their target rows:
 
-- cross-attention, for the first `cross_until` of the edit's steps: the
+- cross-attention, for the first `cross_until` of the schedule's steps: the
   target's map over its own tokens is drawn from the source's map through a
   token alignment (`replace`: word-for-word for prompts with the same number
   of words; `refine`: a global alignment of the token sequences, new tokens
@@ -15,8 +15,15 @@ injects them into their target rows:
   target have the same number of words, refine otherwise, per prompt pair, as
   the edit-friendly paper's reference code chooses between P2P's
   AttentionReplace and AttentionRefine), then optionally re-weighted per word;
-- self-attention, for the first `self_until` of the edit's steps, at maps of
-  at most `self_max_tokens` positions (P2P injects 16x16 and coarser maps).
+- self-attention, for the first `self_until` of the schedule's steps, at
+  maps of at most `self_max_tokens` positions (P2P injects 16x16 and coarser
+  maps).
+
+Both fractions count over the schedule's full `steps` and from the edit's
+first step, as the reference code does (the edit-friendly paper's P2P
+controller is built with the full number of steps while its edit runs only
+`steps - skip` of them): at 100 steps, skip 36, cross 0.6 and self 0.2
+inject the first 60 and 20 of the edit's 64 steps (`injected_steps`).
 
 Only the conditional half of a guided call is controlled (the unconditional
 rows all share the empty prompt), as in the original code. Maps are injected
@@ -41,8 +48,8 @@ CONTROLS = ("none", "p2p")
 
 @dataclass(frozen=True)
 class P2PConfig:
-    cross_until: float = 0.6  # fraction of the edit's steps with cross-attention injected (official code: 0.6)
-    self_until: float = 0.2  # fraction of the edit's steps with self-attention injected (official code: 0.2)
+    cross_until: float = 0.6  # fraction of the schedule's steps with cross-attention injected (official code: 0.6)
+    self_until: float = 0.2  # fraction of the schedule's steps with self-attention injected (official code: 0.2)
     # "auto": replace for prompts with the same number of words, else refine;
     # "replace": same number of words only; "refine": token alignment for any prompts
     mode: str = "auto"
@@ -265,11 +272,23 @@ class P2PPlan:
         return (self.source_of != torch.arange(self.rows)).nonzero().flatten()
 
 
+def injected_steps(config: P2PConfig, num_steps: int) -> tuple[int, int]:
+    """(cross, self): how many of an edit's first steps get the source's
+    cross- and self-attention maps, for a schedule of `num_steps` steps (the
+    full `steps`, not `steps - skip`). The reference's counts: P2P's
+    controller holds its cross-attention schedule as num_steps + 1 rows and
+    injects rows [0, int(cross_until * (num_steps + 1))); self-attention
+    while the step is below int(self_until * num_steps)."""
+    return int(config.cross_until * (num_steps + 1)), int(config.self_until * num_steps)
+
+
 def make_plan(config: P2PConfig, tokenizer, prompts: Sequence[str], source_of: Sequence[int],
-              timesteps: Sequence[int], size: int = 77) -> P2PPlan:
+              timesteps: Sequence[int], size: int = 77, num_steps: int | None = None) -> P2PPlan:
     """prompts[r]: the prompt row r is edited with; source_of[r]: the row
     whose maps it receives (itself for a source row; a source row must be
-    its own source). timesteps: the edit's timesteps, first step first."""
+    its own source). timesteps: the edit's timesteps, first step first.
+    num_steps: the schedule's full number of steps the fractions count over
+    (a code's `num_steps`; None = len(timesteps), an edit without skip)."""
     config.check()
     r = len(prompts)
     if len(source_of) != r:
@@ -279,7 +298,7 @@ def make_plan(config: P2PConfig, tokenizer, prompts: Sequence[str], source_of: S
             raise ValueError(f"row {i}: its source row {s} must be a row of the chain that is its own source")
     src = torch.tensor(list(source_of), dtype=torch.long)
     maps = [token_map(config, tokenizer, prompts[s], prompts[i], size) for i, s in enumerate(source_of) if s != i]
-    n = len(timesteps)
+    cross_steps, self_steps = injected_steps(config, len(timesteps) if num_steps is None else int(num_steps))
     stack = (lambda xs, shape: torch.stack(xs) if xs else torch.zeros((0, *shape)))
     return P2PPlan(
         source_of=src,
@@ -287,8 +306,8 @@ def make_plan(config: P2PConfig, tokenizer, prompts: Sequence[str], source_of: S
         alpha=stack([m.alpha for m in maps], (size,)),
         equalizer=stack([m.equalizer for m in maps], (size,)),
         step_of={int(t): j for j, t in enumerate(timesteps)},
-        cross_steps=int(config.cross_until * n),
-        self_steps=int(config.self_until * n),
+        cross_steps=cross_steps,
+        self_steps=self_steps,
         self_max_tokens=config.self_max_tokens,
     )
 
@@ -431,7 +450,8 @@ def edit(method: Any, unet: Any, scheduler, code, cond: torch.Tensor, uncond: to
         method = get_method(method)
     if getattr(method, "EDIT_NEEDS_SOURCE", False):
         prompts, source_of, params = _source_row_layout(prompts, source_of, params)
-    plan = make_plan(config, tokenizer, prompts, source_of, code.timesteps.tolist(), context_length(tokenizer))
+    plan = make_plan(config, tokenizer, prompts, source_of, code.timesteps.tolist(), context_length(tokenizer),
+                     num_steps=code.num_steps)
     with attention_control(unet, plan):
         return method.edit(unet, scheduler, code, cond, uncond, cfg_scale=cfg_scale, max_batch=None, **params)
 

@@ -32,6 +32,12 @@ Scores (one value per edit row)
                     prompt, possibly from different inversions of the image;
                     all rows of a group must be scored in one call.
 
+Samples with an edit mask (the ``edit_mask.png`` entry) also get PIE-Bench's
+seven metrics (``structure_distance``, ``bg_psnr``, ``bg_lpips``, ``bg_mse``,
+``bg_ssim``, ``clip_whole``, ``clip_edited``; ``pipeline/pie_metrics.py``
+says how each is computed), NaN on rows without a mask; ``Scorers.pie``
+computes them, loading its models (DINO ViT-B/8, SqueezeNet LPIPS) on first use.
+
 Resolution and preprocessing
 ----------------------------
 CLIP sees what its own preprocessing would give it, done on the device in
@@ -110,12 +116,13 @@ import torch
 import torch.nn.functional as F
 
 from .models.loading import hub_offline
+from .pie_metrics import HIGHER_IS_BETTER, PIE_METRICS, STRUCTURE_MODEL, PieScorer
 
 SCORE_COLUMNS = ("clip_text", "clip_direction", "clip_image", "lpips", "diversity")
 LPIPS_NETS = ("alex", "vgg", "squeeze")
 # Columns top_k_by may name, and whether larger is better. Diversity is constant
 # within a group, so it cannot rank a group's rows.
-RANKABLE = {"clip_text": True, "clip_direction": True, "clip_image": True, "lpips": False}
+RANKABLE = {"clip_text": True, "clip_direction": True, "clip_image": True, "lpips": False, **HIGHER_IS_BETTER}
 TINY_CLIP = "imprint-tiny-clip"
 TOY_CLIP = "toy-clip"
 TOY_CLIP_TAGS = ("toy",)  # toy-clip has only its shipped weights
@@ -145,6 +152,8 @@ class ScoreConfig:
     lpips_pretrained: bool = True  # False = randomly initialised trunk (pnet_rand)
     batch_size: int = 16  # images (or image pairs) per forward pass
     recon_psnr: bool = False  # the worker's reconstruction check (uses psnr())
+    structure_model: str = STRUCTURE_MODEL  # PIE-Bench structure distance: a timm ViT (DINO ViT-B/8)
+    structure_pretrained: bool = True  # False = randomly initialised (structure distance not meaningful)
 
     @property
     def clip_random(self) -> bool:
@@ -167,6 +176,8 @@ class ScoreConfig:
         if self.clip_pretrained is not None and not isinstance(self.clip_pretrained, str):
             raise ValueError(f"score.clip_pretrained must be a string, got {self.clip_pretrained!r}")
         _check_clip_choice(self.clip_model, None if self.clip_random else self.pretrained_tag)
+        if not isinstance(self.structure_model, str) or not self.structure_model:
+            raise ValueError(f"score.structure_model must be a timm ViT name, got {self.structure_model!r}")
 
 
 @dataclass
@@ -177,6 +188,14 @@ class FilterConfig:
     clip_direction_min: float | None = None
     clip_image_min: float | None = None
     lpips_max: float | None = None
+    # PIE-Bench's metrics (rows of samples with an edit mask; NaN elsewhere fails a threshold)
+    structure_distance_max: float | None = None
+    bg_psnr_min: float | None = None
+    bg_lpips_max: float | None = None
+    bg_mse_max: float | None = None
+    bg_ssim_min: float | None = None
+    clip_whole_min: float | None = None
+    clip_edited_min: float | None = None
     keep_top_k: int = 0  # 0 = keep all passing rows
     top_k_by: str = "clip_direction"
     write_rejected: bool = False  # for the writer; select() only decides
@@ -190,6 +209,7 @@ class FilterConfig:
         """The active thresholds as (column, ">=" or "<=", value)."""
         pairs = [("clip_text", ">=", self.clip_text_min), ("clip_direction", ">=", self.clip_direction_min),
                  ("clip_image", ">=", self.clip_image_min), ("lpips", "<=", self.lpips_max)]
+        pairs += [(m, ">=" if up else "<=", getattr(self, threshold_field(m))) for m, up in HIGHER_IS_BETTER.items()]
         return [(col, op, float(v)) for col, op, v in pairs if v is not None]
 
     @property
@@ -197,7 +217,8 @@ class FilterConfig:
         return bool(self.thresholds()) or self.keep_top_k > 0
 
     def validate(self) -> None:
-        for name in ("clip_text_min", "clip_direction_min", "clip_image_min", "lpips_max"):
+        for name in ("clip_text_min", "clip_direction_min", "clip_image_min", "lpips_max",
+                     *map(threshold_field, PIE_METRICS)):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
                 raise ValueError(f"filter.{name} must be a finite number or unset, got {v!r}")
@@ -206,6 +227,12 @@ class FilterConfig:
                              f"got {self.keep_top_k!r}")
         if self.top_k_by not in RANKABLE:
             raise ValueError(f"filter.top_k_by must be one of {', '.join(RANKABLE)}, got {self.top_k_by!r}")
+
+
+def threshold_field(metric: str) -> str:
+    """The [filter] field of a PIE-Bench metric's threshold: <metric>_min
+    where higher is better, else <metric>_max."""
+    return f"{metric}_{'min' if HIGHER_IS_BETTER[metric] else 'max'}"
 
 
 def validate_configs(score: ScoreConfig, filt: FilterConfig) -> None:
@@ -550,7 +577,8 @@ class Scorers:
         self.dtype = dtype
         pp = clip.visual.preprocess_cfg
         self.clip_size = pp["size"]
-        self.random_weights = cfg.clip_random or not cfg.lpips_pretrained
+        self.random_weights = cfg.clip_random or not cfg.lpips_pretrained or not cfg.structure_pretrained
+        self.pie = PieScorer(self)  # PIE-Bench's metrics, for samples with an edit mask
         import lpips as lpips_pkg
         import open_clip
 
@@ -564,6 +592,11 @@ class Scorers:
             "lpips_trunk": "imagenet" if cfg.lpips_pretrained else "random",
             "lpips_version": "0.1",
             "lpips_resolution": "native",
+            # PIE-Bench's metrics (loaded only when a sample has an edit mask): LPIPS squeeze with the trunk
+            # above (imagenet / random), DINO's structure distance with these weights
+            "pie_lpips_net": "squeeze",
+            "structure_model": cfg.structure_model,
+            "structure_weights": "pretrained" if cfg.structure_pretrained else "random",
             "random_weights": self.random_weights,
             "open_clip_version": open_clip.__version__,
             "lpips_package_version": getattr(lpips_pkg, "__version__", "unknown"),

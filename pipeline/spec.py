@@ -80,8 +80,10 @@ class EditSpec:
     params: dict = field(default_factory=dict)  # method-specific edit parameters
     # attention control: "none", "p2p" (Prompt-to-Prompt), or a list to compare them in one table
     control: str | list[str] = "none"
-    cross_until: float = 0.6  # p2p: fraction of the edit's steps with cross-attention injected
-    self_until: float = 0.2  # p2p: fraction of the edit's steps with self-attention injected
+    # p2p: fractions of the full `steps` (not steps - skip), counted from the edit's first step, during which
+    # cross- / self-attention is injected, as the reference code counts (p2p.injected_steps)
+    cross_until: float = 0.6
+    self_until: float = 0.2
     # p2p: "auto" (replace when source and target have the same number of words, else refine) |
     # "replace" (same number of words) | "refine" (any prompts, token alignment)
     mode: str = "auto"
@@ -147,6 +149,10 @@ class ScoreSpec:
     lpips_pretrained: bool = True
     batch_size: int = 16
     recon_psnr: bool = False
+    # PIE-Bench's structure distance (samples with an edit mask): a timm ViT, DINO ViT-B/8 as published;
+    # structure_pretrained = false: randomly initialised (not meaningful; tests, offline)
+    structure_model: str = "vit_base_patch8_224.dino"
+    structure_pretrained: bool = True
 
 
 @dataclass
@@ -155,9 +161,24 @@ class FilterSpec:
     clip_direction_min: float | None = None
     clip_image_min: float | None = None
     lpips_max: float | None = None
+    # PIE-Bench's metrics (rows of samples with an edit mask)
+    structure_distance_max: float | None = None
+    bg_psnr_min: float | None = None
+    bg_lpips_max: float | None = None
+    bg_mse_max: float | None = None
+    bg_ssim_min: float | None = None
+    clip_whole_min: float | None = None
+    clip_edited_min: float | None = None
     keep_top_k: int = 0
     top_k_by: str = "clip_direction"
     write_rejected: bool = False
+
+
+# Fields added with PIE-Bench's metrics; left out of JobSpec.hash at their defaults, so that outputs written
+# before them keep their hash (and resume)
+_PIE_FIELDS = {"score": ("structure_model", "structure_pretrained"),
+               "filter": ("structure_distance_max", "bg_psnr_min", "bg_lpips_max", "bg_mse_max", "bg_ssim_min",
+                          "clip_whole_min", "clip_edited_min")}
 
 
 @dataclass
@@ -223,6 +244,11 @@ class JobSpec:
         for k in ("compile", "device"):
             d["model"].pop(k, None)
         d["score"].pop("batch_size", None)
+        defaults = dataclasses.asdict(JobSpec())
+        for section, names in _PIE_FIELDS.items():  # at their defaults: the hash of specs written before them
+            for k in names:
+                if d[section][k] == defaults[section][k]:
+                    d[section].pop(k)
         d["run"] = {"seed": d["run"]["seed"]}
         d["output"].pop("path")
         blob = json.dumps(d, sort_keys=True, default=str).encode()

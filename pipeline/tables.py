@@ -10,6 +10,8 @@ import pyarrow as pa
 SCHEMA_VERSION = "2"  # 2: image columns are {bytes, path} structs; sources.image; meta columns
 STAGES = ("read", "vae_encode", "invert", "edit", "vae_decode", "score", "encode", "write")
 SCORES = ("clip_text", "clip_direction", "clip_image", "lpips", "diversity")
+# PIE-Bench's metrics (pipeline/pie_metrics.py), on rows of samples with an edit mask; null elsewhere
+PIE_METRICS = ("structure_distance", "bg_psnr", "bg_lpips", "bg_mse", "bg_ssim", "clip_whole", "clip_edited")
 
 _timing = [pa.field(f"time_{s}_s", pa.float64()) for s in STAGES]
 # Hugging Face `datasets`' Image storage: an encoded image is a struct of its
@@ -38,6 +40,7 @@ RESULTS = pa.schema(
         pa.field("width", pa.int32()),
         pa.field("height", pa.int32()),
         *[pa.field(s, pa.float32()) for s in SCORES],
+        *[pa.field(s, pa.float64()) for s in PIE_METRICS],
         pa.field("kept", pa.bool_()),  # passed the job's filters
         pa.field("status", pa.string()),  # ok | rejected
         *_timing,

@@ -452,6 +452,8 @@ def score_outs(scorers, outs: list[SampleOut], device) -> tuple[dict[str, list[f
         targets = [e.target_prompt for o in sub for e in o.edits]
         sub_groups = [group_ids[(g, e.variant, e.target_index)] for g in members for e in outs[g].edits]
         part = scorers.score(sources, [o.sample.source_prompt for o in sub], edits, edit_source, targets, sub_groups)
+        # PIE-Bench's metrics for the samples with an edit mask (NaN for the others)
+        part.update(scorers.pie.score(sources, edits, edit_source, targets, [o.sample.edit_mask for o in sub]))
         for k, v in part.items():
             scores.setdefault(k, []).extend(v)
         order += [(g, i) for g in members for i in range(len(outs[g].edits))]

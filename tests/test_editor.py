@@ -1,6 +1,7 @@
 """The PIL-level Python API (`pipeline.Editor`): images in, images out, through
 the job engine's code paths, on the tiny and toy models."""
 
+import dataclasses
 import threading
 
 import numpy as np
@@ -133,6 +134,32 @@ def test_bad_arguments_name_the_field(tiny_editor):
         tiny_editor.edit(codes, "a", nope=1.0)
     with pytest.raises(ValueError, match="too long"):
         tiny_editor.edit(codes, "word " * 100)
+
+
+def test_edit_refuses_codes_of_another_model(tiny_editor, toy_editor):
+    # as `imprint edit-codes` refuses a stored code of another model (codes.check_compatible), with its message
+    toy_codes = toy_editor.invert(_photo(64, 64), "a red circle on a white background", **FAST)
+    with pytest.raises(ValueError, match=r"was made with model 'toy', not 'tiny'"):
+        tiny_editor.edit(toy_codes, "a painting")
+    tiny_codes = tiny_editor.invert(_photo(128, 128), "a photo", **FAST)
+    with pytest.raises(ValueError, match=r"was made with model 'tiny', not 'toy'"):
+        toy_editor.edit(tiny_codes, "a blue circle on a white background")
+    # the same model with another schedule: the scheduler configuration's differing keys are named
+    other = dataclasses.replace(tiny_codes[0], scheduler_config=tiny_codes[0].scheduler_config.replace(
+        '"prediction_type": "epsilon"', '"prediction_type": "v_prediction"'))
+    assert other.scheduler_config != tiny_codes[0].scheduler_config
+    with pytest.raises(ValueError, match="another scheduler configuration .differs in prediction_type"):
+        tiny_editor.edit(other, "a painting")
+
+
+def test_invert_without_prompts_or_images_names_the_argument(tiny_editor):
+    img = _photo(128, 128)
+    with pytest.raises(ValueError, match="source_prompts: expected a prompt or one per image.*got None"):
+        tiny_editor.invert(img, None, **FAST)
+    with pytest.raises(ValueError, match="source_prompts: .*got int"):
+        tiny_editor.invert(img, 3, **FAST)
+    with pytest.raises(ValueError, match="images: expected a PIL image or a list of them, got None"):
+        tiny_editor.invert(None, "a photo", **FAST)
 
 
 def test_one_editor_serves_threads(tiny_editor):

@@ -182,6 +182,39 @@ def setup(tiny):
     return m, prompts, emb, code
 
 
+def test_injection_windows_count_the_full_steps_from_the_edits_first_step(tiny, monkeypatch):
+    # the paper's code builds P2P's controller with all 100 steps while the edit runs 100 - 36 = 64 of them:
+    # cross 0.6 and self 0.2 inject the first 60 and 20 edit steps (not 0.6 * 64 = 38 and 12). A stand-in
+    # method steps the installed control through the code's timesteps as the UNet's pre-hook does (fast:
+    # no UNet evaluations) and records when an injection is due.
+    from pipeline.inversion.common import NoiseCode, Schedule
+
+    m = tiny
+    steps, skip = 100, 36
+    timesteps = Schedule.from_scheduler(m.scheduler, steps).timesteps[skip:]
+    code = NoiseCode(x_start=torch.zeros(2, 4, 4, 4), zs=torch.zeros(steps - skip, 2, 4, 4, 4), timesteps=timesteps,
+                     num_steps=steps, skip=skip, method="edit-friendly", params={"eta": 1.0})
+    states = []
+    init = p2p._State.__init__
+    monkeypatch.setattr(p2p._State, "__init__", lambda self, plan: (init(self, plan), states.append(self))[0])
+    seen = {True: [], False: []}
+
+    class SteppingMethod:
+        @staticmethod
+        def edit(unet, scheduler, code, cond, uncond, **_):
+            for t in code.timesteps.tolist():
+                states[-1].on_call(unet, (None, t), {})
+                for cross in (True, False):
+                    if states[-1].active(cross):
+                        seen[cross].append(states[-1].step)
+
+    emb = m.encode_text(["a red circle", "a blue circle", ""])
+    p2p.edit(SteppingMethod, m.unet, m.scheduler, code, emb[:2], emb[-1:], prompts=["a red circle", "a blue circle"],
+             source_of=[0, 0], tokenizer=m.tokenizer, config=p2p.P2PConfig(), cfg_scale=1.0)
+    assert seen[True] == list(range(60)) and seen[False] == list(range(20))
+    assert p2p.injected_steps(p2p.P2PConfig(cross_until=0.4, self_until=0.6), 50) == (20, 30)  # PIE-Bench's runner
+
+
 def _unet_state(unet):
     return {k: type(v) for k, v in unet.attn_processors.items()}, dict(unet._forward_pre_hooks)
 
@@ -321,7 +354,7 @@ def test_shipped_p2p_job_is_valid():
     spec = load_spec("jobs/p2p.toml")
     assert [v.label for v in spec.variants()] == ["edit-friendly", "edit-friendly+p2p"]
     assert spec.inversion.skip == 12 and spec.edit.cfg_target == 9.0
-    assert round(spec.edit.cross_until * 88) == 60 and round(spec.edit.self_until * 88) == 20
+    assert p2p.injected_steps(spec.edit.p2p(), spec.inversion.steps) == (60, 20)  # the paper's 60 and 20 of 100
 
 
 def test_p2p_with_seed_independent_methods_manipulations_and_stored_codes(tmp_path):

@@ -6,6 +6,8 @@ Cheap checks run in `make test`; the sweeps (trade-off curve, shifts,
 strokes, noise statistics) are `slow`. Figures measured on the shipped
 weights are in the README ("The toy model")."""
 
+import pickle
+
 import numpy as np
 import pytest
 import torch
@@ -323,7 +325,7 @@ def test_training_recipe_runs_and_writes_a_loadable_pipeline(tmp_path):
     args = ["--out", str(tmp_path), "--ae-steps", "2", "--ae-batch", "4", "--steps", "4", "--batch", "4",
             "--warmup", "1", "--clip-steps", "2", "--clip-batch", "8", "--log-every", "1"]
     main(args + ["--stop-at", "2"])  # cut off at step 2 of 4 ...
-    assert torch.load(tmp_path / "checkpoints" / "unet.pt", weights_only=False)["step"] == 2
+    assert torch.load(tmp_path / "checkpoints" / "unet.pt", weights_only=True)["step"] == 2
     assert (tmp_path / "checkpoints" / "latest" / "step.txt").read_text().strip() == "2"
     main(args + ["--only", "unet"])  # ... and resumed: steps 3 and 4 only
     record = json.loads((tmp_path / "training-unet.json").read_text())
@@ -334,6 +336,28 @@ def test_training_recipe_runs_and_writes_a_loadable_pipeline(tmp_path):
     assert m.resolution == 64 and m.vae_scale_factor == FACTOR and not m.random_weights
     assert m.scaling_factor == pytest.approx(first["ae"]["scaling_factor"], rel=1e-4)
     assert (tmp_path / "toy-clip" / "open_clip_model.safetensors").is_file()
+
+
+class _RunsOnUnpickle:
+    """A pickled object that runs code when loaded: what a full (weights_only=False) unpickle allows."""
+
+    ran = []
+
+    def __reduce__(self):
+        return (_RunsOnUnpickle.ran.append, ("code ran",))
+
+
+def test_training_resume_loads_checkpoints_weights_only(tmp_path):
+    # a resumed stage reads its checkpoint with torch.load(weights_only=True): tensors, state dicts and plain
+    # data load (the recipe test above resumes through it); a pickled object that would run code is refused
+    from pipeline.toy.train import _Resumable
+
+    ckpt = _Resumable(tmp_path, "unet", minutes=0)
+    ckpt.save({"step": 3, "payload": _RunsOnUnpickle()})
+    _RunsOnUnpickle.ran.clear()
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        ckpt.load()
+    assert _RunsOnUnpickle.ran == []
 
 
 def test_demo_job_runs_on_the_toy_model_and_its_report_shows_reconstructions(tmp_path, monkeypatch, toy):

@@ -101,13 +101,20 @@ def _ref_create_xts(noise_shift_delta, noise_timesteps, noise, sch, timesteps, x
     return x_ts
 
 
+# stabilityai/sdxl-turbo scheduler/scheduler_config.json, the keys DDPMScheduler reads: SD's betas, trailing
+# spacing, and clip_sample false (so the reference runs without the x0 clamp)
+SDXL_TURBO_SCHEDULER = {**sd_scheduler_config(), "timestep_spacing": "trailing", "clip_sample": False}
+
+
 def _reference_edit(unet, timesteps, x_0, noise, src, tgt, *, w1=1.5, max_norm_zs=(-1, -1, -1, 15.5),
-                    noise_shift_delta=1, noise_timesteps=None, clip_sample=True):
+                    noise_shift_delta=1, noise_timesteps=None, clip_sample=None):
     """main.py `run` for one image: rows [src on x_t, src on x_hat, tgt on x_hat],
     each step through step_save_latents (row 0) and step_use_latents (rows 1:).
-    Returns (edited latent = row 2, the saved residuals z_t)."""
+    Returns (edited latent = row 2, the saved residuals z_t). clip_sample:
+    None = as the reference runs (SDXL-Turbo's config: false)."""
     # DDPMScheduler from the model's scheduler config, as main.py `load_pipe` (unknown keys are ignored)
-    sch = DDPMScheduler.from_config({**sd_scheduler_config(), "timestep_spacing": "trailing", "clip_sample": clip_sample})
+    config = SDXL_TURBO_SCHEDULER if clip_sample is None else {**SDXL_TURBO_SCHEDULER, "clip_sample": clip_sample}
+    sch = DDPMScheduler.from_config(config)
     sch.set_timesteps(timesteps=list(timesteps))
     x_ts = _ref_create_xts(noise_shift_delta, noise_timesteps, noise, sch, list(timesteps), x_0)
     latents_saved = [x_ts[0]]
@@ -146,8 +153,9 @@ def _reference_edit(unet, timesteps, x_0, noise, src, tgt, *, w1=1.5, max_norm_z
 
 
 @pytest.mark.parametrize("steps,noise_timesteps,max_norm_zs,clip", [
-    (4, None, (-1, -1, -1, 15.5), True),  # run_configs/noise_shift_steps_4.yaml
-    (3, [599, 299, 0], (-1, -1, 15.5), True),  # run_configs/noise_shift_steps_3.yaml
+    (4, None, (-1, -1, -1, 15.5), None),  # run_configs/noise_shift_steps_4.yaml; both sides' defaults (no x0 clamp)
+    (3, [599, 299, 0], (-1, -1, 15.5), None),  # run_configs/noise_shift_steps_3.yaml
+    (4, None, (-1, -1, -1, 15.5), True),  # the x0 clamp as an option, on both sides
     (4, None, (-1, -1, -1, 1.0), False),  # a clip that bites, no x0 clamp
 ])
 def test_equal_to_reference_for_the_same_noise(family, steps, noise_timesteps, max_norm_zs, clip):
@@ -161,12 +169,29 @@ def test_equal_to_reference_for_the_same_noise(family, steps, noise_timesteps, m
     ref_edit, ref_res = _reference_edit(tiny.unet, ts, x0, noise, src, tgt, max_norm_zs=max_norm_zs,
                                         noise_timesteps=noise_timesteps, clip_sample=clip)
     max_norm = [v if v > 0 else 0.0 for v in max_norm_zs]
+    clip_arg = {} if clip is None else {"clip_sample": clip}  # None: imprint's default
     code = te.invert(tiny.unet, sch, x0, src, None, num_steps=steps, noise=noise[:, None], max_norm=max_norm,
-                     clip_sample=clip, noise_levels=noise_timesteps)
+                     noise_levels=noise_timesteps, **clip_arg)
     assert torch.allclose(code.zs[:, 0], ref_res, atol=2e-5, rtol=1e-5), (code.zs[:, 0] - ref_res).abs().max()
     out = te.edit(tiny.unet, sch, code, tgt, None, source=src, w=1.5)
     assert (ref_edit - x0).abs().max() > 0.01  # the edit moved (a random tiny model moves little)
     assert torch.allclose(out, ref_edit, atol=5e-5, rtol=1e-5), (out - ref_edit).abs().max()
+
+
+def test_default_has_no_x0_clamp_and_the_clamp_is_an_option(tiny):
+    # the reference runs unclamped (SDXL-Turbo's scheduler config); latents beyond [-1, 1] show the difference
+    assert te.DEFAULTS["clip_sample"] is False
+    x0 = _latents(1, seed=11) * 1.5
+    src, tgt = _texts(tiny)
+    noise = torch.randn((3, *x0.shape[1:]), generator=torch.Generator().manual_seed(2))
+    default = te.invert(tiny.unet, _scheduler(), x0, src, None, noise=noise[:, None])
+    clamped = te.invert(tiny.unet, _scheduler(), x0, src, None, noise=noise[:, None], clip_sample=True)
+    assert default.params["clip_sample"] is False and clamped.params["clip_sample"] is True
+    assert (default.zs - clamped.zs).abs().max() > 1e-2
+    # a stored code that records no clip_sample edits with the default
+    bare = replace(default, params={k: v for k, v in default.params.items() if k != "clip_sample"})
+    torch.testing.assert_close(te.edit(tiny.unet, _scheduler(), bare, tgt, None, source=src),
+                               te.edit(tiny.unet, _scheduler(), default, tgt, None, source=src))
 
 
 def test_same_seed_draws_the_references_noise(tiny):

@@ -72,7 +72,9 @@ def test_p2p_over_turbo_edit(turbo, counting):
     same = p2p.edit(te, m.unet, m.scheduler, code[rows], emb[[0, 0, 0, 0]], None, prompts=[prompts[0]] * 4,
                     source_of=source_of, tokenizer=m.tokenizer, config=cfg, source=emb[:1], cfg_scale=1.0)
     ref = te.edit(m.unet, m.scheduler, code[rows], emb[[0, 0, 0, 0]], None, source=emb[:1], reconstruct=recon)
-    assert torch.allclose(same, ref, atol=1e-4)
+    # float rounding only (explicit attention vs SDPA): about 1.2e-4 with the unclamped x0 (the default), 3e-5
+    # clamped; the injection itself moves these rows by about 0.25
+    assert torch.allclose(same, ref, atol=5e-4)
 
 
 # -- the shipped jobs ---------------------------------------------------------------
@@ -97,7 +99,7 @@ def test_sdxl_turbo_job_runs_reconstructs_and_its_codes_edit_again(tmp_path, mon
     assert {r["method"] for r in res} == {"turbo-edit", "turbo-edit+p2p"} and len(res) == 5 * 2 * 2 * 2  # images x targets x seeds x controls
     plain = [r for r in res if r["method"] == "turbo-edit"]
     p = json.loads(plain[0]["params"])
-    assert p["noise_shift"] == 200 and p["max_norm"] == 15.5 and p["clip_sample"] is True and p["edit"] == {"w": 1.5}
+    assert p["noise_shift"] == 200 and p["max_norm"] == 15.5 and p["clip_sample"] is False and p["edit"] == {"w": 1.5}
     by_key = {}
     for r in plain:
         by_key.setdefault((r["key"], r["target_prompt"]), []).append(r["image"]["bytes"])

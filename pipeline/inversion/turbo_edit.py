@@ -37,9 +37,11 @@ Departures from the public reference code (GiilDe/turbo-edit), on purpose:
   the last step, where both agree).
 - Codes are returned, never kept on a scheduler; any batch of images and
   noise draws (one generator per latent) runs together.
-- The x0 clamp of the posterior mean (`clip_sample`, the reference's
-  DDPMScheduler default: x0 clamped to [-1, 1] in the scaled latent space) is
-  an explicit parameter. Default true, as the reference runs.
+- The x0 clamp of the posterior mean (`clip_sample`: x0 clamped to [-1, 1]
+  in the scaled latent space) is an explicit parameter, not a setting of the
+  scheduler class. Default false, as the reference runs: it builds its
+  DDPMScheduler from SDXL-Turbo's scheduler config, which sets clip_sample
+  false. true is an option (DDPMScheduler's class default).
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ from .common import (
 )
 
 METHOD = "turbo-edit"
-DEFAULTS: dict = {"noise_shift": 200, "noise_levels": None, "timesteps": None, "max_norm": 15.5, "clip_sample": True}
+DEFAULTS: dict = {"noise_shift": 200, "noise_levels": None, "timesteps": None, "max_norm": 15.5, "clip_sample": False}
 SEED_INDEPENDENT = False
 # the code holds additive residuals, not sigma-scaled noise maps
 ZS_KIND = "residual"
@@ -199,7 +201,7 @@ def invert(
     noise_levels: Sequence[int] | None = None,
     timesteps: Sequence[int] | None = None,
     max_norm: float | Sequence[float] | None = 15.5,
-    clip_sample: bool = True,
+    clip_sample: bool = False,
     noise: torch.Tensor | None = None,
     generator: Generator = None,
     max_batch: int | None = None,
@@ -300,7 +302,7 @@ def edit(
     src, tgt = expand_rows(source, n, "source"), expand_rows(cond, n, "cond")
     emb = Conditioning.cat([src, tgt[edit_rows.to(tgt.device)].to(src.dtype)])
     limits = [float(v) for v in code.params.get("max_norm", [0.0] * code.zs.shape[0])][code.skip:]
-    clip = bool(code.params.get("clip_sample", True))
+    clip = bool(code.params.get("clip_sample", DEFAULTS["clip_sample"]))
     keep = recon.to(x.device).view(-1, 1, 1, 1)
     for j in range(code.zs.shape[0]):
         ab, ab_prev = float(schedule.ab[j]), float(schedule.ab_prev[j])

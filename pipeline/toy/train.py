@@ -88,7 +88,7 @@ class _Resumable:
     def load(self) -> dict | None:
         if not self.path.is_file():
             return None
-        state = torch.load(self.path, map_location="cpu", weights_only=False)
+        state = torch.load(self.path, map_location="cpu", weights_only=True)
         print(f"resuming {self.path} at step {state['step']}", flush=True)
         return state
 
