@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -301,10 +300,15 @@ def shards(
     from .ingest import IngestError, make_shards, summary_lines
 
     try:
+        source = None
+        if format_ is not None:  # a benchmark's own layout: its reader builds the source
+            from .pie_bench import format_source
+
+            source = format_source(format_, src)
         summary = make_shards(src, dest, image_col=image_col, caption_col=caption_col, targets_col=targets_col,
                               samples_per_shard=samples_per_shard, prefix=prefix, overwrite=overwrite,
                               timeout=timeout, workers=workers, progress=progress, allow_outside=allow_outside,
-                              allow_private=allow_private, max_image_bytes=max_image_mb * 2**20, format=format_)
+                              allow_private=allow_private, max_image_bytes=max_image_mb * 2**20, source=source)
     except (IngestError, OSError) as exc:
         die(str(exc))
     for line in summary_lines(summary):

@@ -939,7 +939,7 @@ def make_shards(src: str, dest: str, *, image_col: str | None = None, caption_co
                 overwrite: bool = False, timeout: float = 30.0, workers: int = 8, progress: bool = True,
                 fetch: Callable[[str], bytes] | None = None, allow_outside: bool = False,
                 allow_private: bool = False, max_image_bytes: int = MAX_MEMBER_BYTES,
-                max_inflight_bytes: int = MAX_INFLIGHT_BYTES, format: str | None = None) -> IngestSummary:
+                max_inflight_bytes: int = MAX_INFLIGHT_BYTES, source: Source | None = None) -> IngestSummary:
     """Write SRC's samples to DEST as WebDataset shards; see the module doc.
     Raises IngestError (nothing written) when SRC or DEST is unusable; on any
     exception DEST keeps what it held before."""
@@ -953,10 +953,7 @@ def make_shards(src: str, dest: str, *, image_col: str | None = None, caption_co
         raise IngestError("--timeout must be more than 0 seconds")
     trust = Trust(allow_outside=allow_outside, allow_private=allow_private, max_image_bytes=max_image_bytes,
                   timeout=timeout)
-    if format is not None:  # a benchmark's own layout: its reader in pipeline/pie_bench.py
-        from .pie_bench import format_source
-        source = format_source(format, src)
-    else:
+    if source is None:  # (a benchmark's reader, e.g. pipeline.pie_bench, builds its own)
         source = find_source(src, image_col=image_col, caption_col=caption_col, targets_col=targets_col)
     sink = ShardSink(dest, prefix, overwrite)
     summary = IngestSummary(source=src, kind=source.kind, columns=source.columns)

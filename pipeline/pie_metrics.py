@@ -44,7 +44,6 @@ tiny one to stay fast).
 from __future__ import annotations
 
 import math
-import os
 from typing import Any, Sequence
 
 import torch
@@ -149,34 +148,13 @@ def structure_distance(model: Any, src01: torch.Tensor, edit01: torch.Tensor) ->
 # ----------------------------------------------------------------------------- models
 
 
-def load_structure_model(name: str, pretrained: bool, device) -> Any:
-    """The timm ViT of the structure distance: its hub weights, or (pretrained
-    False) a seeded random initialisation."""
-    import timm
-
-    from .scoring import RANDOM_INIT_SEED, WeightsUnavailableError
-
-    if pretrained:
-        try:
-            model = timm.create_model(name, pretrained=True, dynamic_img_size=True)
-        except Exception as exc:
-            raise WeightsUnavailableError(
-                f"structure-distance weights {name!r} could not be loaded "
-                f"(HF_HOME={os.environ.get('HF_HOME', '~/.cache/huggingface')}): {exc}; put them in the cache, or set "
-                "score.structure_pretrained = false for random weights (structure distance then not meaningful)"
-            ) from exc
-    else:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(RANDOM_INIT_SEED)
-            model = timm.create_model(name, pretrained=False, dynamic_img_size=True)
-    return model.to(device=device, dtype=torch.float32).eval().requires_grad_(False)
-
-
 class PieScorer:
     """The models of the PIE-Bench metrics beside a `Scorers` (whose CLIP it
     uses), loaded on first use: a job without masks loads nothing."""
 
     def __init__(self, scorers: Any):
+        # the Scorers whose CLIP this uses and which load its models (`structure_model`, `lpips_model`):
+        # loading weights, and their random fallbacks, stays in scoring.py
         self.scorers = scorers
         self._dino = None
         self._lpips = None
@@ -184,18 +162,13 @@ class PieScorer:
     @property
     def dino(self):
         if self._dino is None:
-            cfg = self.scorers.cfg
-            self._dino = load_structure_model(cfg.structure_model, cfg.structure_pretrained, self.scorers.device)
+            self._dino = self.scorers.structure_model()
         return self._dino
 
     @property
     def lpips(self):
         if self._lpips is None:
-            from dataclasses import replace
-
-            from .scoring import _load_lpips
-
-            self._lpips = _load_lpips(replace(self.scorers.cfg, lpips_net=PIE_LPIPS_NET), self.scorers.device)
+            self._lpips = self.scorers.lpips_model(PIE_LPIPS_NET)
         return self._lpips
 
     @torch.inference_mode()

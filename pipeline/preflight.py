@@ -21,7 +21,6 @@ output opened once per run."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 

@@ -25,8 +25,9 @@ import time
 from dataclasses import dataclass, field
 
 from . import scheduler as sch
-from .executor import (TRACEBACK_LINES, JobStopped, OutputTakenOver, _check_lease, _is_cuda_error, _Ledger,
-                       _limits, failure_info, run_shard)
+from .driving import (TRACEBACK_LINES, Fatal, LiveRead, Lost, Nothing, Ready,
+                      ShardDone, ShardFailed, StartFailed, _check_lease, _is_cuda_error, _Ledger, _limits, failure_info,
+                      record_event, run_shard, scheduler_actions)
 from .spec import JobSpec
 
 # Without the autoscaler's limits (an autoscaler that does not publish its
@@ -41,60 +42,6 @@ GET_TIMEOUT_S = 10.0
 
 
 # -- what a Ray call's outcome means to the scheduler ----------------------------
-
-
-@dataclass(frozen=True)
-class Ready:
-    node: str | None
-
-
-@dataclass(frozen=True)
-class StartFailed:
-    """The worker cannot start (its start raised, its runtime env cannot be
-    set up, it can never be scheduled)."""
-    failure: dict
-    node: str | None = None
-
-
-@dataclass(frozen=True)
-class ShardDone:
-    shard: str
-    summary: dict
-
-
-@dataclass(frozen=True)
-class ShardFailed:
-    shard: str
-    failure: dict
-    deterministic: bool
-    broken: bool  # the worker may be unusable (a CUDA error): it is replaced
-
-
-@dataclass(frozen=True)
-class Lost:
-    """The worker is gone (or cannot be reached: it is killed)."""
-    cause: str  # scheduler.CRASH / NODE / PREEMPTED
-    failure: dict
-
-
-@dataclass(frozen=True)
-class LiveRead:
-    live: dict
-
-
-@dataclass(frozen=True)
-class Nothing:
-    """Nothing to tell the scheduler (a failed read of live counters says
-    nothing the worker's other calls will not)."""
-
-
-@dataclass(frozen=True)
-class Fatal:
-    """The job cannot go on from this driver: it stops (JobStopped; done
-    shards are kept and the same command resumes)."""
-    message: str
-    failure: dict
-    taken_over: bool = False  # the output's lease is another run's: nothing more is written
 
 
 # How each exception of ray.exceptions reaches the scheduler. Every class of
@@ -181,16 +128,6 @@ def loss_cause(exc: BaseException, death_cause: str | None) -> str:
     return sch.NODE if "its node has died" in str(exc) else sch.CRASH
 
 
-def record_event(shard: str, result: dict) -> ShardDone | ShardFailed | Fatal:
-    """A shard's result as `run_shard` returns it (inline or from an actor)."""
-    if "summary" in result:
-        return ShardDone(shard, result["summary"])
-    f = result["failure"]
-    if f.get("type") == "LeaseLost":
-        return Fatal(f["message"], f, taken_over=True)
-    return ShardFailed(shard, f, deterministic=bool(f.get("deterministic", False)), broken=_is_cuda_error(f))
-
-
 def outcome_event(call: str, outcome, *, shard: str | None = None, running: bool = False,
                   death_cause: str | None = None):
     """The one place a Ray call's outcome becomes a scheduler event. `call`:
@@ -233,24 +170,6 @@ def _exc_info(exc: BaseException) -> dict:
     lines = str(exc).splitlines()
     return {"type": type(exc).__name__, "message": lines[0] if lines else "", "traceback": lines[-TRACEBACK_LINES:],
             "deterministic": False}
-
-
-def scheduler_actions(sched: sch.Scheduler, wid: int, event, now: float) -> list:
-    """Hand one event about worker `wid` to the scheduler; its actions."""
-    if isinstance(event, Ready):
-        return sched.ready(wid, event.node, now)
-    if isinstance(event, StartFailed):
-        return sched.start_failed(wid, event.node, event.failure, now)
-    if isinstance(event, ShardDone):
-        return sched.shard_done(wid, event.shard, now)
-    if isinstance(event, ShardFailed):
-        return sched.shard_failed(wid, event.shard, event.failure, now, deterministic=event.deterministic,
-                                  broken=event.broken)
-    if isinstance(event, Lost):
-        return sched.worker_lost(wid, event.cause, event.failure, now)
-    if isinstance(event, Fatal):
-        raise (OutputTakenOver if event.taken_over else JobStopped)(event.message, event.failure)
-    return []
 
 
 # -- the actor --------------------------------------------------------------------

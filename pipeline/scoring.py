@@ -602,6 +602,16 @@ class Scorers:
             "lpips_package_version": getattr(lpips_pkg, "__version__", "unknown"),
         }
 
+    def structure_model(self) -> Any:
+        """The ViT of PIE-Bench's structure distance (score.structure_model; random when not pretrained)."""
+        return load_structure_model(self.cfg.structure_model, self.cfg.structure_pretrained, self.device)
+
+    def lpips_model(self, net: str) -> Any:
+        """An LPIPS model with trunk `net` under this config's pretrained rule (PIE-Bench scores with squeeze)."""
+        from dataclasses import replace
+
+        return _load_lpips(replace(self.cfg, lpips_net=net), self.device)
+
     @classmethod
     def load(cls, cfg: ScoreConfig, device: torch.device | str, dtype: torch.dtype | str) -> Scorers:
         from .models.loading import parse_dtype
@@ -770,3 +780,24 @@ def select(scores: dict[str, Sequence[float]], groups: Sequence[int], cfg: Filte
             for r in sorted((passing[p] for p in positions), key=rank)[cfg.keep_top_k:]:
                 keep[r] = False
     return keep
+
+
+def load_structure_model(name: str, pretrained: bool, device) -> Any:
+    """The timm ViT of the structure distance: its hub weights, or (pretrained
+    False) a seeded random initialisation."""
+    import timm
+
+    if pretrained:
+        try:
+            model = timm.create_model(name, pretrained=True, dynamic_img_size=True)
+        except Exception as exc:
+            raise WeightsUnavailableError(
+                f"structure-distance weights {name!r} could not be loaded "
+                f"(HF_HOME={os.environ.get('HF_HOME', '~/.cache/huggingface')}): {exc}; put them in the cache, or set "
+                "score.structure_pretrained = false for random weights (structure distance then not meaningful)"
+            ) from exc
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_INIT_SEED)
+            model = timm.create_model(name, pretrained=False, dynamic_img_size=True)
+    return model.to(device=device, dtype=torch.float32).eval().requires_grad_(False)

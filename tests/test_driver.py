@@ -12,6 +12,7 @@ import time
 import pyarrow.fs as pafs
 import pytest
 
+import pipeline.driving as driving
 import pipeline.executor as executor
 import pipeline.store as store_mod
 from faultfs import FaultFS
@@ -26,7 +27,7 @@ SHARDS = [f"/data/s-{i:03d}.tar" for i in range(3)]
 @pytest.fixture(autouse=True)
 def quick(monkeypatch):
     monkeypatch.setattr(store_mod, "LEASE_SETTLE_S", 0.0)
-    monkeypatch.setattr(executor, "DRIVER_WRITE_WAIT_S", 0.0)
+    monkeypatch.setattr(driving, "DRIVER_WRITE_WAIT_S", 0.0)
 
 
 class Worker:
@@ -113,7 +114,7 @@ def test_failed_stats_writes_do_not_stop_a_job_whose_shards_are_committed(tmp_pa
     spec, store = job(tmp_path, monkeypatch, fs=ffs)
     report = run_job(spec, progress=False, worker_cls=Worker)
     assert report.done == 3 and not report.failed
-    assert ffs.faults == (3 * 2 if times else 3 * executor.DRIVER_WRITE_TRIES)
+    assert ffs.faults == (3 * 2 if times else 3 * driving.DRIVER_WRITE_TRIES)
     stats = sorted(p.name for p in (tmp_path / "o" / STATS).iterdir())
     err = capsys.readouterr().err
     if times:

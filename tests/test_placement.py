@@ -83,7 +83,7 @@ def test_placement_fields_do_not_change_the_spec_hash():
 
 
 def test_failure_records_and_cuda_errors():
-    from pipeline.executor import _is_cuda_error, failure_info
+    from pipeline.driving import _is_cuda_error, failure_info
 
     def boom():
         raise RuntimeError("CUDA error: an illegal memory access was encountered")

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import pytest
 import ray.exceptions as rex
 
+import pipeline.driving as driving
 import pipeline.executor as executor
 from pipeline import ray_adapter as ra
 from pipeline import scheduler as sch
@@ -532,7 +533,7 @@ def check(ray: FakeRay, store: FakeStore, report: JobReport, shards: list, spec,
 
 @pytest.fixture(autouse=True)
 def no_waits(monkeypatch):
-    monkeypatch.setattr(executor, "DRIVER_WRITE_WAIT_S", 0.0)
+    monkeypatch.setattr(driving, "DRIVER_WRITE_WAIT_S", 0.0)
 
 
 def run_many(n: int) -> Counter:
@@ -597,12 +598,12 @@ def kills_idle_workers_on_a_cap_drop(monkeypatch):
 def no_lease_check(monkeypatch):
     """Issue 31 items 7a/9a: the driver never checked its lease."""
     monkeypatch.setattr(ra, "_check_lease", lambda store: None)
-    monkeypatch.setattr(executor, "_check_lease", lambda store: None)
+    monkeypatch.setattr(driving, "_check_lease", lambda store: None)
 
 
 def stats_write_stops_the_job(monkeypatch):
     """Issue 31 item 5: one failed _stats/ write stopped the job."""
-    monkeypatch.setattr(executor, "_driver_write", lambda what, write: write())
+    monkeypatch.setattr(driving, "_driver_write", lambda what, write: write())
 
 
 @pytest.mark.parametrize("defect, finds", [
