@@ -264,16 +264,25 @@ def export(
     format_: str = typer.Option("webdataset", "--format", help="webdataset | files (a Hugging Face imagefolder)."),
     maxcount: int = typer.Option(1000, help="Edits per WebDataset shard."),
     rejected: bool = typer.Option(False, help="Also export rejected edits whose images were written."),
+    overwrite: bool = typer.Option(False, help="Replace a non-empty DEST whole, once the new export is written."),
+    partial: bool = typer.Option(False, help="Export an unfinished job's committed shards."),
 ) -> None:
     """Export the kept edits (edit, pixel-aligned source, prompts, seed, parameters,
     scores, carried metadata) as WebDataset shards, or with --format files as a Hugging Face imagefolder
-    (metadata.jsonl: the edit in file_name, its source in source_file_name)."""
+    (metadata.jsonl: the edit in file_name, its source in source_file_name). DEST must be empty or new
+    (--overwrite replaces it); an unfinished job is refused unless --partial."""
     from .export import export as run_export
 
     try:
-        done = run_export(out, str(dest), format_, maxcount=maxcount, include_rejected=rejected)
-    except ValueError as exc:
+        done = run_export(out, str(dest), format_, maxcount=maxcount, include_rejected=rejected,
+                          overwrite=overwrite, partial=partial)
+    except (ValueError, OSError) as exc:
         die(str(exc))
+    if done["partial"]:
+        typer.echo(f"imprint: warning: partial export of an unfinished job: {done['partial']}", err=True)
+    if not done["edits"]:
+        typer.echo(f"imprint: warning: no edits to export from {out} (none kept"
+                   + ("" if rejected else "; --rejected adds rejected edits whose images were written") + ")", err=True)
     typer.echo(f"imprint: exported {done['edits']} edits to {dest} ({len(done['files'])} file(s))")
 
 
