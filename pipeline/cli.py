@@ -298,6 +298,8 @@ def shards(
                                                          "(default: source_prompt, caption, text or prompt if present)."),
     targets_col: Optional[str] = typer.Option(None, help="Column with target prompts: a list, a JSON list or one "
                                                          "prompt (default: target_prompts if present)."),
+    key_col: Optional[str] = typer.Option(None, help="Column with the table's own id: each sample's key (kept in its "
+                                                     "json too; default: the row number)."),
     samples_per_shard: int = typer.Option(1000, help="Samples per .tar shard."),
     prefix: str = typer.Option("shard", help="Shard names: PREFIX-000000.tar, ..."),
     overwrite: bool = typer.Option(False, help="Replace PREFIX-*.tar shards already in DEST (once the run succeeds)."),
@@ -316,6 +318,7 @@ def shards(
 
     try:
         summary = make_shards(src, dest, image_col=image_col, caption_col=caption_col, targets_col=targets_col,
+                              key_col=key_col,
                               samples_per_shard=samples_per_shard, prefix=prefix, overwrite=overwrite,
                               timeout=timeout, workers=workers, progress=progress, allow_outside=allow_outside,
                               allow_private=allow_private, max_image_bytes=max_image_mb * 2**20)

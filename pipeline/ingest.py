@@ -13,6 +13,13 @@ Sources (`find_source` decides from what SRC is):
   `Image` column (a file, or a folder of them as on the Hub); ClassLabel
   columns are written as their names (`label` = "cat", `label_id` = 3).
 
+Lineage: a table's image path or URL stays in the json (`path` or `url` as
+img2dataset writes them; `image_path` / `image_url` when the table has
+another column of that name), and `key_col` names the table's own id column,
+which then gives each sample its key (made safe for WebDataset, the value
+itself kept in the json under the column's name); without it keys are row
+numbers.
+
 Every sample is checked before it is written (the image decodes, in JPEG,
 PNG or WebP, else BMP, GIF or TIFF converted to PNG; the caption is text); a
 bad one is skipped with its reason and counted, never raised. Records flow
@@ -136,7 +143,7 @@ def _reason_kind(reason: str) -> str:
 
 
 def find_source(src: str, *, image_col: str | None = None, caption_col: str | None = None,
-                targets_col: str | None = None) -> Source:
+                targets_col: str | None = None, key_col: str | None = None) -> Source:
     if not is_local(src):
         raise IngestError(f"{src}: SRC must be a local file or folder (DEST may be an object store)")
     # resolved once: records carry absolute paths and absolute folders, so a relative
@@ -144,7 +151,7 @@ def find_source(src: str, *, image_col: str | None = None, caption_col: str | No
     p = Path(local_path(src)).resolve()
     if not p.exists():
         raise IngestError(f"{src}: no such file or folder")
-    cols = dict(image_col=image_col, caption_col=caption_col, targets_col=targets_col)
+    cols = dict(image_col=image_col, caption_col=caption_col, targets_col=targets_col, key_col=key_col)
     if p.is_file():
         kind = TABLE_EXTS.get(p.suffix.lower())
         if kind is None:
@@ -162,7 +169,7 @@ def find_source(src: str, *, image_col: str | None = None, caption_col: str | No
     if parquet and not images:
         return _table_source(parquet, "parquet", **cols)
     if any(cols.values()):
-        raise IngestError("--image-col, --caption-col and --targets-col are for tables and datasets; a folder of images "
+        raise IngestError("--image-col, --caption-col, --targets-col and --key-col are for tables and datasets; a folder of images "
                           "takes captions from .txt and fields from .json files next to each image")
     return _folder_source(p, images)
 
@@ -219,7 +226,7 @@ def _pick(columns: list[str], given: str | None, candidates: tuple[str, ...], wh
     return found
 
 
-def _table_source(files: list[Path], kind: str, *, image_col, caption_col, targets_col) -> Source:
+def _table_source(files: list[Path], kind: str, *, image_col, caption_col, targets_col, key_col) -> Source:
     readers = {"csv": _read_csv, "tsv": _read_csv, "imagefolder": None, "jsonl": _read_jsonl, "parquet": _read_parquet}
     columns: list[str] = []
     hf_images: list[str] = []
@@ -234,6 +241,7 @@ def _table_source(files: list[Path], kind: str, *, image_col, caption_col, targe
                   "image", "--image-col", True)
     caption = _pick(columns, caption_col, CAPTION_COLS, "caption", "--caption-col", False)
     targets = _pick(columns, targets_col, TARGETS_COLS, "target prompts", "--targets-col", False)
+    key_of = _key_column(columns, key_col)
 
     def records():
         index = 0
@@ -245,11 +253,38 @@ def _table_source(files: list[Path], kind: str, *, image_col, caption_col, targe
                     continue
                 rowno, values = row
                 where = f"{f.name} row {rowno}"
-                yield _record(values, image, caption, targets, base=str(f.parent), where=where,
-                              key=_table_key(kind, values.get(image), index))
+                try:
+                    key = key_of(values) or _table_key(kind, values.get(image), index)
+                except Skip as exc:
+                    yield Skip(f"{exc} ({where})")
+                    continue
+                yield _record(values, image, caption, targets, base=str(f.parent), where=where, key=key)
                 index += 1
 
-    return Source(kind, records, total, {"image": image, "caption": caption or "(none)", "targets": targets or "(none)"})
+    return Source(kind, records, total, _columns_used(image, caption, targets, key_col))
+
+
+def _columns_used(image: str, caption: str, targets: str, key_col: str | None) -> dict:
+    used = {"image": image, "caption": caption or "(none)", "targets": targets or "(none)"}
+    if key_col:
+        used["key"] = key_col
+    return used
+
+
+def _key_column(columns: list[str], key_col: str | None) -> Callable[[dict], str | None]:
+    """values -> the sample's key from the table's own id column (`--key-col`),
+    or None when no such column was named; an empty id skips the row."""
+    if not key_col:
+        return lambda values: None
+    _pick(columns, key_col, (), "key", "--key-col", True)
+
+    def key_of(values: dict) -> str:
+        v = values.get(key_col)
+        if v is None or (isinstance(v, float) and math.isnan(v)) or isinstance(v, (dict, list)) or not str(v).strip():
+            raise Skip(f"no_key: the key column {key_col!r} is empty or not a value")
+        return str(v).strip()
+
+    return key_of
 
 
 def _file_kind(f: Path) -> str:
@@ -267,12 +302,29 @@ def _table_key(kind: str, image: Any, index: int) -> str:
 def _record(values: dict, image_col: str, caption_col: str, targets_col: str, *, base: str, where: str,
             key: str) -> Record:
     fields = {k: v for k, v in values.items() if k not in (image_col, caption_col, targets_col)}
+    fields.update(_lineage(values, image_col))
     if caption_col and values.get(caption_col) is not None:
         fields["source_prompt"] = values[caption_col]
     if targets_col and values.get(targets_col) is not None:
         fields["target_prompts"] = values[targets_col]
     return Record(key=key, image=values.get(image_col), base=base, fields=fields,
                   caption_from=caption_col, targets_from=targets_col, where=where)
+
+
+def _lineage(values: dict, image_col: str) -> dict:
+    """Where the image came from, kept in the json: {"url": ...} for an
+    http(s) URL, {"path": ...} for a path as the table wrote it (the
+    img2dataset names; `image_url` / `image_path` when the table has another
+    column of that name). Nothing for image bytes."""
+    v = values.get(image_col)
+    if isinstance(v, dict):  # Hugging Face Image: {"bytes": ..., "path": ...}
+        v = v.get("path")
+    if not isinstance(v, str) or not v.strip():
+        return {}
+    name = "url" if v.split("://", 1)[0].lower() in ("http", "https") and "://" in v else "path"
+    if name in values and name != image_col:
+        name = f"image_{name}"
+    return {name: v}
 
 
 def _table_info(f: Path, kind: str) -> tuple[list[str], int | None, list[str]]:
@@ -416,7 +468,7 @@ def _is_image_struct(t) -> bool:
     return pa.types.is_struct(t) and {t.field(i).name for i in range(t.num_fields)} >= {"bytes", "path"}
 
 
-def _hf_disk_source(p: Path, *, image_col, caption_col, targets_col) -> Source:
+def _hf_disk_source(p: Path, *, image_col, caption_col, targets_col, key_col) -> Source:
     try:
         import datasets
     except ImportError:
@@ -433,6 +485,7 @@ def _hf_disk_source(p: Path, *, image_col, caption_col, targets_col) -> Source:
     image = _pick(columns, image_col or (hf_images[0] if hf_images else ""), IMAGE_COLS, "image", "--image-col", True)
     caption = _pick(columns, caption_col, CAPTION_COLS, "caption", "--caption-col", False)
     targets = _pick(columns, targets_col, TARGETS_COLS, "target prompts", "--targets-col", False)
+    key_of = _key_column(columns, key_col)
 
     def records():
         for split, ds in splits.items():
@@ -443,11 +496,16 @@ def _hf_disk_source(p: Path, *, image_col, caption_col, targets_col) -> Source:
                 row = _name_labels(row, labels)
                 if split:
                     row.setdefault("split", split)
-                yield _record(row, image, caption, targets, base=str(p), where=f"{split or 'row'} {i}",
-                              key=f"{split}-{i:09d}" if split else f"{i:09d}")
+                where = f"{split or 'row'} {i}"
+                try:
+                    key = key_of(row) or (f"{split}-{i:09d}" if split else f"{i:09d}")
+                except Skip as exc:
+                    yield Skip(f"{exc} ({where})")
+                    continue
+                yield _record(row, image, caption, targets, base=str(p), where=where, key=key)
 
     total = sum(len(ds) for ds in splits.values())
-    return Source("hf-dataset", records, total, {"image": image, "caption": caption or "(none)", "targets": targets or "(none)"})
+    return Source("hf-dataset", records, total, _columns_used(image, caption, targets, key_col))
 
 
 # ---------------------------------------------------------------------------
@@ -934,7 +992,7 @@ class ShardSink:
 
 
 def make_shards(src: str, dest: str, *, image_col: str | None = None, caption_col: str | None = None,
-                targets_col: str | None = None, samples_per_shard: int = 1000, prefix: str = "shard",
+                targets_col: str | None = None, key_col: str | None = None, samples_per_shard: int = 1000, prefix: str = "shard",
                 overwrite: bool = False, timeout: float = 30.0, workers: int = 8, progress: bool = True,
                 fetch: Callable[[str], bytes] | None = None, allow_outside: bool = False,
                 allow_private: bool = False, max_image_bytes: int = MAX_MEMBER_BYTES,
@@ -952,7 +1010,7 @@ def make_shards(src: str, dest: str, *, image_col: str | None = None, caption_co
         raise IngestError("--timeout must be more than 0 seconds")
     trust = Trust(allow_outside=allow_outside, allow_private=allow_private, max_image_bytes=max_image_bytes,
                   timeout=timeout)
-    source = find_source(src, image_col=image_col, caption_col=caption_col, targets_col=targets_col)
+    source = find_source(src, image_col=image_col, caption_col=caption_col, targets_col=targets_col, key_col=key_col)
     sink = ShardSink(dest, prefix, overwrite)
     summary = IngestSummary(source=src, kind=source.kind, columns=source.columns)
     budget = ByteBudget(max_inflight_bytes)

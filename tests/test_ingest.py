@@ -74,8 +74,8 @@ def test_imagefolder_metadata_jsonl(tmp_path):
     assert s.kind == "imagefolder" and s.written == 3 and kinds(s) == {"missing_file": 1}
     assert s.columns["caption"] == "text"
     got = read_back(s)
-    assert got["train_0"]["json"] == {"source_prompt": "a cat", "label": "cat"}
-    assert got["train_2"]["json"] == {"label": "bird"}
+    assert got["train_0"]["json"] == {"source_prompt": "a cat", "label": "cat", "path": "train/0.png"}
+    assert got["train_2"]["json"] == {"label": "bird", "path": "train/2.png"}
 
 
 def _table_rows(tmp_path):
@@ -108,9 +108,11 @@ def test_csv_and_tsv_with_a_bad_row(tmp_path, fmt):
     assert kinds(s) == {"bad_row": 1, "missing_file": 1}, s.skipped
     got = read_back(s)
     first, second, last = (got[k]["json"] for k in sorted(got))
-    assert first == {"source_prompt": "a house", "target_prompts": ["a red house", "a house at night"], "label": "007"}
-    assert second == {"source_prompt": "a tree", "target_prompts": ["a tree in the snow"], "label": "008"}
-    assert last == {"label": "010"}  # label kept as text ("010", not 10)
+    assert first == {"source_prompt": "a house", "target_prompts": ["a red house", "a house at night"], "label": "007",
+                     "path": "imgs/0.jpg"}  # the image path as the table wrote it (lineage)
+    assert second == {"source_prompt": "a tree", "target_prompts": ["a tree in the snow"], "label": "008",
+                      "path": str(tmp_path / "imgs" / "1.jpg")}
+    assert last == {"label": "010", "path": "imgs/2.jpg"}  # label kept as text ("010", not 10)
 
 
 def test_jsonl_with_bad_lines(tmp_path):
@@ -382,3 +384,56 @@ def test_labelled_images_to_shards_to_a_job_with_the_empty_source_prompt(tmp_pat
     results = OutputStore.open(spec.output.path).read_table("results").to_pylist()
     assert sorted((r["key"], r["target_prompt"]) for r in results) == [
         ("000000000", "a cat in the snow"), ("000000001", "a dog in the snow")]
+
+
+def test_lineage_a_csv_rows_url_and_id_reach_the_result_row_and_the_export(tmp_path):
+    """Issue 33: the image's URL (or path) and the table's own id column
+    (--key-col) travel from the CSV through the shards to the results' meta
+    and the export; the id is the sample's key."""
+    import subprocess
+    import sys
+
+    import webdataset as wds
+
+    from pipeline.executor import run_job
+    from pipeline.store import OutputStore
+
+    (tmp_path / "web").mkdir()
+    (tmp_path / "web" / "x.png").write_bytes(image_bytes(seed=5))
+    (tmp_path / "local.png").write_bytes(image_bytes(seed=6))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "web"))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.RequestHandlerClass.log_message = lambda *a: None
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/x.png"
+    (tmp_path / "t.csv").write_text(f"id,url,caption\nphoto-17,{url},a red house\nphoto-18,local.png,a tree\n")
+    try:
+        runner = CliRunner()
+        res = runner.invoke(app, ["shards", str(tmp_path / "t.csv"), str(tmp_path / "shards"), "--key-col", "id",
+                                  "--allow-private", "--no-progress"])
+    finally:
+        server.shutdown()
+    assert res.exit_code == 0, res.output
+    spec = tiny_job(tmp_path, [tmp_path / "shards"], "out", templates=["{source}, oil painting"])
+    report = run_job(spec, progress=False)
+    assert not report.failed and report.errors == 0
+    rows = OutputStore.open(spec.output.path).read_table("results").to_pylist()
+    assert {r["key"]: json.loads(r["meta"]) for r in rows} == {
+        "photo-17": {"id": "photo-17", "url": url}, "photo-18": {"id": "photo-18", "path": "local.png"}}
+    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "export", spec.output.path, str(tmp_path / "exp")],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    got = list(wds.WebDataset(str(tmp_path / "exp" / "edits-000000.tar"), shardshuffle=False).decode())
+    assert {g["json"]["key"]: g["json"]["meta"] for g in got} == {
+        "photo-17": {"id": "photo-17", "url": url}, "photo-18": {"id": "photo-18", "path": "local.png"}}
+
+
+def test_key_col_names_a_column_and_an_empty_id_skips_the_row(tmp_path):
+    (tmp_path / "a.png").write_bytes(image_bytes(seed=1))
+    (tmp_path / "t.csv").write_text("id,image\nx.1,a.png\n,a.png\nx.1,a.png\n")
+    with pytest.raises(IngestError, match="--key-col 'nope': no such column"):
+        make_shards(str(tmp_path / "t.csv"), str(tmp_path / "o"), key_col="nope", progress=False)
+    s = make_shards(str(tmp_path / "t.csv"), str(tmp_path / "o"), key_col="id", progress=False)
+    assert s.written == 2 and kinds(s) == {"no_key": 1}
+    got = read_back(s)
+    assert sorted(got) == ["x_1", "x_1-2"] and got["x_1"]["json"] == {"id": "x.1", "path": "a.png"}
