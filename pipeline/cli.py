@@ -187,6 +187,15 @@ def validate(
     typer.echo(f"# spec hash {spec.hash()}")
     typer.echo(f"# {len(found.shards)} {'code file' if spec.input.codes else 'shard'}(s); output "
                f"{spec.output.path} is free or holds this spec")
+    if not spec.input.codes and found.shards:
+        from .prompts import targets_preview
+
+        try:
+            preview = targets_preview(spec, found.shards[0])
+            if preview is not None:
+                typer.echo(preview.line())
+        except OSError as exc:
+            typer.echo(f"# first shard: not read ({exc})")
 
 
 @app.command()
@@ -300,6 +309,10 @@ def shards(
                                                          "prompt (default: target_prompts if present)."),
     key_col: Optional[str] = typer.Option(None, help="Column with the table's own id: each sample's key (kept in its "
                                                      "json too; default: the row number)."),
+    targets: list[str] = typer.Option([], "--targets", help="A target prompt for every sample (repeatable)."),
+    target_template: list[str] = typer.Option([], "--target-template",
+                                              help="A target prompt for every sample, filled from its json fields: "
+                                                   "\"{source}, in the snow\" ({source}: the caption; repeatable)."),
     samples_per_shard: int = typer.Option(1000, help="Samples per .tar shard."),
     prefix: str = typer.Option("shard", help="Shard names: PREFIX-000000.tar, ..."),
     overwrite: bool = typer.Option(False, help="Replace PREFIX-*.tar shards already in DEST (once the run succeeds)."),
@@ -318,7 +331,7 @@ def shards(
 
     try:
         summary = make_shards(src, dest, image_col=image_col, caption_col=caption_col, targets_col=targets_col,
-                              key_col=key_col,
+                              key_col=key_col, targets=targets, target_templates=target_template,
                               samples_per_shard=samples_per_shard, prefix=prefix, overwrite=overwrite,
                               timeout=timeout, workers=workers, progress=progress, allow_outside=allow_outside,
                               allow_private=allow_private, max_image_bytes=max_image_mb * 2**20)

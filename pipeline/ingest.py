@@ -128,6 +128,7 @@ class IngestSummary:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (where, reason)
     converted: int = 0  # images re-encoded to PNG (formats outside the contract)
     uncaptioned: int = 0
+    untargeted: int = 0  # samples written without target prompts (a job then needs input.templates)
 
     def reasons(self) -> Counter:
         return Counter(_reason_kind(r) for _, r in self.skipped)
@@ -665,6 +666,26 @@ def _json_fields(rec: Record) -> dict:
 _DROP = object()
 
 
+def add_targets(obj: dict, targets: tuple[str, ...] | list[str], templates: tuple[str, ...] | list[str]) -> None:
+    """Give a sample's json (`obj`) the same target prompts as every other
+    sample of the run: `targets` as they are and `templates` filled from the
+    json's fields (`{source}` = the caption), after its own, without
+    repeats. A template naming a field the sample lacks skips it
+    (`template_field`)."""
+    if not targets and not templates:
+        return
+    from .data import PROMPT_FIELDS, SampleError, TemplateFields, render_templates
+
+    others = {k: v for k, v in obj.items() if k not in PROMPT_FIELDS}
+    try:
+        rendered = render_templates(list(templates), TemplateFields(others, obj.get("source_prompt")))
+    except SampleError as exc:
+        raise Skip(f"template_field: {exc} (--target-template)") from None
+    new = [t.strip() for t in [*obj.get("target_prompts", []), *targets, *rendered] if t.strip()]
+    if new:
+        obj["target_prompts"] = list(dict.fromkeys(new))
+
+
 def _jsonable(v: Any) -> Any:
     """A column value as JSON, or _DROP (bytes, NaN, objects JSON cannot hold)."""
     if v is None or isinstance(v, (bool, int, str)):
@@ -996,7 +1017,8 @@ def make_shards(src: str, dest: str, *, image_col: str | None = None, caption_co
                 overwrite: bool = False, timeout: float = 30.0, workers: int = 8, progress: bool = True,
                 fetch: Callable[[str], bytes] | None = None, allow_outside: bool = False,
                 allow_private: bool = False, max_image_bytes: int = MAX_MEMBER_BYTES,
-                max_inflight_bytes: int = MAX_INFLIGHT_BYTES) -> IngestSummary:
+                max_inflight_bytes: int = MAX_INFLIGHT_BYTES, targets: tuple[str, ...] | list[str] = (),
+                target_templates: tuple[str, ...] | list[str] = ()) -> IngestSummary:
     """Write SRC's samples to DEST as WebDataset shards; see the module doc.
     Raises IngestError (nothing written) when SRC or DEST is unusable; on any
     exception DEST keeps what it held before."""
@@ -1008,6 +1030,15 @@ def make_shards(src: str, dest: str, *, image_col: str | None = None, caption_co
         raise IngestError(f"--max-image-mb: more than 0 and at most {MAX_MEMBER_BYTES >> 20} (the input contract's cap)")
     if not timeout > 0:
         raise IngestError("--timeout must be more than 0 seconds")
+    if any(not t.strip() for t in targets):
+        raise IngestError("--targets: a target prompt must not be empty")
+    from .spec import SpecError, check_template
+
+    for t in target_templates:
+        try:
+            check_template(t, "--target-template")
+        except SpecError as exc:
+            raise IngestError(str(exc)) from None
     trust = Trust(allow_outside=allow_outside, allow_private=allow_private, max_image_bytes=max_image_bytes,
                   timeout=timeout)
     source = find_source(src, image_col=image_col, caption_col=caption_col, targets_col=targets_col, key_col=key_col)
@@ -1024,6 +1055,7 @@ def make_shards(src: str, dest: str, *, image_col: str | None = None, caption_co
             return index, item, 0
         try:
             out: dict | Skip = load_sample(item, fetch, trust=trust, budget=budget)
+            add_targets(out["json"], targets, target_templates)
         except Skip as exc:
             out = Skip(f"{exc} ({item.where})")
         except Exception as exc:  # noqa: BLE001 - a record's data must not stop the others
@@ -1050,6 +1082,7 @@ def make_shards(src: str, dest: str, *, image_col: str | None = None, caption_co
                         out["__key__"] = _unique(safe_key(out["__key__"]), used)
                         summary.converted += bool(out.pop("__converted__", False))
                         summary.uncaptioned += "source_prompt" not in out["json"]
+                        summary.untargeted += "target_prompts" not in out["json"]
                         yield out  # written to the tar when the generator resumes
                     budget.written(index, taken)
             finally:
@@ -1108,4 +1141,8 @@ def summary_lines(s: IngestSummary, max_listed: int = 20) -> list[str]:
     if s.uncaptioned:
         lines.append(f"imprint: {s.uncaptioned} sample(s) have no caption: set input.source_prompt in the job "
                      "(\"\" for the empty prompt, or a template such as \"a photo of a {label}\")")
+    if s.untargeted:
+        lines.append(f"imprint: warning: {s.untargeted} of {s.written} sample(s) have no target prompts: each becomes "
+                     "a bad sample (no_targets) unless the job sets input.templates; or give every sample targets "
+                     "here with --target-template \"{source}, in the snow\" or --targets \"a photo in the snow\"")
     return lines

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from helpers_data import image_bytes
 from pipeline.cli import app
 from pipeline.data import expand_shards, read_raw_samples
-from pipeline.ingest import IngestError, make_shards
+from pipeline.ingest import IngestError, make_shards, summary_lines
 from pipeline.spec import ImageSpec, InputSpec
 
 
@@ -437,3 +437,26 @@ def test_key_col_names_a_column_and_an_empty_id_skips_the_row(tmp_path):
     assert s.written == 2 and kinds(s) == {"no_key": 1}
     got = read_back(s)
     assert sorted(got) == ["x_1", "x_1-2"] and got["x_1"]["json"] == {"id": "x.1", "path": "a.png"}
+
+
+def test_shards_warns_of_samples_without_targets_and_gives_a_folder_targets(tmp_path):
+    src = tmp_path / "photos"
+    src.mkdir()
+    for i, name in enumerate(("cat", "dog")):
+        (src / f"{name}.png").write_bytes(image_bytes(seed=i))
+        (src / f"{name}.txt").write_text(f"a {name}")
+    (src / "dog.json").write_text(json.dumps({"target_prompts": ["a wolf"]}))
+    res = CliRunner().invoke(app, ["shards", str(src), str(tmp_path / "a"), "--no-progress"])
+    assert res.exit_code == 0 and "warning: 1 of 2 sample(s) have no target prompts" in res.output, res.output
+    assert "--target-template" in res.output
+    s = make_shards(str(src), str(tmp_path / "b"), targets=["a photo at night"],
+                    target_templates=["{source}, in the snow"], progress=False)
+    got = read_back(s)
+    assert got["cat"]["json"]["target_prompts"] == ["a photo at night", "a cat, in the snow"]
+    assert got["dog"]["json"]["target_prompts"] == ["a wolf", "a photo at night", "a dog, in the snow"]
+    assert s.untargeted == 0 and not any("no target prompts" in line for line in summary_lines(s))
+    with pytest.raises(IngestError, match=r"--target-template: '\{source!r\}' is not a valid template"):
+        make_shards(str(src), str(tmp_path / "c"), target_templates=["{source!r}"], progress=False)
+    s = make_shards(str(src), str(tmp_path / "d"), target_templates=["a {label}"], progress=False)
+    assert s.written == 0 and kinds(s) == {"template_field": 2}
+    assert "no field 'label'" in s.skipped[0][1]
