@@ -370,6 +370,22 @@ from .bench import bench as bench_command  # noqa: E402
 app.command("bench")(bench_command)
 
 
+def _one_line_listing() -> None:
+    """`imprint -h` lists each command by the first sentence of its doc, as
+    one line that the help wraps to the terminal (the docs' own line breaks
+    made the listing ragged)."""
+    import inspect
+    import re
+
+    for info in app.registered_commands:
+        if info.short_help is None and info.callback is not None:
+            paragraph = " ".join((inspect.getdoc(info.callback) or "").split("\n\n")[0].split())
+            info.short_help = re.split(r"(?<=[.;])\s+(?=[A-Z(])", paragraph)[0]
+
+
+_one_line_listing()
+
+
 def main() -> None:  # pragma: no cover
     app()
 

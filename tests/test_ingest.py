@@ -301,8 +301,8 @@ def test_empty_source_prompt_is_an_explicit_choice():
     assert not s.error and s.source_prompt == ""
     s = decode({"json": {"target_prompts": ["a dog"]}})  # unset: the caption is required, and the error says what to do
     assert s.error_type == "prompt_missing" and "input.source_prompt" in s.error
-    s = decode({"txt": ""}, source_prompt="", templates=["{source}"])  # renders empty: an error, not an empty target
-    assert s.error_type == "prompt_invalid"
+    s = decode({"txt": ""}, source_prompt="", templates=["{source}"])  # {source} is empty: an error, not an empty target
+    assert s.error_type == "template_field"
 
 
 def test_source_prompt_in_the_spec_schema_and_hash():
@@ -460,3 +460,56 @@ def test_shards_warns_of_samples_without_targets_and_gives_a_folder_targets(tmp_
     s = make_shards(str(src), str(tmp_path / "d"), target_templates=["a {label}"], progress=False)
     assert s.written == 0 and kinds(s) == {"template_field": 2}
     assert "no field 'label'" in s.skipped[0][1]
+
+
+LONG = "a photo of " + " and ".join(f"a small red house number {i}" for i in range(20))  # well over 77 tokens
+
+
+def test_long_prompts_are_truncated_and_marked_unless_the_job_says_no(tmp_path, capfd):
+    """input.truncate_prompts (default true, as diffusers): a prompt over
+    input.max_prompt_tokens is cut by the text encoder and each row of the
+    sample says meta.truncated_prompt; false keeps the error row. The
+    tokenizer's "indexing errors" warning is not shown."""
+    from pipeline.data import write_shards
+    from pipeline.executor import run_job
+    from pipeline.store import OutputStore
+
+    shard = write_shards([{"__key__": "long", "png": image_bytes(seed=1), "json": {"source_prompt": "a house",
+                                                                                   "target_prompts": [LONG]}},
+                          {"__key__": "short", "png": image_bytes(seed=2), "json": {"source_prompt": "a house",
+                                                                                    "target_prompts": ["a barn"]}}],
+                         str(tmp_path / "s.tar"))
+    spec = tiny_job(tmp_path, [shard], "out")
+    report = run_job(spec, progress=False)
+    assert not report.failed and report.errors == 0
+    rows = {r["key"]: r for r in OutputStore.open(spec.output.path).read_table("results").to_pylist()}
+    assert rows["long"]["status"] == "ok" and rows["long"]["target_prompt"] == LONG
+    assert json.loads(rows["long"]["meta"]) == {"truncated_prompt": True}
+    assert json.loads(rows["short"]["meta"] or "{}") == {}
+    assert "indexing errors" not in "".join(capfd.readouterr())
+
+    strict = tiny_job(tmp_path, [shard], "strict", truncate_prompts=False)
+    assert strict.hash() != spec.hash()
+    report = run_job(strict, progress=False)
+    assert report.errors == 1 and dict(report.error_types) == {"prompt_too_long": 1}
+
+
+def test_source_in_a_target_template_with_the_empty_source_prompt_is_an_error_row():
+    """input.source_prompt = "" and a target template "{source} in the snow"
+    would edit towards "in the snow": an error row saying why instead."""
+    s = decode({"txt": "a cat"}, source_prompt="", templates=["{source} in the snow"])
+    assert s.error_type == "template_field" and "source prompt is empty" in s.error, s.error
+    s = decode({"json": {"label": "cat"}}, source_prompt="", templates=["a {label} in the snow"])  # the way to do it
+    assert not s.error and s.target_prompts == ["a cat in the snow"]
+
+
+def test_source_prompt_in_a_template_is_refused_by_name():
+    from pipeline.data import SampleError, TemplateFields, render_templates
+    from pipeline.spec import SpecError, load_spec
+
+    for field in ("input.templates", "input.source_prompt"):
+        value = '["{source_prompt}, at night"]' if field == "input.templates" else '"{source_prompt}"'
+        with pytest.raises(SpecError, match=r"\{source_prompt\} is not a template field: \{source\} is the source prompt"):
+            load_spec(raw={"input": {"shards": ["a.tar"], "templates": ["x"]}}, overrides=[f"{field}={value}"])
+    with pytest.raises(SampleError, match=r"\{source\} is the source prompt"):
+        render_templates(["{source_prompt}"], TemplateFields({"label": "cat"}, "a cat"))
