@@ -485,3 +485,10 @@ def test_exported_json_is_strict(tmp_path):
     _export_files(edits(), str(tmp_path / "f"))
     line = strict((tmp_path / "f" / "metadata.jsonl").read_text())
     assert line["clip_text"] is None and strict(line["params"]) == {"x": None}
+
+
+def test_no_edits_write_no_empty_tar(tmp_path):
+    from pipeline.export import _export_webdataset
+
+    done = _export_webdataset(iter([]), str(tmp_path), 10)
+    assert done == {"edits": 0, "files": []} and not list(tmp_path.iterdir())
