@@ -407,9 +407,19 @@ def test_export_webdataset_and_files(done_run, tmp_path):
     assert bad.returncode == 2 and bad.stderr.strip() == "imprint: error: --format: must be one of webdataset, files, got 'zip'"
 
 
-def _export(out, dest, *flags):
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", "export", str(out), str(dest), *flags],
-                          capture_output=True, text=True)
+class _Exported:
+    """`imprint export` run in this process (no interpreter start): exit code, stdout, stderr."""
+
+    def __init__(self, out, dest, *flags):
+        from typer.testing import CliRunner
+
+        from pipeline.cli import app
+
+        res = CliRunner().invoke(app, ["export", str(out), str(dest), *flags])
+        self.returncode, self.stdout, self.stderr = res.exit_code, res.stdout, res.stderr
+
+
+_export = _Exported
 
 
 def test_reexport_never_duplicates(done_run, tmp_path):
