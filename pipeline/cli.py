@@ -179,6 +179,15 @@ def validate(
     typer.echo(f"# spec hash {found.spec_hash}")
     typer.echo(f"# {len(found.shards)} {'code file' if spec.input.codes else 'shard'}(s); output "
                f"{spec.output.path} is free or holds this spec")
+    if not spec.input.codes and found.shards:
+        from .prompts import targets_preview
+
+        try:
+            preview = targets_preview(spec, found.shards[0])
+            if preview is not None:
+                typer.echo(preview.line())
+        except OSError as exc:
+            typer.echo(f"# first shard: not read ({exc})")
 
 
 @app.command()
@@ -256,16 +265,25 @@ def export(
     format_: str = typer.Option("webdataset", "--format", help="webdataset | files (a Hugging Face imagefolder)."),
     maxcount: int = typer.Option(1000, help="Edits per WebDataset shard."),
     rejected: bool = typer.Option(False, help="Also export rejected edits whose images were written."),
+    overwrite: bool = typer.Option(False, help="Replace a non-empty DEST whole, once the new export is written."),
+    partial: bool = typer.Option(False, help="Export an unfinished job's committed shards."),
 ) -> None:
     """Export the kept edits (edit, pixel-aligned source, prompts, seed, parameters,
     scores, carried metadata) as WebDataset shards, or with --format files as a Hugging Face imagefolder
-    (metadata.jsonl: the edit in file_name, its source in source_file_name)."""
+    (metadata.jsonl: the edit in file_name, its source in source_file_name). DEST must be empty or new
+    (--overwrite replaces it); an unfinished job is refused unless --partial."""
     from .export import export as run_export
 
     try:
-        done = run_export(out, str(dest), format_, maxcount=maxcount, include_rejected=rejected)
-    except ValueError as exc:
+        done = run_export(out, str(dest), format_, maxcount=maxcount, include_rejected=rejected,
+                          overwrite=overwrite, partial=partial)
+    except (ValueError, OSError) as exc:
         die(str(exc))
+    if done["partial"]:
+        typer.echo(f"imprint: warning: partial export of an unfinished job: {done['partial']}", err=True)
+    if not done["edits"]:
+        typer.echo(f"imprint: warning: no edits to export from {out} (none kept"
+                   + ("" if rejected else "; --rejected adds rejected edits whose images were written") + ")", err=True)
     typer.echo(f"imprint: exported {done['edits']} edits to {dest} ({len(done['files'])} file(s))")
 
 
@@ -281,6 +299,12 @@ def shards(
                                                          "(default: source_prompt, caption, text or prompt if present)."),
     targets_col: Optional[str] = typer.Option(None, help="Column with target prompts: a list, a JSON list or one "
                                                          "prompt (default: target_prompts if present)."),
+    key_col: Optional[str] = typer.Option(None, help="Column with the table's own id: each sample's key (kept in its "
+                                                     "json too; default: the row number)."),
+    targets: list[str] = typer.Option([], "--targets", help="A target prompt for every sample (repeatable)."),
+    target_template: list[str] = typer.Option([], "--target-template",
+                                              help="A target prompt for every sample, filled from its json fields: "
+                                                   "\"{source}, in the snow\" ({source}: the caption; repeatable)."),
     samples_per_shard: int = typer.Option(1000, help="Samples per .tar shard."),
     prefix: str = typer.Option("shard", help="Shard names: PREFIX-000000.tar, ..."),
     overwrite: bool = typer.Option(False, help="Replace PREFIX-*.tar shards already in DEST (once the run succeeds)."),
@@ -306,6 +330,7 @@ def shards(
 
             source = format_source(format_, src)
         summary = make_shards(src, dest, image_col=image_col, caption_col=caption_col, targets_col=targets_col,
+                              key_col=key_col, targets=targets, target_templates=target_template,
                               samples_per_shard=samples_per_shard, prefix=prefix, overwrite=overwrite,
                               timeout=timeout, workers=workers, progress=progress, allow_outside=allow_outside,
                               allow_private=allow_private, max_image_bytes=max_image_mb * 2**20, source=source)
@@ -363,6 +388,22 @@ app.command("report")(report_command)
 from .bench import bench as bench_command  # noqa: E402
 
 app.command("bench")(bench_command)
+
+
+def _one_line_listing() -> None:
+    """`imprint -h` lists each command by the first sentence of its doc, as
+    one line that the help wraps to the terminal (the docs' own line breaks
+    made the listing ragged)."""
+    import inspect
+    import re
+
+    for info in app.registered_commands:
+        if info.short_help is None and info.callback is not None:
+            paragraph = " ".join((inspect.getdoc(info.callback) or "").split("\n\n")[0].split())
+            info.short_help = re.split(r"(?<=[.;])\s+(?=[A-Z(])", paragraph)[0]
+
+
+_one_line_listing()
 
 
 def main() -> None:  # pragma: no cover

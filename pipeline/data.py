@@ -17,6 +17,7 @@ import fnmatch
 import glob as globlib
 import io
 import json
+import logging
 import os
 import re
 import tarfile
@@ -205,7 +206,8 @@ def check_is_shard_name(url: str) -> None:
     name = os.path.basename(url.rstrip("/")).lower()
     ext = name.rsplit(".", 1)[-1] if "." in name else ""
     if ext in NOT_SHARD_EXTS and not url.startswith("pipe:"):
-        src = os.path.dirname(url) or "."
+        # a table is imprint shards' SRC itself; an image or sidecar's SRC is its folder
+        src = url if ext in ("jsonl", "csv", "tsv", "parquet") else os.path.dirname(url) or "."
         raise ValueError(f"{url!r} is a .{ext} file, not a WebDataset shard (.tar); {MAKE_SHARDS_HINT.format(src=src)}")
 
 
@@ -593,12 +595,27 @@ def _prompts(raw: dict, spec_input, count_tokens) -> tuple[str, list[str], dict]
     if count_tokens is not None:
         for p in [source, *targets]:
             n = count_tokens(p)
-            if n > spec_input.max_prompt_tokens:
+            if n <= spec_input.max_prompt_tokens:
+                continue
+            if not getattr(spec_input, "truncate_prompts", True):
                 raise SampleError(
-                    f"prompt too long: {n} tokens > {spec_input.max_prompt_tokens} (input.max_prompt_tokens): {p[:60]!r}...",
-                    "prompt_too_long",
-                )
+                    f"prompt too long: {n} tokens > {spec_input.max_prompt_tokens} (input.max_prompt_tokens; "
+                    f"input.truncate_prompts = false): {p[:60]!r}...", "prompt_too_long")
+            # the text encoder keeps the first tokens of its context, as diffusers does; the rows say so
+            others = {**others, "truncated_prompt": True}
     return source, targets, others
+
+
+class _QuietLengthWarning(logging.Filter):
+    """Counting a long prompt's tokens (untruncated, to tell it is long) makes
+    transformers warn that running it "will result in indexing errors": it
+    never runs untruncated here (see `_prompts`), so the warning misleads."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "indexing errors" not in record.getMessage()
+
+
+logging.getLogger("transformers.tokenization_utils_base").addFilter(_QuietLengthWarning())
 
 
 class TemplateFields(dict):
@@ -611,6 +628,9 @@ class TemplateFields(dict):
         self.source = source
 
     def __missing__(self, name: str):
+        if name in PROMPT_FIELDS:
+            raise SampleError(f"template field {{{name}}}: the prompts are not template fields; {{source}} is the "
+                              "source prompt (the caption in input.source_prompt)", "template_field")
         if name == "source":
             if self.source is None:
                 raise SampleError("template field {source}: the sample has no caption (json source_prompt or txt)",
@@ -620,6 +640,10 @@ class TemplateFields(dict):
 
     def __getitem__(self, name: str):
         if name == "source" and self.source is not None:
+            if not self.source:  # input.source_prompt = "": "{source} in the snow" would lose its subject
+                raise SampleError("template field {source}: the source prompt is empty (input.source_prompt = \"\"), "
+                                  "so the target would lose its subject; name a json field ({label}) or leave "
+                                  "{source} out", "template_field")
             return self.source
         value = super().__getitem__(name)  # __missing__ when absent
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):

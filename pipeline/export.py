@@ -12,13 +12,24 @@ Names (WebDataset keys, file names) are `<shard>_<key>_t<target>_s<seed>_<method
 with the input shard's file stem (`part-000` for `/data/part-000.tar`), so
 they are short, carry no local path, and do not change with how the shard
 path was spelled; two input shards with one stem get the output's
-shard name (stem plus a hash of the URL) instead."""
+shard name (stem plus a hash of the URL) instead.
+
+DEST is whole or absent: the export is written into a staging folder beside
+DEST (`.<DEST name>.imprint-export-<id>`) and renamed to DEST only when it
+succeeded, so a re-export never mixes with an older one. DEST must be empty
+or absent; `overwrite` replaces a non-empty DEST (the old folder is moved
+aside, the new one renamed in, the old one removed). An output whose job has
+shards left or failed is refused unless `partial` (its committed shards are
+exported). Exported JSON is strict: a NaN or infinite score is `null`."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
+import shutil
+import uuid
 
 import pyarrow.parquet as pq
 
@@ -88,19 +99,92 @@ def _name(rec: dict) -> str:
     return _safe(f"{rec['shard']}_{rec['key']}_t{rec['target_index']}_s{rec['seed_index']}_{rec['method']}")
 
 
-def export(out: str, dest: str, fmt: str = "webdataset", maxcount: int = 1000, include_rejected: bool = False) -> dict:
-    """Write the kept edits of `out` to the local folder `dest`. Returns
-    {"edits": n, "files": [written files]}."""
+def strict_json(value):
+    """`value` with every NaN or infinite float made None (JSON has no NaN;
+    Python's json writes a bare `NaN` that strict readers refuse)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
+def dumps(value) -> str:
+    return json.dumps(strict_json(value), sort_keys=True, allow_nan=False)
+
+
+def unfinished(out: str) -> str | None:
+    """Why `out`'s job is not finished (shards left or failed), or None."""
+    from .status import job_status
+
+    try:
+        st = job_status(out)
+    except FileNotFoundError:
+        raise ValueError(f"{out!r} is not an imprint output (no job.json)") from None
+    if not st["left"] and not st["failed"]:
+        return None
+    return (f"{len(st['done'])} of {st['total']} shard(s) done, {len(st['failed'])} failed, {len(st['left'])} left")
+
+
+def export(out: str, dest: str, fmt: str = "webdataset", maxcount: int = 1000, include_rejected: bool = False,
+           overwrite: bool = False, partial: bool = False) -> dict:
+    """Write the kept edits of `out` to the local folder `dest` (see the
+    module doc for `overwrite` and `partial`). Returns {"edits": n, "files":
+    [files in dest]}."""
     if fmt not in FORMATS:
         raise ValueError(f"--format: must be one of {', '.join(FORMATS)}, got {fmt!r}")
     store = OutputStore.open(out)
     if store.current_hash() is None:
         raise ValueError(f"{out!r} is not an imprint output (no job.json)")
-    os.makedirs(dest, exist_ok=True)
-    edits = _edits(store, include_rejected)
-    if fmt == "webdataset":
-        return _export_webdataset(edits, dest, maxcount)
-    return _export_files(edits, dest)
+    why = unfinished(out)
+    if why and not partial:
+        raise ValueError(f"{out} is unfinished ({why}): run the job to its end (`imprint status {out}` lists what "
+                         "is left), or pass --partial to export the shards done so far")
+    dest = os.path.abspath(dest)
+    if os.path.exists(dest) and not os.path.isdir(dest):
+        raise ValueError(f"{dest}: DEST must be a folder")
+    held = sorted(os.listdir(dest)) if os.path.isdir(dest) else []
+    if held and not overwrite:
+        raise ValueError(f"{dest} is not empty ({len(held)} entries, e.g. {held[0]}): exporting into it would mix "
+                         "with what it holds; choose an empty or new folder, or pass --overwrite to replace it whole")
+    parent, name = os.path.split(dest)
+    os.makedirs(parent, exist_ok=True)
+    staging = os.path.join(parent, f".{name}.imprint-export-{uuid.uuid4().hex[:12]}")
+    os.mkdir(staging)
+    try:
+        edits = _edits(store, include_rejected)
+        if fmt == "webdataset":
+            done = _export_webdataset(edits, staging, maxcount)
+        else:
+            done = _export_files(edits, staging)
+        _swap_in(staging, dest)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    done["files"] = [os.path.join(dest, os.path.relpath(f, staging)) for f in done["files"]]
+    done["partial"] = why
+    return done
+
+
+def _swap_in(staging: str, dest: str) -> None:
+    """`staging` becomes `dest`: renamed over an empty or absent DEST; a
+    non-empty one is moved aside first and removed once the new one is in."""
+    try:
+        os.replace(staging, dest)  # POSIX: succeeds when dest is absent or an empty folder
+        return
+    except OSError:
+        if not os.path.isdir(dest):
+            raise
+    old = f"{staging}.old"
+    os.replace(dest, old)
+    try:
+        os.replace(staging, dest)
+    except BaseException:
+        os.replace(old, dest)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _export_webdataset(edits, dest: str, maxcount: int) -> dict:
@@ -110,12 +194,16 @@ def _export_webdataset(edits, dest: str, maxcount: int) -> dict:
     pattern = os.path.join(dest, "edits-%06d.tar")
     with wds.ShardWriter(pattern, maxcount=maxcount, verbose=0) as sink:
         for rec, data, fmt, src, src_fmt in edits:
-            sample = {"__key__": _name(rec), f"edit.{fmt}": data, "json": json.dumps(rec, sort_keys=True).encode()}
+            sample = {"__key__": _name(rec), f"edit.{fmt}": data, "json": dumps(rec).encode()}
             if src is not None:
                 sample[f"source.{src_fmt}"] = src
             sink.write(sample)
             n += 1
     files = sorted(os.path.join(dest, f) for f in os.listdir(dest) if re.fullmatch(r"edits-\d{6}\.tar", f))
+    if n == 0:  # ShardWriter opens its first tar before any sample: no edits, no file
+        for f in files:
+            os.remove(f)
+        files = []
     return {"edits": n, "files": files}
 
 
@@ -146,7 +234,7 @@ def _export_files(edits, dest: str) -> dict:
             scores = rec.pop("scores")
             line = {"file_name": edit_file, "source_file_name": source_file, **rec,
                     **{s: scores.get(s) for s in SCORES},
-                    "params": json.dumps(rec["params"], sort_keys=True), "meta": json.dumps(rec["meta"], sort_keys=True)}
-            fh.write(json.dumps(line, sort_keys=True) + "\n")
+                    "params": dumps(rec["params"]), "meta": dumps(rec["meta"])}
+            fh.write(dumps(line) + "\n")
             n += 1
     return {"edits": n, "files": [metadata]}

@@ -13,6 +13,13 @@ Sources (`find_source` decides from what SRC is):
   `Image` column (a file, or a folder of them as on the Hub); ClassLabel
   columns are written as their names (`label` = "cat", `label_id` = 3).
 
+Lineage: a table's image path or URL stays in the json (`path` or `url` as
+img2dataset writes them; `image_path` / `image_url` when the table has
+another column of that name), and `key_col` names the table's own id column,
+which then gives each sample its key (made safe for WebDataset, the value
+itself kept in the json under the column's name); without it keys are row
+numbers.
+
 Every sample is checked before it is written (the image decodes, in JPEG,
 PNG or WebP, else BMP, GIF or TIFF converted to PNG; the caption is text); a
 bad one is skipped with its reason and counted, never raised. Records flow
@@ -122,6 +129,7 @@ class IngestSummary:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (where, reason)
     converted: int = 0  # images re-encoded to PNG (formats outside the contract)
     uncaptioned: int = 0
+    untargeted: int = 0  # samples written without target prompts (a job then needs input.templates)
 
     def reasons(self) -> Counter:
         return Counter(_reason_kind(r) for _, r in self.skipped)
@@ -137,7 +145,7 @@ def _reason_kind(reason: str) -> str:
 
 
 def find_source(src: str, *, image_col: str | None = None, caption_col: str | None = None,
-                targets_col: str | None = None) -> Source:
+                targets_col: str | None = None, key_col: str | None = None) -> Source:
     if not is_local(src):
         raise IngestError(f"{src}: SRC must be a local file or folder (DEST may be an object store)")
     # resolved once: records carry absolute paths and absolute folders, so a relative
@@ -145,7 +153,7 @@ def find_source(src: str, *, image_col: str | None = None, caption_col: str | No
     p = Path(local_path(src)).resolve()
     if not p.exists():
         raise IngestError(f"{src}: no such file or folder")
-    cols = dict(image_col=image_col, caption_col=caption_col, targets_col=targets_col)
+    cols = dict(image_col=image_col, caption_col=caption_col, targets_col=targets_col, key_col=key_col)
     if p.is_file():
         kind = TABLE_EXTS.get(p.suffix.lower())
         if kind is None:
@@ -163,7 +171,7 @@ def find_source(src: str, *, image_col: str | None = None, caption_col: str | No
     if parquet and not images:
         return _table_source(parquet, "parquet", **cols)
     if any(cols.values()):
-        raise IngestError("--image-col, --caption-col and --targets-col are for tables and datasets; a folder of images "
+        raise IngestError("--image-col, --caption-col, --targets-col and --key-col are for tables and datasets; a folder of images "
                           "takes captions from .txt and fields from .json files next to each image")
     return _folder_source(p, images)
 
@@ -220,7 +228,7 @@ def _pick(columns: list[str], given: str | None, candidates: tuple[str, ...], wh
     return found
 
 
-def _table_source(files: list[Path], kind: str, *, image_col, caption_col, targets_col) -> Source:
+def _table_source(files: list[Path], kind: str, *, image_col, caption_col, targets_col, key_col) -> Source:
     readers = {"csv": _read_csv, "tsv": _read_csv, "imagefolder": None, "jsonl": _read_jsonl, "parquet": _read_parquet}
     columns: list[str] = []
     hf_images: list[str] = []
@@ -235,6 +243,7 @@ def _table_source(files: list[Path], kind: str, *, image_col, caption_col, targe
                   "image", "--image-col", True)
     caption = _pick(columns, caption_col, CAPTION_COLS, "caption", "--caption-col", False)
     targets = _pick(columns, targets_col, TARGETS_COLS, "target prompts", "--targets-col", False)
+    key_of = _key_column(columns, key_col)
 
     def records():
         index = 0
@@ -246,11 +255,38 @@ def _table_source(files: list[Path], kind: str, *, image_col, caption_col, targe
                     continue
                 rowno, values = row
                 where = f"{f.name} row {rowno}"
-                yield _record(values, image, caption, targets, base=str(f.parent), where=where,
-                              key=_table_key(kind, values.get(image), index))
+                try:
+                    key = key_of(values) or _table_key(kind, values.get(image), index)
+                except Skip as exc:
+                    yield Skip(f"{exc} ({where})")
+                    continue
+                yield _record(values, image, caption, targets, base=str(f.parent), where=where, key=key)
                 index += 1
 
-    return Source(kind, records, total, {"image": image, "caption": caption or "(none)", "targets": targets or "(none)"})
+    return Source(kind, records, total, _columns_used(image, caption, targets, key_col))
+
+
+def _columns_used(image: str, caption: str, targets: str, key_col: str | None) -> dict:
+    used = {"image": image, "caption": caption or "(none)", "targets": targets or "(none)"}
+    if key_col:
+        used["key"] = key_col
+    return used
+
+
+def _key_column(columns: list[str], key_col: str | None) -> Callable[[dict], str | None]:
+    """values -> the sample's key from the table's own id column (`--key-col`),
+    or None when no such column was named; an empty id skips the row."""
+    if not key_col:
+        return lambda values: None
+    _pick(columns, key_col, (), "key", "--key-col", True)
+
+    def key_of(values: dict) -> str:
+        v = values.get(key_col)
+        if v is None or (isinstance(v, float) and math.isnan(v)) or isinstance(v, (dict, list)) or not str(v).strip():
+            raise Skip(f"no_key: the key column {key_col!r} is empty or not a value")
+        return str(v).strip()
+
+    return key_of
 
 
 def _file_kind(f: Path) -> str:
@@ -268,12 +304,29 @@ def _table_key(kind: str, image: Any, index: int) -> str:
 def _record(values: dict, image_col: str, caption_col: str, targets_col: str, *, base: str, where: str,
             key: str) -> Record:
     fields = {k: v for k, v in values.items() if k not in (image_col, caption_col, targets_col)}
+    fields.update(_lineage(values, image_col))
     if caption_col and values.get(caption_col) is not None:
         fields["source_prompt"] = values[caption_col]
     if targets_col and values.get(targets_col) is not None:
         fields["target_prompts"] = values[targets_col]
     return Record(key=key, image=values.get(image_col), base=base, fields=fields,
                   caption_from=caption_col, targets_from=targets_col, where=where)
+
+
+def _lineage(values: dict, image_col: str) -> dict:
+    """Where the image came from, kept in the json: {"url": ...} for an
+    http(s) URL, {"path": ...} for a path as the table wrote it (the
+    img2dataset names; `image_url` / `image_path` when the table has another
+    column of that name). Nothing for image bytes."""
+    v = values.get(image_col)
+    if isinstance(v, dict):  # Hugging Face Image: {"bytes": ..., "path": ...}
+        v = v.get("path")
+    if not isinstance(v, str) or not v.strip():
+        return {}
+    name = "url" if v.split("://", 1)[0].lower() in ("http", "https") and "://" in v else "path"
+    if name in values and name != image_col:
+        name = f"image_{name}"
+    return {name: v}
 
 
 def _table_info(f: Path, kind: str) -> tuple[list[str], int | None, list[str]]:
@@ -417,7 +470,7 @@ def _is_image_struct(t) -> bool:
     return pa.types.is_struct(t) and {t.field(i).name for i in range(t.num_fields)} >= {"bytes", "path"}
 
 
-def _hf_disk_source(p: Path, *, image_col, caption_col, targets_col) -> Source:
+def _hf_disk_source(p: Path, *, image_col, caption_col, targets_col, key_col) -> Source:
     try:
         import datasets
     except ImportError:
@@ -434,6 +487,7 @@ def _hf_disk_source(p: Path, *, image_col, caption_col, targets_col) -> Source:
     image = _pick(columns, image_col or (hf_images[0] if hf_images else ""), IMAGE_COLS, "image", "--image-col", True)
     caption = _pick(columns, caption_col, CAPTION_COLS, "caption", "--caption-col", False)
     targets = _pick(columns, targets_col, TARGETS_COLS, "target prompts", "--targets-col", False)
+    key_of = _key_column(columns, key_col)
 
     def records():
         for split, ds in splits.items():
@@ -444,11 +498,16 @@ def _hf_disk_source(p: Path, *, image_col, caption_col, targets_col) -> Source:
                 row = _name_labels(row, labels)
                 if split:
                     row.setdefault("split", split)
-                yield _record(row, image, caption, targets, base=str(p), where=f"{split or 'row'} {i}",
-                              key=f"{split}-{i:09d}" if split else f"{i:09d}")
+                where = f"{split or 'row'} {i}"
+                try:
+                    key = key_of(row) or (f"{split}-{i:09d}" if split else f"{i:09d}")
+                except Skip as exc:
+                    yield Skip(f"{exc} ({where})")
+                    continue
+                yield _record(row, image, caption, targets, base=str(p), where=where, key=key)
 
     total = sum(len(ds) for ds in splits.values())
-    return Source("hf-dataset", records, total, {"image": image, "caption": caption or "(none)", "targets": targets or "(none)"})
+    return Source("hf-dataset", records, total, _columns_used(image, caption, targets, key_col))
 
 
 # ---------------------------------------------------------------------------
@@ -606,6 +665,26 @@ def _json_fields(rec: Record) -> dict:
 
 
 _DROP = object()
+
+
+def add_targets(obj: dict, targets: tuple[str, ...] | list[str], templates: tuple[str, ...] | list[str]) -> None:
+    """Give a sample's json (`obj`) the same target prompts as every other
+    sample of the run: `targets` as they are and `templates` filled from the
+    json's fields (`{source}` = the caption), after its own, without
+    repeats. A template naming a field the sample lacks skips it
+    (`template_field`)."""
+    if not targets and not templates:
+        return
+    from .data import PROMPT_FIELDS, SampleError, TemplateFields, render_templates
+
+    others = {k: v for k, v in obj.items() if k not in PROMPT_FIELDS}
+    try:
+        rendered = render_templates(list(templates), TemplateFields(others, obj.get("source_prompt")))
+    except SampleError as exc:
+        raise Skip(f"template_field: {exc} (--target-template)") from None
+    new = [t.strip() for t in [*obj.get("target_prompts", []), *targets, *rendered] if t.strip()]
+    if new:
+        obj["target_prompts"] = list(dict.fromkeys(new))
 
 
 def _jsonable(v: Any) -> Any:
@@ -935,11 +1014,12 @@ class ShardSink:
 
 
 def make_shards(src: str, dest: str, *, image_col: str | None = None, caption_col: str | None = None,
-                targets_col: str | None = None, samples_per_shard: int = 1000, prefix: str = "shard",
+                targets_col: str | None = None, key_col: str | None = None, samples_per_shard: int = 1000, prefix: str = "shard",
                 overwrite: bool = False, timeout: float = 30.0, workers: int = 8, progress: bool = True,
                 fetch: Callable[[str], bytes] | None = None, allow_outside: bool = False,
                 allow_private: bool = False, max_image_bytes: int = MAX_MEMBER_BYTES,
-                max_inflight_bytes: int = MAX_INFLIGHT_BYTES, source: Source | None = None) -> IngestSummary:
+                max_inflight_bytes: int = MAX_INFLIGHT_BYTES, targets: tuple[str, ...] | list[str] = (),
+                target_templates: tuple[str, ...] | list[str] = (), source: Source | None = None) -> IngestSummary:
     """Write SRC's samples to DEST as WebDataset shards; see the module doc.
     Raises IngestError (nothing written) when SRC or DEST is unusable; on any
     exception DEST keeps what it held before."""
@@ -951,10 +1031,20 @@ def make_shards(src: str, dest: str, *, image_col: str | None = None, caption_co
         raise IngestError(f"--max-image-mb: more than 0 and at most {MAX_MEMBER_BYTES >> 20} (the input contract's cap)")
     if not timeout > 0:
         raise IngestError("--timeout must be more than 0 seconds")
+    if any(not t.strip() for t in targets):
+        raise IngestError("--targets: a target prompt must not be empty")
+    from .spec import SpecError, check_template
+
+    for t in target_templates:
+        try:
+            check_template(t, "--target-template")
+        except SpecError as exc:
+            raise IngestError(str(exc)) from None
     trust = Trust(allow_outside=allow_outside, allow_private=allow_private, max_image_bytes=max_image_bytes,
                   timeout=timeout)
     if source is None:  # (a benchmark's reader, e.g. pipeline.pie_bench, builds its own)
-        source = find_source(src, image_col=image_col, caption_col=caption_col, targets_col=targets_col)
+        source = find_source(src, image_col=image_col, caption_col=caption_col, targets_col=targets_col,
+                             key_col=key_col)
     sink = ShardSink(dest, prefix, overwrite)
     summary = IngestSummary(source=src, kind=source.kind, columns=source.columns)
     budget = ByteBudget(max_inflight_bytes)
@@ -968,6 +1058,7 @@ def make_shards(src: str, dest: str, *, image_col: str | None = None, caption_co
             return index, item, 0
         try:
             out: dict | Skip = load_sample(item, fetch, trust=trust, budget=budget)
+            add_targets(out["json"], targets, target_templates)
         except Skip as exc:
             out = Skip(f"{exc} ({item.where})")
         except Exception as exc:  # noqa: BLE001 - a record's data must not stop the others
@@ -994,6 +1085,7 @@ def make_shards(src: str, dest: str, *, image_col: str | None = None, caption_co
                         out["__key__"] = _unique(safe_key(out["__key__"]), used)
                         summary.converted += bool(out.pop("__converted__", False))
                         summary.uncaptioned += "source_prompt" not in out["json"]
+                        summary.untargeted += "target_prompts" not in out["json"]
                         yield out  # written to the tar when the generator resumes
                     budget.written(index, taken)
             finally:
@@ -1052,4 +1144,8 @@ def summary_lines(s: IngestSummary, max_listed: int = 20) -> list[str]:
     if s.uncaptioned:
         lines.append(f"imprint: {s.uncaptioned} sample(s) have no caption: set input.source_prompt in the job "
                      "(\"\" for the empty prompt, or a template such as \"a photo of a {label}\")")
+    if s.untargeted:
+        lines.append(f"imprint: warning: {s.untargeted} of {s.written} sample(s) have no target prompts: each becomes "
+                     "a bad sample (no_targets) unless the job sets input.templates; or give every sample targets "
+                     "here with --target-template \"{source}, in the snow\" or --targets \"a photo in the snow\"")
     return lines

@@ -35,7 +35,10 @@ class InputSpec:
     # unset: each sample's caption (json source_prompt or txt); "" = invert with the empty prompt (as LEDITS++ does);
     # a template such as "a photo of a {label}" = filled from the sample's json fields ("{source}" = its caption)
     source_prompt: str | None = None
-    max_prompt_tokens: int = 77  # CLIP's context incl. start/end markers; longer prompts are errors, not truncated
+    max_prompt_tokens: int = 77  # CLIP's context incl. start/end markers
+    # true (diffusers' behaviour): a prompt over max_prompt_tokens is cut by the text encoder to its context and
+    # the rows say meta.truncated_prompt = true; false: such a sample is an error row (prompt_too_long)
+    truncate_prompts: bool = True
 
 
 @dataclass
@@ -240,6 +243,8 @@ class JobSpec:
             d["input"].pop(k, None)
         if d["input"]["source_prompt"] is None:  # unset: the hash of specs written before the field existed
             d["input"].pop("source_prompt")
+        if d["input"].get("truncate_prompts") is True:  # the default: the hash of specs written before the field existed
+            d["input"].pop("truncate_prompts")
         d.pop("batch")
         for k in ("compile", "device"):
             d["model"].pop(k, None)
@@ -664,6 +669,9 @@ def check_template(template: str, path: str = "input.templates") -> None:
     problem = ""
     try:
         for _, name, fmt_spec, conversion in string.Formatter().parse(template):
+            if name in ("source_prompt", "target_prompts"):
+                problem = f"{{{name}}} is not a template field: {{source}} is the source prompt"
+                break
             if name is not None and (not name.isidentifier() or fmt_spec or conversion):
                 shown = "{" + name + (f"!{conversion}" if conversion else "") + (f":{fmt_spec}" if fmt_spec else "") + "}"
                 problem = f"{shown} is not allowed"
@@ -732,6 +740,10 @@ def filter_config(spec: JobSpec):
 
 def load_raw(path: str | Path) -> dict:
     p = Path(path)
+    if p.is_dir():
+        raise SpecError(f"job spec {str(p)!r} is a folder, not a job file (TOML): to edit its images, make shards "
+                        f"first (`imprint shards {p} shards/{p.resolve().name}/`), then run a job whose input.shards "
+                        "names them (README \"Your own data\"; jobs/photos.toml)")
     if not p.is_file():
         raise SpecError(f"job spec {str(p)!r}: file not found")
     try:

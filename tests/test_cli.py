@@ -85,3 +85,40 @@ def _dependencies() -> list[str]:
     from pathlib import Path
 
     return tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]["dependencies"]
+
+
+def test_the_command_listing_wraps_evenly_at_any_width():
+    """`imprint -h` at an ordinary terminal width: each command's entry wraps
+    greedily (a line breaks only where the next word would not fit), not
+    where its docstring's source broke."""
+    for width in (80, 100, 120):
+        res = CliRunner().invoke(app, ["-h"], env={"COLUMNS": str(width), "TERMINAL_WIDTH": str(width)},
+                                 prog_name="imprint")
+        rows = [line for line in res.output.splitlines() if line.startswith("│")]
+        panel = rows[rows.index(next(r for r in rows if r.split()[1:2] == ["run"])):]
+        indent = len(panel[0]) - len(panel[0][panel[0].index("run") + 3:].lstrip())
+        width_text = len(panel[0]) - 2 - indent  # text room inside the panel
+        for prev, line in zip(panel, panel[1:]):
+            if line[1:indent].strip():  # a new command's first line
+                continue
+            first_word = line[indent:].split()[0]
+            used = len(prev[indent:].rstrip(" │"))
+            assert used + 1 + len(first_word) > width_text - 1, (width, prev, line)
+
+
+def test_run_on_a_folder_points_to_imprint_shards(tmp_path):
+    (tmp_path / "photos").mkdir()
+    res = CliRunner().invoke(app, ["run", str(tmp_path / "photos")])
+    assert res.exit_code == 2 and "is a folder, not a job file" in res.output and "imprint shards" in res.output, res.output
+    assert "file not found" not in res.output
+
+
+def test_a_table_in_input_shards_names_the_table_in_the_hint():
+    from pipeline.data import check_is_shard_name
+
+    with pytest.raises(ValueError, match=r"`imprint shards data/captions\.csv SHARDS_FOLDER`"):
+        check_is_shard_name("data/captions.csv")
+    with pytest.raises(ValueError, match=r"`imprint shards \./captions\.csv SHARDS_FOLDER`|`imprint shards captions\.csv SHARDS_FOLDER`"):
+        check_is_shard_name("captions.csv")
+    with pytest.raises(ValueError, match=r"`imprint shards photos SHARDS_FOLDER`"):
+        check_is_shard_name("photos/*.png")

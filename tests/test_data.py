@@ -82,7 +82,7 @@ def test_bad_samples_become_errors_with_clear_messages(tmp_path):
         "long_prompt": "prompt too long",
         "no_image": "no image entry",
     }
-    inp = InputSpec(templates=["{source}, sketch"])
+    inp = InputSpec(templates=["{source}, sketch"], truncate_prompts=False)  # long_prompt: an error only then
     for key, raw in bad_samples().items():
         raw = {k: v if k.startswith("__") else to_bytes(v) for k, v in raw.items()}
         s = decode_sample(raw, "shard", inp, ImageSpec(), 128, count_tokens=lambda p: len(p.split()) + 2)

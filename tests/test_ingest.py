@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from helpers_data import image_bytes
 from pipeline.cli import app
 from pipeline.data import expand_shards, read_raw_samples
-from pipeline.ingest import IngestError, make_shards
+from pipeline.ingest import IngestError, make_shards, summary_lines
 from pipeline.spec import ImageSpec, InputSpec
 
 
@@ -74,8 +74,8 @@ def test_imagefolder_metadata_jsonl(tmp_path):
     assert s.kind == "imagefolder" and s.written == 3 and kinds(s) == {"missing_file": 1}
     assert s.columns["caption"] == "text"
     got = read_back(s)
-    assert got["train_0"]["json"] == {"source_prompt": "a cat", "label": "cat"}
-    assert got["train_2"]["json"] == {"label": "bird"}
+    assert got["train_0"]["json"] == {"source_prompt": "a cat", "label": "cat", "path": "train/0.png"}
+    assert got["train_2"]["json"] == {"label": "bird", "path": "train/2.png"}
 
 
 def _table_rows(tmp_path):
@@ -108,9 +108,11 @@ def test_csv_and_tsv_with_a_bad_row(tmp_path, fmt):
     assert kinds(s) == {"bad_row": 1, "missing_file": 1}, s.skipped
     got = read_back(s)
     first, second, last = (got[k]["json"] for k in sorted(got))
-    assert first == {"source_prompt": "a house", "target_prompts": ["a red house", "a house at night"], "label": "007"}
-    assert second == {"source_prompt": "a tree", "target_prompts": ["a tree in the snow"], "label": "008"}
-    assert last == {"label": "010"}  # label kept as text ("010", not 10)
+    assert first == {"source_prompt": "a house", "target_prompts": ["a red house", "a house at night"], "label": "007",
+                     "path": "imgs/0.jpg"}  # the image path as the table wrote it (lineage)
+    assert second == {"source_prompt": "a tree", "target_prompts": ["a tree in the snow"], "label": "008",
+                      "path": str(tmp_path / "imgs" / "1.jpg")}
+    assert last == {"label": "010", "path": "imgs/2.jpg"}  # label kept as text ("010", not 10)
 
 
 def test_jsonl_with_bad_lines(tmp_path):
@@ -299,8 +301,8 @@ def test_empty_source_prompt_is_an_explicit_choice():
     assert not s.error and s.source_prompt == ""
     s = decode({"json": {"target_prompts": ["a dog"]}})  # unset: the caption is required, and the error says what to do
     assert s.error_type == "prompt_missing" and "input.source_prompt" in s.error
-    s = decode({"txt": ""}, source_prompt="", templates=["{source}"])  # renders empty: an error, not an empty target
-    assert s.error_type == "prompt_invalid"
+    s = decode({"txt": ""}, source_prompt="", templates=["{source}"])  # {source} is empty: an error, not an empty target
+    assert s.error_type == "template_field"
 
 
 def test_source_prompt_in_the_spec_schema_and_hash():
@@ -382,3 +384,132 @@ def test_labelled_images_to_shards_to_a_job_with_the_empty_source_prompt(tmp_pat
     results = OutputStore.open(spec.output.path).read_table("results").to_pylist()
     assert sorted((r["key"], r["target_prompt"]) for r in results) == [
         ("000000000", "a cat in the snow"), ("000000001", "a dog in the snow")]
+
+
+def test_lineage_a_csv_rows_url_and_id_reach_the_result_row_and_the_export(tmp_path):
+    """Issue 33: the image's URL (or path) and the table's own id column
+    (--key-col) travel from the CSV through the shards to the results' meta
+    and the export; the id is the sample's key."""
+    import subprocess
+    import sys
+
+    import webdataset as wds
+
+    from pipeline.executor import run_job
+    from pipeline.store import OutputStore
+
+    (tmp_path / "web").mkdir()
+    (tmp_path / "web" / "x.png").write_bytes(image_bytes(seed=5))
+    (tmp_path / "local.png").write_bytes(image_bytes(seed=6))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "web"))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.RequestHandlerClass.log_message = lambda *a: None
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/x.png"
+    (tmp_path / "t.csv").write_text(f"id,url,caption\nphoto-17,{url},a red house\nphoto-18,local.png,a tree\n")
+    try:
+        runner = CliRunner()
+        res = runner.invoke(app, ["shards", str(tmp_path / "t.csv"), str(tmp_path / "shards"), "--key-col", "id",
+                                  "--allow-private", "--no-progress"])
+    finally:
+        server.shutdown()
+    assert res.exit_code == 0, res.output
+    spec = tiny_job(tmp_path, [tmp_path / "shards"], "out", templates=["{source}, oil painting"])
+    report = run_job(spec, progress=False)
+    assert not report.failed and report.errors == 0
+    rows = OutputStore.open(spec.output.path).read_table("results").to_pylist()
+    assert {r["key"]: json.loads(r["meta"]) for r in rows} == {
+        "photo-17": {"id": "photo-17", "url": url}, "photo-18": {"id": "photo-18", "path": "local.png"}}
+    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "export", spec.output.path, str(tmp_path / "exp")],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    got = list(wds.WebDataset(str(tmp_path / "exp" / "edits-000000.tar"), shardshuffle=False).decode())
+    assert {g["json"]["key"]: g["json"]["meta"] for g in got} == {
+        "photo-17": {"id": "photo-17", "url": url}, "photo-18": {"id": "photo-18", "path": "local.png"}}
+
+
+def test_key_col_names_a_column_and_an_empty_id_skips_the_row(tmp_path):
+    (tmp_path / "a.png").write_bytes(image_bytes(seed=1))
+    (tmp_path / "t.csv").write_text("id,image\nx.1,a.png\n,a.png\nx.1,a.png\n")
+    with pytest.raises(IngestError, match="--key-col 'nope': no such column"):
+        make_shards(str(tmp_path / "t.csv"), str(tmp_path / "o"), key_col="nope", progress=False)
+    s = make_shards(str(tmp_path / "t.csv"), str(tmp_path / "o"), key_col="id", progress=False)
+    assert s.written == 2 and kinds(s) == {"no_key": 1}
+    got = read_back(s)
+    assert sorted(got) == ["x_1", "x_1-2"] and got["x_1"]["json"] == {"id": "x.1", "path": "a.png"}
+
+
+def test_shards_warns_of_samples_without_targets_and_gives_a_folder_targets(tmp_path):
+    src = tmp_path / "photos"
+    src.mkdir()
+    for i, name in enumerate(("cat", "dog")):
+        (src / f"{name}.png").write_bytes(image_bytes(seed=i))
+        (src / f"{name}.txt").write_text(f"a {name}")
+    (src / "dog.json").write_text(json.dumps({"target_prompts": ["a wolf"]}))
+    res = CliRunner().invoke(app, ["shards", str(src), str(tmp_path / "a"), "--no-progress"])
+    assert res.exit_code == 0 and "warning: 1 of 2 sample(s) have no target prompts" in res.output, res.output
+    assert "--target-template" in res.output
+    s = make_shards(str(src), str(tmp_path / "b"), targets=["a photo at night"],
+                    target_templates=["{source}, in the snow"], progress=False)
+    got = read_back(s)
+    assert got["cat"]["json"]["target_prompts"] == ["a photo at night", "a cat, in the snow"]
+    assert got["dog"]["json"]["target_prompts"] == ["a wolf", "a photo at night", "a dog, in the snow"]
+    assert s.untargeted == 0 and not any("no target prompts" in line for line in summary_lines(s))
+    with pytest.raises(IngestError, match=r"--target-template: '\{source!r\}' is not a valid template"):
+        make_shards(str(src), str(tmp_path / "c"), target_templates=["{source!r}"], progress=False)
+    s = make_shards(str(src), str(tmp_path / "d"), target_templates=["a {label}"], progress=False)
+    assert s.written == 0 and kinds(s) == {"template_field": 2}
+    assert "no field 'label'" in s.skipped[0][1]
+
+
+LONG = "a photo of " + " and ".join(f"a small red house number {i}" for i in range(20))  # well over 77 tokens
+
+
+def test_long_prompts_are_truncated_and_marked_unless_the_job_says_no(tmp_path, capfd):
+    """input.truncate_prompts (default true, as diffusers): a prompt over
+    input.max_prompt_tokens is cut by the text encoder and each row of the
+    sample says meta.truncated_prompt; false keeps the error row. The
+    tokenizer's "indexing errors" warning is not shown."""
+    from pipeline.data import write_shards
+    from pipeline.executor import run_job
+    from pipeline.store import OutputStore
+
+    shard = write_shards([{"__key__": "long", "png": image_bytes(seed=1), "json": {"source_prompt": "a house",
+                                                                                   "target_prompts": [LONG]}},
+                          {"__key__": "short", "png": image_bytes(seed=2), "json": {"source_prompt": "a house",
+                                                                                    "target_prompts": ["a barn"]}}],
+                         str(tmp_path / "s.tar"))
+    spec = tiny_job(tmp_path, [shard], "out")
+    report = run_job(spec, progress=False)
+    assert not report.failed and report.errors == 0
+    rows = {r["key"]: r for r in OutputStore.open(spec.output.path).read_table("results").to_pylist()}
+    assert rows["long"]["status"] == "ok" and rows["long"]["target_prompt"] == LONG
+    assert json.loads(rows["long"]["meta"]) == {"truncated_prompt": True}
+    assert json.loads(rows["short"]["meta"] or "{}") == {}
+    assert "indexing errors" not in "".join(capfd.readouterr())
+
+    strict = tiny_job(tmp_path, [shard], "strict", truncate_prompts=False)
+    assert strict.hash() != spec.hash()
+    report = run_job(strict, progress=False)
+    assert report.errors == 1 and dict(report.error_types) == {"prompt_too_long": 1}
+
+
+def test_source_in_a_target_template_with_the_empty_source_prompt_is_an_error_row():
+    """input.source_prompt = "" and a target template "{source} in the snow"
+    would edit towards "in the snow": an error row saying why instead."""
+    s = decode({"txt": "a cat"}, source_prompt="", templates=["{source} in the snow"])
+    assert s.error_type == "template_field" and "source prompt is empty" in s.error, s.error
+    s = decode({"json": {"label": "cat"}}, source_prompt="", templates=["a {label} in the snow"])  # the way to do it
+    assert not s.error and s.target_prompts == ["a cat in the snow"]
+
+
+def test_source_prompt_in_a_template_is_refused_by_name():
+    from pipeline.data import SampleError, TemplateFields, render_templates
+    from pipeline.spec import SpecError, load_spec
+
+    for field in ("input.templates", "input.source_prompt"):
+        value = '["{source_prompt}, at night"]' if field == "input.templates" else '"{source_prompt}"'
+        with pytest.raises(SpecError, match=r"\{source_prompt\} is not a template field: \{source\} is the source prompt"):
+            load_spec(raw={"input": {"shards": ["a.tar"], "templates": ["x"]}}, overrides=[f"{field}={value}"])
+    with pytest.raises(SampleError, match=r"\{source\} is the source prompt"):
+        render_templates(["{source_prompt}"], TemplateFields({"label": "cat"}, "a cat"))

@@ -405,3 +405,100 @@ def test_export_webdataset_and_files(done_run, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "pipeline.cli", "export", str(out), str(tmp_path / "x"),
                           "--format", "zip"], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.strip() == "imprint: error: --format: must be one of webdataset, files, got 'zip'"
+
+
+class _Exported:
+    """`imprint export` run in this process (no interpreter start): exit code, stdout, stderr."""
+
+    def __init__(self, out, dest, *flags):
+        from typer.testing import CliRunner
+
+        from pipeline.cli import app
+
+        res = CliRunner().invoke(app, ["export", str(out), str(dest), *flags])
+        self.returncode, self.stdout, self.stderr = res.exit_code, res.stdout, res.stderr
+
+
+_export = _Exported
+
+
+def test_reexport_never_duplicates(done_run, tmp_path):
+    """A second export into the same folder is refused (DEST must be empty);
+    --overwrite replaces the folder whole: the old job's tars, images and
+    stray files are gone and the edits read back exactly once."""
+    import webdataset as wds
+
+    _, out = done_run
+    want = edits_of(3) + edits_of(4)
+    dest = tmp_path / "wds"
+    assert _export(out, dest, "--maxcount", "5").returncode == 0
+    (dest / "edits-000099.tar").write_bytes(b"an older job's shard")
+    before = sorted(p.name for p in dest.iterdir())
+    again = _export(out, dest, "--maxcount", "50")
+    assert again.returncode == 2 and "is not empty" in again.stderr and "--overwrite" in again.stderr, again.stderr
+    assert sorted(p.name for p in dest.iterdir()) == before  # nothing touched
+    res = _export(out, dest, "--maxcount", "50", "--overwrite")
+    assert res.returncode == 0, res.stderr
+    tars = sorted(str(p) for p in dest.glob("*.tar"))
+    assert [os.path.basename(t) for t in tars] == ["edits-000000.tar"]
+    assert f"({len(tars)} file(s))" in res.stdout
+    assert len(list(wds.WebDataset(tars, shardshuffle=False))) == want
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left
+
+    files = tmp_path / "files"
+    assert _export(out, files, "--format", "files").returncode == 0
+    (files / "edits" / "older_edit.png").write_bytes(b"x")
+    (files / "sources" / "older_source.png").write_bytes(b"x")
+    assert _export(out, files, "--format", "files", "--overwrite").returncode == 0
+    lines = (files / "metadata.jsonl").read_text().splitlines()
+    assert len(lines) == want
+    assert len(list((files / "edits").iterdir())) == want
+    assert not (files / "edits" / "older_edit.png").exists() and not (files / "sources" / "older_source.png").exists()
+
+
+def test_export_refuses_an_unfinished_output_unless_partial(done_run, tmp_path):
+    _, out = done_run
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    marker = sorted((copy / DONE).iterdir())[0]
+    marker.unlink()  # one shard of the job is now left to do
+    res = _export(copy, tmp_path / "x")
+    assert res.returncode == 2 and "unfinished" in res.stderr and "--partial" in res.stderr, res.stderr
+    assert not (tmp_path / "x").exists()
+    res = _export(copy, tmp_path / "y", "--partial")
+    assert res.returncode == 0 and "partial export" in res.stderr, res.stderr
+    assert 0 < int(res.stdout.split("exported ")[1].split()[0]) < edits_of(3) + edits_of(4)
+
+
+def test_exported_json_is_strict(tmp_path):
+    """A NaN score (a scorer that failed on one edit) is null in both formats, never a bare NaN."""
+    from pipeline.export import _export_files, _export_webdataset
+
+    rec = {"key": "k", "shard": "s", "source_prompt": "a", "target_prompt": "b", "target_index": 0, "seed_index": 0,
+           "seed": 1, "method": "edit-friendly", "params": {"x": float("nan")}, "model_id": "tiny", "width": 8,
+           "height": 8, "scores": {"clip_text": float("nan"), "lpips": 0.5}, "meta": {"v": float("inf")}}
+
+    def edits():
+        yield dict(rec), b"png", "png", b"src", "png"
+
+    def strict(text):
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c} in {text}"))
+
+    import webdataset as wds
+
+    (tmp_path / "w").mkdir()
+    _export_webdataset(edits(), str(tmp_path / "w"), 10)
+    got = next(iter(wds.WebDataset(str(tmp_path / "w" / "edits-000000.tar"), shardshuffle=False)))
+    j = strict(got["json"].decode())
+    assert j["scores"] == {"clip_text": None, "lpips": 0.5} and j["params"] == {"x": None} and j["meta"] == {"v": None}
+    (tmp_path / "f").mkdir()
+    _export_files(edits(), str(tmp_path / "f"))
+    line = strict((tmp_path / "f" / "metadata.jsonl").read_text())
+    assert line["clip_text"] is None and strict(line["params"]) == {"x": None}
+
+
+def test_no_edits_write_no_empty_tar(tmp_path):
+    from pipeline.export import _export_webdataset
+
+    done = _export_webdataset(iter([]), str(tmp_path), 10)
+    assert done == {"edits": 0, "files": []} and not list(tmp_path.iterdir())
