@@ -265,3 +265,26 @@ def test_a_run_opens_its_output_once_and_hashes_its_spec_once(tmp_path, shard, m
     report = run_job(spec, executor="inline", progress=False, worker_cls=_NoOpWorker)
     assert report.done == 1
     assert counts == {"open": 1, "hash": 1}
+
+
+# -- the device where the workers run (issue 33) ----------------------------------------------
+
+
+def test_a_device_the_local_cluster_lacks_is_refused(tmp_path, shard, monkeypatch):
+    """The measured case: model.device = "cuda" with the Ray executor on a
+    machine without a GPU passed validate, then waited 30 minutes for a
+    worker the local cluster (this machine's devices only) could never place."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    raw = job(tmp_path, shard, model={"device": "cuda"}, run={"executor": "ray"})
+    line = one_error(*validate(tmp_path, raw), "model.device")
+    assert "local Ray cluster" in line and "run.ray_address" in line
+    raw = job(tmp_path, shard, run={"executor": "ray", "gpus_per_worker": 1})
+    assert "has 0" in one_error(*validate(tmp_path, raw), "run.gpus_per_worker")
+    # a job that joins an existing cluster may ask for GPUs the driver lacks: the workers' machines have them
+    joined = job(tmp_path, shard, model={"device": "cuda"}, run={"executor": "ray", "ray_address": "head:6379"})
+    assert validate(tmp_path, joined)[0] == 0
+    monkeypatch.setenv("RAY_ADDRESS", "head:6379")  # inside `ray job submit`
+    assert validate(tmp_path, raw)[0] == 0
