@@ -8,8 +8,9 @@ the driver, before the output path is claimed) and by `imprint validate`
 - the device exists where the workers run when that is here (inline jobs,
   and Ray jobs on the local cluster imprint starts);
 - pretrained weights of the model and the scorers are at hand: present in the
-  cache while the hub is offline (`HF_HUB_OFFLINE=1`), shipped files present;
-  no weights are loaded;
+  cache while the hub is offline (`HF_HUB_OFFLINE=1`), scorer weights cached
+  or their source answering within seconds (else every worker would spend
+  minutes in download retries), shipped files present; no weights are loaded;
 - the input: the shard patterns list to shards that exist and the first one
   opens as a tar (or, for edit-codes jobs, the codes folder holds noise files);
 - the output path is free or holds results of this spec.

@@ -288,3 +288,52 @@ def test_a_device_the_local_cluster_lacks_is_refused(tmp_path, shard, monkeypatc
     assert validate(tmp_path, joined)[0] == 0
     monkeypatch.setenv("RAY_ADDRESS", "head:6379")  # inside `ray job submit`
     assert validate(tmp_path, raw)[0] == 0
+
+
+def _dead_endpoint() -> str:
+    """An http address nothing listens on (connections are refused at once)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture
+def empty_caches(tmp_path, monkeypatch):
+    """Empty Hugging Face and torch caches, read as the scorers read them."""
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))  # read by the hub at import
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+
+
+def test_default_scorers_without_their_weights_fail_validate_at_once(tmp_path, shard, empty_caches, monkeypatch):
+    """Issue 33: a job with the default scorers (ViT-L-14/openai, LPIPS alex)
+    passed validate with an empty cache and a hub that does not answer, then
+    each worker spent 70 s in the hub client's retries and the job failed."""
+    import time
+
+    raw = job(tmp_path, shard, score={"enabled": True})  # clip_model/clip_pretrained "auto"
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # online, but the hub does not answer
+    monkeypatch.setenv("HF_ENDPOINT", _dead_endpoint())
+    start = time.monotonic()
+    line = one_error(*validate(tmp_path, raw), "score.clip_pretrained")
+    assert time.monotonic() - start < 5, "validate should refuse within the probe timeout"
+    assert "ViT-L-14/openai" in line and "not in the Hugging Face cache" in line and "did not answer" in line
+    assert "imprint pull" in line
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # offline: refused without asking the hub
+    line = one_error(*validate(tmp_path, raw), "score.clip_pretrained")
+    assert "ViT-L-14/openai" in line and "imprint pull" in line
+
+
+def test_an_lpips_trunk_whose_source_does_not_answer_fails_validate(tmp_path, shard, empty_caches, monkeypatch):
+    import pipeline.scoring as scoring
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(scoring, "lpips_trunk_url", lambda net: f"{_dead_endpoint()}/alexnet-owt-7be5be79.pth")
+    raw = job(tmp_path, shard, score={"enabled": True, "clip_model": "imprint-tiny-clip", "clip_pretrained": "random"})
+    line = one_error(*validate(tmp_path, raw), "score.lpips_pretrained")
+    assert "did not answer" in line and str(tmp_path / "torch") in line
