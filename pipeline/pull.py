@@ -122,12 +122,12 @@ def pull_model(model_id: str, revision: str | None, to: Path | None, echo: Calla
 
 @dataclass(frozen=True)
 class ScorerFile:
-    """One scorer checkpoint to fetch: from a hub repository (repo, filename)
+    """One scorer checkpoint to fetch: from a hub repository (repo, names)
     into the Hugging Face cache, or from a URL into `dest`."""
 
     label: str
     repo: str | None = None
-    filename: str | None = None
+    names: tuple[str, ...] = ()  # in a hub repo: the file names open_clip tries, in its order (the first present is loaded)
     url: str | None = None
     dest: str | None = None
 
@@ -148,7 +148,7 @@ def scorer_files(cfg) -> tuple[list[ScorerFile], list[str]]:
     elif source is None:
         notes.append(f"CLIP {cfg.clip_model}/{tag}: shipped or a local file; nothing to fetch")
     elif source[0] == "hf_hub":
-        files.append(ScorerFile(f"CLIP {cfg.clip_model}/{tag}", repo=source[1]))
+        files.append(ScorerFile(f"CLIP {cfg.clip_model}/{tag}", repo=source[1], names=source[2]))
     else:
         files.append(ScorerFile(f"CLIP {cfg.clip_model}/{tag}", url=source[1], dest=scoring.clip_url_cache_path(source[1])))
     if cfg.lpips_pretrained:
@@ -173,16 +173,15 @@ def pull_scorers(cfg, echo: Callable[[str], None]) -> None:
     from huggingface_hub import HfApi, hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError
 
-    from .scoring import CLIP_HUB_FILES
     from .weights import hub_endpoint
 
     for f in files:
         try:
             if f.repo:
                 sizes = {e.path: getattr(e, "size", None) for e in HfApi(endpoint=hub_endpoint()).list_repo_tree(f.repo)}
-                name = next((n for n in CLIP_HUB_FILES if n in sizes), None)
+                name = next((n for n in f.names if n in sizes), None)
                 if name is None:
-                    raise PullError(f"{f.label}: hub repo {f.repo} has none of {', '.join(CLIP_HUB_FILES)}")
+                    raise PullError(f"{f.label}: hub repo {f.repo} has none of {', '.join(f.names)}")
                 echo(f"{f.label}: {human(sizes[name])} from hub repo {f.repo} into the Hugging Face cache")
                 path = hf_hub_download(f.repo, name, endpoint=hub_endpoint())
             else:

@@ -120,6 +120,8 @@ TINY_CLIP = "imprint-tiny-clip"
 TOY_CLIP = "toy-clip"
 TOY_CLIP_TAGS = ("toy",)  # toy-clip has only its shipped weights
 TOY_CLIP_WEIGHTS = "open_clip_model.safetensors"
+# The checkpoint files open_clip looks for in a hub repository named without a file, in its order.
+CLIP_HUB_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 CLIP_CONFIG_DIR = Path(__file__).resolve().parent / "clip_configs"
 RANDOM_INIT_SEED = 0
 RANDOM = "random"  # clip_pretrained for randomly initialised weights
@@ -335,25 +337,32 @@ def missing_weights(cfg: ScoreConfig) -> tuple[str, str] | None:
     return None
 
 
-def clip_weights_source(model: str, pretrained: str) -> tuple[str, str] | None:
-    """Where open_clip downloads a tag's weights from: ("hf_hub", repo id)
-    or ("url", address); None for a file, a shipped tag or an unknown tag."""
+def clip_weights_source(model: str, pretrained: str) -> tuple[str, str, tuple[str, ...]] | None:
+    """Where open_clip downloads a tag's weights from: ("hf_hub", repo id,
+    the file names it tries in its order: the safetensors alternative first)
+    or ("url", address, ()); None for a file, a shipped tag or an unknown tag."""
     import open_clip
 
     tag_cfg = open_clip.get_pretrained_cfg(model, pretrained) or {}
     if tag_cfg.get("hf_hub"):
-        return "hf_hub", tag_cfg["hf_hub"].rstrip("/")
+        # open_clip's form: "org/name/" (its default file) or "org/name/file.bin"
+        repo_id, filename = os.path.split(tag_cfg["hf_hub"])
+        if not filename:
+            return "hf_hub", repo_id, CLIP_HUB_FILES
+        if filename.endswith((".bin", ".pth")):
+            return "hf_hub", repo_id, (filename[:-4] + ".safetensors", filename)
+        return "hf_hub", repo_id, (filename,)
     if tag_cfg.get("url"):
-        return "url", tag_cfg["url"]
+        return "url", tag_cfg["url"], ()
     return None
 
 
-def _source_unreachable(source: tuple[str, str] | None, what: str) -> str | None:
+def _source_unreachable(source: tuple[str, str, tuple[str, ...]] | None, what: str) -> str | None:
     from .weights import hub_repo_url, unreachable
 
     if source is None:
         return None
-    kind, where = source
+    kind, where, _ = source
     return unreachable(hub_repo_url(where) if kind == "hf_hub" else where, what)
 
 
@@ -381,11 +390,11 @@ def _clip_weights_cached(model: str, pretrained: str) -> tuple[bool, str] | None
     source = clip_weights_source(model, path)
     if source is None:
         return None
-    kind, where = source
+    kind, where, names = source
     if kind == "hf_hub":
         from huggingface_hub import try_to_load_from_cache
 
-        for name in CLIP_HUB_FILES:
+        for name in names:
             found = try_to_load_from_cache(where, name)
             if isinstance(found, str):
                 return True, found
@@ -393,9 +402,6 @@ def _clip_weights_cached(model: str, pretrained: str) -> tuple[bool, str] | None
     cached = clip_url_cache_path(where)
     return (True, cached) if os.path.isfile(cached) else (False, f"not cached at {cached}")
 
-
-# The checkpoint files open_clip looks for in a hub repository, in its order.
-CLIP_HUB_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 
 
 def clip_url_cache_path(url: str) -> str:

@@ -154,3 +154,13 @@ def test_pull_names_a_missing_repository(tmp_path, monkeypatch):
         set_hub(monkeypatch, tmp_path, hub.url, offline=False)
         code, out = invoke("pull", "acme/no-such-model")
     assert code == 2 and "acme/no-such-model" in out and "RepositoryNotFound" in out, out
+
+
+def test_clip_sources_name_the_files_open_clip_tries():
+    from pipeline.scoring import CLIP_HUB_FILES, clip_weights_source
+
+    assert clip_weights_source("ViT-L-14", "openai") == ("hf_hub", CLIP_REPO, CLIP_HUB_FILES)
+    # open_clip's other hub form names the file: its safetensors alternative is tried first
+    assert clip_weights_source("ViTamin-S", "datacomp1b") == (
+        "hf_hub", "jienengchen/ViTamin-S", ("pytorch_model.safetensors", "pytorch_model.bin"))
+    assert clip_weights_source("toy-clip", "toy") is None
