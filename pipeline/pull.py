@@ -104,7 +104,7 @@ def pull_model(model_id: str, revision: str | None, to: Path | None, echo: Calla
             raise PullError(f"model {model_id!r}: the repository has no model_index.json (not a diffusers "
                             "pipeline; imprint loads diffusers-format SD, SDXL, SD3 and FLUX repositories)")
         kw = dict(revision=revision, allow_patterns=files, local_dir=str(to) if to else None, endpoint=hub_endpoint())
-        plan = snapshot_download(model_id, dry_run=True, **kw)
+        plan = _quietly(lambda: snapshot_download(model_id, dry_run=True, **kw))  # its bar would show no download
         total = sum(f.file_size or 0 for f in plan)
         fetch = sum(f.file_size or 0 for f in plan if f.will_download)
         where = to or "the Hugging Face cache (HF_HOME=" + os.environ.get("HF_HOME", "~/.cache/huggingface") + ")"
@@ -118,6 +118,19 @@ def pull_model(model_id: str, revision: str | None, to: Path | None, echo: Calla
     except (HfHubHTTPError, OSError, ValueError) as exc:
         raise PullError(f"model {model_id!r}: {type(exc).__name__}: {exc}") from None
     echo(f"model {model_id}: ready in {path}")
+
+
+def _quietly(call):
+    """call() without the hub's progress bars, which are left as they were."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    if are_progress_bars_disabled():
+        return call()
+    disable_progress_bars()
+    try:
+        return call()
+    finally:
+        enable_progress_bars()
 
 
 @dataclass(frozen=True)
