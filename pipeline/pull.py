@@ -103,7 +103,7 @@ def pull_model(model_id: str, revision: str | None, to: Path | None, echo: Calla
         if "model_index.json" not in files:
             raise PullError(f"model {model_id!r}: the repository has no model_index.json (not a diffusers "
                             "pipeline; imprint loads diffusers-format SD, SDXL, SD3 and FLUX repositories)")
-        kw = dict(revision=revision, allow_patterns=files, local_dir=str(to) if to else None, endpoint=hub_endpoint())
+        kw = {"revision": revision, "allow_patterns": files, "local_dir": str(to) if to else None, "endpoint": hub_endpoint()}
         plan = _quietly(lambda: snapshot_download(model_id, dry_run=True, **kw))  # its bar would show no download
         total = sum(f.file_size or 0 for f in plan)
         fetch = sum(f.file_size or 0 for f in plan if f.will_download)
@@ -122,7 +122,11 @@ def pull_model(model_id: str, revision: str | None, to: Path | None, echo: Calla
 
 def _quietly(call):
     """call() without the hub's progress bars, which are left as they were."""
-    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from huggingface_hub.utils import (
+        are_progress_bars_disabled,
+        disable_progress_bars,
+        enable_progress_bars,
+    )
 
     if are_progress_bars_disabled():
         return call()

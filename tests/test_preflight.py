@@ -330,7 +330,7 @@ def test_default_scorers_without_their_weights_fail_validate_at_once(tmp_path, s
 
 
 def test_an_lpips_trunk_whose_source_does_not_answer_fails_validate(tmp_path, shard, empty_caches, monkeypatch):
-    import pipeline.scoring as scoring
+    from pipeline import scoring
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(scoring, "lpips_trunk_url", lambda net: f"{_dead_endpoint()}/alexnet-owt-7be5be79.pth")

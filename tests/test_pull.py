@@ -8,10 +8,10 @@ import os
 
 import pytest
 import tomli_w
-from typer.testing import CliRunner
-
 from helpers_data import good_samples, tiny_job, write
 from hub_standin import StandInHub
+from typer.testing import CliRunner
+
 from pipeline.cli import app
 from pipeline.pull import model_files
 
@@ -40,7 +40,11 @@ def tiny_repo(tmp_path_factory) -> dict[str, bytes]:
 def progress_bars_as_they_were(monkeypatch):
     """`imprint pull` turns the hub's progress bars on for its process: give
     the tests after these the switch and the bars as they found them."""
-    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from huggingface_hub.utils import (
+        are_progress_bars_disabled,
+        disable_progress_bars,
+        enable_progress_bars,
+    )
 
     was = os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS")
     monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", was) if was is not None else \
@@ -88,7 +92,7 @@ def test_model_files_are_what_the_loaders_read(tiny_repo):
 
 
 def test_pull_fills_the_caches_validate_reads(tmp_path, tiny_repo, monkeypatch):
-    import pipeline.scoring as scoring
+    from pipeline import scoring
 
     shard = write(tmp_path / "s-000.tar", good_samples("p", 1))
     job = tmp_path / "job.toml"
