@@ -191,6 +191,39 @@ def validate(
 
 
 @app.command()
+def pull(
+    model: Optional[str] = typer.Argument(None, help="Hub id (owner/name) of a diffusers model; default: the "
+                                                     "--job's model.id. Built-in ids need nothing."),
+    scorers: bool = typer.Option(False, "--scorers", help="Also fetch the scorer weights (CLIP, LPIPS trunk) the "
+                                                          "job's [score] section uses, or the defaults for MODEL."),
+    job: Optional[Path] = typer.Option(None, "--job", help="Job spec whose model and [score] section to fetch for."),
+    to: Optional[Path] = typer.Option(None, "--to", help="Put the model in this folder (a diffusers folder that "
+                                                         "model.id can name) instead of the Hugging Face cache."),
+    revision: Optional[str] = typer.Option(None, help="Model revision (default: the job's model.revision, else main)."),
+) -> None:
+    """Fetch a model's weights (and with --scorers the scorers') into the
+    caches the workers read (HF_HOME, TORCH_HOME), showing sizes first and
+    progress; `imprint validate` then finds them."""
+    from .console import show_download_progress
+    from .pull import PullError, job_scorers, pull_model, pull_scorers
+    from .spec import SpecError, load_spec
+
+    if model is None and job is None:
+        die("name a MODEL or a --job")
+    try:
+        if job is not None:
+            spec = load_spec(job)
+            model = model or spec.model.id
+            revision = revision or spec.model.revision or None
+        show_download_progress()
+        pull_model(model, revision, to, typer.echo)
+        if scorers:
+            pull_scorers(job_scorers(model, job), typer.echo)
+    except (SpecError, PullError) as exc:
+        die(str(exc))
+
+
+@app.command()
 def status(
     out: str = typer.Argument(..., help="Output path of a job."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),

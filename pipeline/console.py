@@ -15,12 +15,28 @@ def die(msg: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+_PROGRESS_QUIETED = False  # whether quiet_libraries, not the user, turned the hub's progress bars off
+
+
+def show_download_progress() -> None:
+    """The hub's progress bars back on, for a command whose point is a
+    download (`imprint pull`), unless the user turned them off."""
+    if not _PROGRESS_QUIETED:
+        return
+    os.environ.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)
+    from huggingface_hub.utils import enable_progress_bars
+
+    enable_progress_bars()
+
+
 def quiet_libraries() -> None:
     """No weight-loading progress bars in `imprint` commands and their
     workers: the libraries' own switches (Hugging Face hub, transformers and
     diffusers), plus the environment variable, which a local Ray cluster's
     workers inherit before they import anything. A user's explicit setting
     of the variable wins."""
+    global _PROGRESS_QUIETED
+    _PROGRESS_QUIETED = _PROGRESS_QUIETED or "HF_HUB_DISABLE_PROGRESS_BARS" not in os.environ
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     if os.environ["HF_HUB_DISABLE_PROGRESS_BARS"].upper() not in ("1", "ON", "YES", "TRUE"):
         return

@@ -5,10 +5,12 @@ the driver, before the output path is claimed) and by `imprint validate`
 - the model resolves and the spec fits it (steps, prompt context, image size
   against the UNet's downsampling and the LPIPS trunk), from its configuration
   files only;
-- the device exists (inline jobs);
+- the device exists where the workers run when that is here (inline jobs,
+  and Ray jobs on the local cluster imprint starts);
 - pretrained weights of the model and the scorers are at hand: present in the
-  cache while the hub is offline (`HF_HUB_OFFLINE=1`), shipped files present;
-  no weights are loaded;
+  cache while the hub is offline (`HF_HUB_OFFLINE=1`), scorer weights cached
+  or their source answering within seconds (else every worker would spend
+  minutes in download retries), shipped files present; no weights are loaded;
 - the input: the shard patterns list to shards that exist and the first one
   opens as a tar (or, for edit-codes jobs, the codes folder holds noise files);
 - the output path is free or holds results of this spec.
@@ -136,25 +138,48 @@ def _check_size(spec: JobSpec, limits: ModelLimits) -> None:
 
 
 def _check_device(spec: JobSpec) -> None:
-    """The device must exist here when the job runs here (inline). A Ray job
-    runs its workers on other machines: there the device is the workers'
-    (a CPU-only driver may schedule GPU workers)."""
+    """The device must exist here when the job's workers run here: inline,
+    or on the local Ray cluster imprint starts (it has this machine's GPUs
+    only, so a worker asking for a GPU there would wait for
+    run.placement_timeout_s for a node that never comes). A job that joins
+    an existing cluster (run.ray_address, or $RAY_ADDRESS inside `ray job
+    submit`) runs its workers on other machines: there the device is the
+    workers' (a CPU-only driver may schedule GPU workers)."""
     device = spec.model.device
-    if device in ("auto", "cpu") or spec.run.executor != "inline":
+    if spec.run.executor != "inline" and joins_existing_cluster(spec):
         return
+    where = "this machine" if spec.run.executor == "inline" else \
+        "this machine (the local Ray cluster imprint starts has this machine's devices only)"
+    join = "" if spec.run.executor == "inline" else ", or join a cluster that has it (run.ray_address)"
+    if device not in ("auto", "cpu"):
+        kind, _, index = device.partition(":")
+        n = device_count(kind)
+        if int(index or 0) >= n:
+            have = f"{n} {kind} device(s)" if n else f"no {kind} device"
+            raise SpecError(f"model.device: {device!r} does not exist on {where} ({have}); use auto or cpu{join}")
+    gpus = spec.run.gpus_per_worker
+    if spec.run.executor != "inline" and gpus and device_count("cuda") < gpus:
+        raise SpecError(f"run.gpus_per_worker: {gpus:g} GPU(s) per worker, and {where} has "
+                        f"{device_count('cuda')}; unset it (or 0){join}")
+
+
+def joins_existing_cluster(spec: JobSpec) -> bool:
+    """Whether a Ray job joins a running cluster rather than starting a local
+    one (the choice ray_adapter._connect makes)."""
+    return bool(spec.run.ray_address or os.environ.get("RAY_ADDRESS", ""))
+
+
+def device_count(kind: str) -> int:
+    """Devices of a torch device type on this machine (0 for unknown types)."""
     import torch
 
-    kind, _, index = device.partition(":")
-    n = 0
     if kind == "cuda":
-        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    elif kind == "mps":
-        n = 1 if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available() else 0
-    elif kind == "xpu":
-        n = torch.xpu.device_count() if hasattr(torch, "xpu") and torch.xpu.is_available() else 0
-    if int(index or 0) >= n:
-        have = f"{n} {kind} device(s)" if n else f"no {kind} device"
-        raise SpecError(f"model.device: {device!r} does not exist on this machine ({have}); use auto or cpu")
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if kind == "mps":
+        return 1 if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available() else 0
+    if kind == "xpu":
+        return torch.xpu.device_count() if hasattr(torch, "xpu") and torch.xpu.is_available() else 0
+    return 0
 
 
 def _check_weights(spec: JobSpec) -> None:

@@ -127,6 +127,8 @@ TINY_CLIP = "imprint-tiny-clip"
 TOY_CLIP = "toy-clip"
 TOY_CLIP_TAGS = ("toy",)  # toy-clip has only its shipped weights
 TOY_CLIP_WEIGHTS = "open_clip_model.safetensors"
+# The checkpoint files open_clip looks for in a hub repository named without a file, in its order.
+CLIP_HUB_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 CLIP_CONFIG_DIR = Path(__file__).resolve().parent / "clip_configs"
 RANDOM_INIT_SEED = 0
 RANDOM = "random"  # clip_pretrained for randomly initialised weights
@@ -324,53 +326,114 @@ def _check_clip_choice(model: str, pretrained: str | None) -> None:
                          f"(tags: {tags}) nor a checkpoint file; use \"random\" for random weights")
 
 
+PULL_HINT = "`imprint pull MODEL --scorers` fetches them"
+
+
 def missing_weights(cfg: ScoreConfig) -> tuple[str, str] | None:
     """(field, reason) when pretrained weights the scorers will load are not
-    at hand: not cached while the hub is offline, or a shipped file missing.
-    Random weights need none; uncached weights while online are downloaded
-    when the worker starts. Reads caches only (no weights are loaded)."""
+    at hand: a shipped file missing, or not cached and either the hub is
+    offline or their source does not answer now (the worker would spend
+    minutes in download retries). Random weights need none; uncached
+    weights whose source answers are downloaded when the worker starts.
+    Reads caches and probes sources only (no weights are loaded)."""
     if not cfg.enabled:
         return None
     if not cfg.clip_random:
         _register_clip_configs()
-        where = _clip_weights_cached(cfg.clip_model, cfg.pretrained_tag)
-        if where is not None and not where[0] and (hub_offline() or where[1].startswith("missing")):
-            return ("score.clip_pretrained", f"CLIP weights {cfg.clip_model}/{cfg.clip_pretrained} are {where[1]}; "
-                    "put them in the cache, or set score.clip_pretrained = \"random\" (scores then not meaningful)")
+        tag = cfg.pretrained_tag
+        where = _clip_weights_cached(cfg.clip_model, tag)
+        if where is not None and not where[0]:
+            why = None
+            if not (hub_offline() or where[1].startswith("missing")):
+                why = _source_unreachable(clip_weights_source(cfg.clip_model, tag), "the CLIP weights' source")
+            if hub_offline() or where[1].startswith("missing") or why:
+                because = f" and {why}" if why else ""
+                return ("score.clip_pretrained", f"CLIP weights {cfg.clip_model}/{tag} are {where[1]}{because}; "
+                        f"{PULL_HINT}, or set score.clip_pretrained = \"random\" (scores then not meaningful)")
     if cfg.lpips_pretrained:
         cached = _lpips_trunk_checkpoint(cfg.lpips_net)
-        if not os.path.exists(cached) and hub_offline():
-            return ("score.lpips_pretrained", f"LPIPS trunk weights for net {cfg.lpips_net!r} are not cached at "
-                    f"{cached} and HF_HUB_OFFLINE is set; put them there (TORCH_HOME decides the folder), or set "
-                    "score.lpips_pretrained = false (scores then not meaningful)")
+        if not os.path.exists(cached):
+            from .weights import unreachable
+
+            why = "HF_HUB_OFFLINE is set" if hub_offline() else \
+                unreachable(lpips_trunk_url(cfg.lpips_net), "the LPIPS trunk's source")
+            if why:
+                return ("score.lpips_pretrained", f"LPIPS trunk weights for net {cfg.lpips_net!r} are not cached at "
+                        f"{cached} and {why}; {PULL_HINT} (TORCH_HOME decides the folder), or set "
+                        "score.lpips_pretrained = false (scores then not meaningful)")
     return None
+
+
+def clip_weights_source(model: str, pretrained: str) -> tuple[str, str, tuple[str, ...]] | None:
+    """Where open_clip downloads a tag's weights from: ("hf_hub", repo id,
+    the file names it tries in its order: the safetensors alternative first)
+    or ("url", address, ()); None for a file, a shipped tag or an unknown tag."""
+    import open_clip
+
+    tag_cfg = open_clip.get_pretrained_cfg(model, pretrained) or {}
+    if tag_cfg.get("hf_hub"):
+        # open_clip's form: "org/name/" (its default file) or "org/name/file.bin"
+        repo_id, filename = os.path.split(tag_cfg["hf_hub"])
+        if not filename:
+            return "hf_hub", repo_id, CLIP_HUB_FILES
+        if filename.endswith((".bin", ".pth")):
+            return "hf_hub", repo_id, (filename[:-4] + ".safetensors", filename)
+        return "hf_hub", repo_id, (filename,)
+    if tag_cfg.get("url"):
+        return "url", tag_cfg["url"], ()
+    return None
+
+
+def _source_unreachable(source: tuple[str, str, tuple[str, ...]] | None, what: str) -> str | None:
+    from .weights import hub_repo_url, unreachable
+
+    if source is None:
+        return None
+    kind, where, _ = source
+    return unreachable(hub_repo_url(where) if kind == "hf_hub" else where, what)
+
+
+def lpips_trunk_url(net: str) -> str:
+    """The torchvision ImageNet weights lpips loads for its trunk."""
+    return _lpips_trunk_weights(net).url
+
+
+def _lpips_trunk_weights(net: str):
+    from torchvision import models
+
+    return {"alex": models.AlexNet_Weights, "vgg": models.VGG16_Weights,
+            "squeeze": models.SqueezeNet1_1_Weights}[net].IMAGENET1K_V1
 
 
 def _clip_weights_cached(model: str, pretrained: str) -> tuple[bool, str] | None:
     """(whether the weights are at hand, where they were looked for); None
     when that cannot be told without loading (open_clip's own resolution)."""
-    import open_clip
-
     try:
         path = _resolve_pretrained(model, pretrained)
     except WeightsUnavailableError as exc:
         return False, f"missing ({exc})"
     if os.path.isfile(path):
         return True, path
-    tag_cfg = open_clip.get_pretrained_cfg(model, path) or {}
-    if tag_cfg.get("hf_hub"):
+    source = clip_weights_source(model, path)
+    if source is None:
+        return None
+    kind, where, names = source
+    if kind == "hf_hub":
         from huggingface_hub import try_to_load_from_cache
 
-        repo_id = tag_cfg["hf_hub"].rstrip("/")
-        for name in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
-            found = try_to_load_from_cache(repo_id, name)
+        for name in names:
+            found = try_to_load_from_cache(where, name)
             if isinstance(found, str):
                 return True, found
-        return False, f"not in the Hugging Face cache (hub repo {repo_id}, HF_HOME={os.environ.get('HF_HOME', '~/.cache/huggingface')})"
-    if tag_cfg.get("url"):
-        cached = os.path.join(torch.hub.get_dir(), "open_clip", os.path.basename(tag_cfg["url"]))
-        return (True, cached) if os.path.isfile(cached) else (False, f"not cached at {cached}")
-    return None
+        return False, f"not in the Hugging Face cache (hub repo {where}, HF_HOME={os.environ.get('HF_HOME', '~/.cache/huggingface')})"
+    cached = clip_url_cache_path(where)
+    return (True, cached) if os.path.isfile(cached) else (False, f"not cached at {cached}")
+
+
+
+def clip_url_cache_path(url: str) -> str:
+    """Where a URL-only CLIP tag's checkpoint is kept (`_load_clip`'s cache_dir)."""
+    return os.path.join(torch.hub.get_dir(), "open_clip", os.path.basename(url))
 
 
 # ----------------------------------------------------------------------------- math
@@ -513,7 +576,7 @@ def _load_clip(cfg: ScoreConfig, device: torch.device, dtype: torch.dtype):
         kwargs["force_quick_gelu"] = bool(tag_cfg.get("quick_gelu", False))
         if tag_cfg and not tag_cfg.get("hf_hub"):
             # URL-only tags would go to ~/.cache/clip; keep them under TORCH_HOME.
-            kwargs["cache_dir"] = os.path.join(torch.hub.get_dir(), "open_clip")
+            kwargs["cache_dir"] = os.path.dirname(clip_url_cache_path(tag_cfg["url"]))
         try:
             model = open_clip.create_model(cfg.clip_model, pretrained=pretrained, require_pretrained=True, **kwargs)
         except Exception as exc:
@@ -529,11 +592,7 @@ def _load_clip(cfg: ScoreConfig, device: torch.device, dtype: torch.dtype):
 
 def _lpips_trunk_checkpoint(net: str) -> str:
     """Where torchvision keeps the ImageNet trunk lpips asks for (its `pretrained=True` weights)."""
-    from torchvision import models
-
-    weights = {"alex": models.AlexNet_Weights, "vgg": models.VGG16_Weights,
-               "squeeze": models.SqueezeNet1_1_Weights}[net].IMAGENET1K_V1
-    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(lpips_trunk_url(net)))
 
 
 def _load_lpips(cfg: ScoreConfig, device: torch.device):

@@ -383,21 +383,30 @@ def test_configmap_job_spec_is_valid_for_the_pipeline():
     assert all(s.startswith("s3://") for s in spec.input.shards)
 
 
-def test_seed_job_script_fills_a_cache_offline(tmp_path, monkeypatch):
-    """Runs the seed Job's Python against a spec naming the tiny models, so that
-    renaming the pipeline's loaders breaks this test rather than a cluster."""
-    scoring = pytest.importorskip("pipeline.scoring")
-    if not hasattr(scoring, "TINY_CLIP"):
-        pytest.skip("pipeline.scoring has no tiny CLIP config")
+def test_seed_job_command_runs_imprint_pull_on_the_spec(tmp_path, monkeypatch):
+    """Runs the seed Job's command (Kubernetes' $(VAR) substitution applied
+    from its env) against a spec naming the tiny models, so that renaming
+    the command or its options breaks this test rather than a cluster
+    (tests/test_pull.py fetches from a stand-in hub with the same command)."""
+    import re
+
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
     container = seed_job()["spec"]["template"]["spec"]["containers"][0]
-    assert container["command"][:2] == ["python", "-c"]
+    env = env_of(container)
     job = tmp_path / "job.toml"
-    job.write_text(
-        'version = 1\n[input]\nshards = ["demo"]\n[model]\nid = "tiny"\n'
-        f'[score]\nclip_model = "{scoring.TINY_CLIP}"\nclip_pretrained = "none"\nlpips_pretrained = false\n'
-    )
-    monkeypatch.setenv("JOB_SPEC", str(job))
-    exec(compile(container["command"][2], "hf-cache-pvc.yaml:seed", "exec"), {"__name__": "__main__"})
+    job.write_text('version = 1\n[input]\nshards = ["demo"]\n[model]\nid = "tiny"\n'
+                   '[score]\nclip_model = "imprint-tiny-clip"\nclip_pretrained = "none"\nlpips_pretrained = false\n')
+    env["JOB_SPEC"] = str(job)
+    argv = [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], a) for a in container["command"]]
+    assert argv[:2] == ["imprint", "pull"] and "--scorers" in argv
+    assert argv[argv.index("--job") + 1] == str(job)  # the spec the RayJob runs (see the test above)
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    res = CliRunner().invoke(app, argv[1:])
+    assert res.exit_code == 0, res.output
+    assert "model tiny: built in" in res.output and "random weights; nothing to fetch" in res.output
 
 
 kubernetes_validate = None

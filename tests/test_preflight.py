@@ -265,3 +265,75 @@ def test_a_run_opens_its_output_once_and_hashes_its_spec_once(tmp_path, shard, m
     report = run_job(spec, executor="inline", progress=False, worker_cls=_NoOpWorker)
     assert report.done == 1
     assert counts == {"open": 1, "hash": 1}
+
+
+# -- the device where the workers run (issue 33) ----------------------------------------------
+
+
+def test_a_device_the_local_cluster_lacks_is_refused(tmp_path, shard, monkeypatch):
+    """The measured case: model.device = "cuda" with the Ray executor on a
+    machine without a GPU passed validate, then waited 30 minutes for a
+    worker the local cluster (this machine's devices only) could never place."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    raw = job(tmp_path, shard, model={"device": "cuda"}, run={"executor": "ray"})
+    line = one_error(*validate(tmp_path, raw), "model.device")
+    assert "local Ray cluster" in line and "run.ray_address" in line
+    raw = job(tmp_path, shard, run={"executor": "ray", "gpus_per_worker": 1})
+    assert "has 0" in one_error(*validate(tmp_path, raw), "run.gpus_per_worker")
+    # a job that joins an existing cluster may ask for GPUs the driver lacks: the workers' machines have them
+    joined = job(tmp_path, shard, model={"device": "cuda"}, run={"executor": "ray", "ray_address": "head:6379"})
+    assert validate(tmp_path, joined)[0] == 0
+    monkeypatch.setenv("RAY_ADDRESS", "head:6379")  # inside `ray job submit`
+    assert validate(tmp_path, raw)[0] == 0
+
+
+def _dead_endpoint() -> str:
+    """An http address nothing listens on (connections are refused at once)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture
+def empty_caches(tmp_path, monkeypatch):
+    """Empty Hugging Face and torch caches, read as the scorers read them."""
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))  # read by the hub at import
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+
+
+def test_default_scorers_without_their_weights_fail_validate_at_once(tmp_path, shard, empty_caches, monkeypatch):
+    """Issue 33: a job with the default scorers (ViT-L-14/openai, LPIPS alex)
+    passed validate with an empty cache and a hub that does not answer, then
+    each worker spent 70 s in the hub client's retries and the job failed."""
+    import time
+
+    raw = job(tmp_path, shard, score={"enabled": True})  # clip_model/clip_pretrained "auto"
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # online, but the hub does not answer
+    monkeypatch.setenv("HF_ENDPOINT", _dead_endpoint())
+    start = time.monotonic()
+    line = one_error(*validate(tmp_path, raw), "score.clip_pretrained")
+    assert time.monotonic() - start < 5, "validate should refuse within the probe timeout"
+    assert "ViT-L-14/openai" in line and "not in the Hugging Face cache" in line and "did not answer" in line
+    assert "imprint pull" in line
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # offline: refused without asking the hub
+    line = one_error(*validate(tmp_path, raw), "score.clip_pretrained")
+    assert "ViT-L-14/openai" in line and "imprint pull" in line
+
+
+def test_an_lpips_trunk_whose_source_does_not_answer_fails_validate(tmp_path, shard, empty_caches, monkeypatch):
+    from pipeline import scoring
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(scoring, "lpips_trunk_url", lambda net: f"{_dead_endpoint()}/alexnet-owt-7be5be79.pth")
+    raw = job(tmp_path, shard, score={"enabled": True, "clip_model": "imprint-tiny-clip", "clip_pretrained": "random"})
+    line = one_error(*validate(tmp_path, raw), "score.lpips_pretrained")
+    assert "did not answer" in line and str(tmp_path / "torch") in line
