@@ -23,6 +23,7 @@ output opened once per run."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 

@@ -93,7 +93,7 @@ def pull_model(model_id: str, revision: str | None, to: Path | None, echo: Calla
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError
 
-    from .weights import hub_endpoint
+    from .models.loading import hub_endpoint
 
     try:
         listing = {f.path: getattr(f, "size", None)
@@ -190,7 +190,7 @@ def pull_scorers(cfg, echo: Callable[[str], None]) -> None:
     from huggingface_hub import HfApi, hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError
 
-    from .weights import hub_endpoint
+    from .models.loading import hub_endpoint
 
     for f in files:
         try:

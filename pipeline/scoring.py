@@ -353,7 +353,7 @@ def missing_weights(cfg: ScoreConfig) -> tuple[str, str] | None:
     if cfg.lpips_pretrained:
         cached = _lpips_trunk_checkpoint(cfg.lpips_net)
         if not os.path.exists(cached):
-            from .weights import unreachable
+            from .models.loading import unreachable
 
             why = "HF_HUB_OFFLINE is set" if hub_offline() else \
                 unreachable(lpips_trunk_url(cfg.lpips_net), "the LPIPS trunk's source")
@@ -385,7 +385,7 @@ def clip_weights_source(model: str, pretrained: str) -> tuple[str, str, tuple[st
 
 
 def _source_unreachable(source: tuple[str, str, tuple[str, ...]] | None, what: str) -> str | None:
-    from .weights import hub_repo_url, unreachable
+    from .models.loading import hub_repo_url, unreachable
 
     if source is None:
         return None

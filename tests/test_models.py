@@ -108,7 +108,7 @@ def test_an_unknown_model_id_fails_fast_naming_the_builtins_and_the_hub(monkeypa
     silent.bind(("127.0.0.1", 0))
     silent.listen(1)  # accepts the connection, never answers
     try:
-        for endpoint, says in ((f"http://127.0.0.1:{srv.server_port}", "not found on the Hugging Face hub"),
+        for endpoint, says in ((f"http://127.0.0.1:{srv.server_port}", "the Hugging Face hub answered HTTP 404"),
                                (f"http://127.0.0.1:{silent.getsockname()[1]}", "did not answer within")):
             monkeypatch.setenv("HF_ENDPOINT", endpoint)
             t0 = time.perf_counter()

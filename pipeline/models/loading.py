@@ -143,6 +143,39 @@ def hub_repo_cached(model_id: str) -> bool:
     return os.path.isdir(os.path.join(constants.HF_HUB_CACHE, "models--" + model_id.replace("/", "--")))
 
 
+# Whether a weights source answers: `preflight` asks `unreachable` about weights
+# that are not cached while the hub is online (the workers would download them,
+# and without a network the hub client's retries, about 70 s for a CLIP
+# checkpoint, would stop every worker instead of the job at once); an unknown
+# model id is refused with the same probe. `imprint pull` fetches them ahead.
+
+
+def hub_endpoint() -> str:
+    """The Hugging Face endpoint the hub client uses (HF_ENDPOINT, read now,
+    so a stand-in hub set after import counts)."""
+    from huggingface_hub import constants
+
+    return (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+
+
+def hub_repo_url(repo_id: str) -> str:
+    return f"{hub_endpoint()}/api/models/{repo_id}"
+
+
+def unreachable(url: str, what: str) -> str | None:
+    """Why `url` (the source of `what`) cannot serve it, within about
+    HUB_PROBE_TIMEOUT seconds: no answer, or 401/404; None when it answers."""
+    import requests
+
+    try:
+        status = requests.head(url, timeout=HUB_PROBE_TIMEOUT, allow_redirects=True).status_code
+    except requests.RequestException as exc:
+        return f"{what} did not answer within {HUB_PROBE_TIMEOUT:g} s ({type(exc).__name__}: {url})"
+    if status in (401, 404):
+        return f"{what} answered HTTP {status} for {url} (gone, gated or private)"
+    return None
+
+
 def check_resolvable(model_id: str, builtin: list[str]) -> None:
     """Refuse, within about HUB_PROBE_TIMEOUT seconds, an id that is neither
     built in, a local folder, in the local cache, nor found on the hub: the
@@ -157,19 +190,9 @@ def check_resolvable(model_id: str, builtin: list[str]) -> None:
     if hub_offline():
         raise ValueError(f"{model_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set "
                          f"(built-in models: {known})")
-    import requests
-    from huggingface_hub import constants
-
-    endpoint = os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
-    url = f"{endpoint.rstrip('/')}/api/models/{model_id}"
-    try:
-        status = requests.head(url, timeout=HUB_PROBE_TIMEOUT, allow_redirects=True).status_code
-    except requests.RequestException as exc:
-        raise ValueError(f"{model_id!r} is not in the local cache and the Hugging Face hub did not answer within "
-                         f"{HUB_PROBE_TIMEOUT:g} s ({type(exc).__name__}); built-in models: {known}") from None
-    if status in (401, 404):
-        raise ValueError(f"{model_id!r} was not found on the Hugging Face hub (HTTP {status}: a typo, or a gated or "
-                         f"private repository without a token); built-in models: {known}")
+    why = unreachable(hub_repo_url(model_id), "the Hugging Face hub")
+    if why:
+        raise ValueError(f"{model_id!r} is not in the local cache and {why}; built-in models: {known}")
 
 
 def config_file(model_id: str, rel: str, revision: str | None) -> str:
