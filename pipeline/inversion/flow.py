@@ -244,11 +244,6 @@ def velocity(model: VelocityModel, x: torch.Tensor, sigma: torch.Tensor, cond: C
 # --------------------------------------------------------------------------
 
 
-def check_latents(x0: torch.Tensor) -> None:
-    if not torch.is_tensor(x0) or x0.dim() != 4:
-        raise ValueError(f"x0 must be a latent batch [B, C, H, W], got {getattr(x0, 'shape', type(x0))}")
-
-
 def code_schedule(scheduler, code: NoiseCode) -> FlowSchedule:
     """The schedule a flow code was made under, recomputed for its latent
     size; raises when the scheduler gives other sigmas (another shift or

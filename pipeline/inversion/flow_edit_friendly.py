@@ -32,8 +32,8 @@ from typing import Callable
 
 import torch
 
-from .common import Conditioning, Generator, NoiseCode, draw_noise, expand_rows
-from .flow import (ZS_FLOW, FlowSchedule, VelocityModel, check_latents, code_schedule, flow_sample, scale_rows,
+from .common import Conditioning, Generator, NoiseCode, check_latents, check_skip, draw_noise, expand_rows
+from .flow import (ZS_FLOW, FlowSchedule, VelocityModel, code_schedule, flow_sample, scale_rows,
                    step_mean, velocity)
 
 METHOD = "edit-friendly"
@@ -68,8 +68,7 @@ def invert(
     (CFG, or FLUX-dev's embedded guidance)."""
     check_latents(x0)
     schedule = FlowSchedule.from_scheduler(scheduler, num_steps, tuple(x0.shape[-2:]))
-    if isinstance(skip, bool) or not isinstance(skip, int) or not 0 <= skip < num_steps:
-        raise ValueError(f"skip must be an integer in [0, num_steps), got skip={skip!r} with num_steps={num_steps}")
+    check_skip(skip, num_steps)
     if not eta > 0:
         raise ValueError(f"edit-friendly inversion needs eta > 0 (s divides), got eta={eta}")
     x0 = x0.float().contiguous()

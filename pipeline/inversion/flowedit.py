@@ -44,8 +44,8 @@ from typing import Callable
 
 import torch
 
-from .common import Conditioning, Generator, NoiseCode, draw_noise, expand_rows
-from .flow import FlowSchedule, VelocityModel, check_latents, code_schedule, flow_sample, scale_rows, velocity
+from .common import Conditioning, Generator, NoiseCode, check_latents, check_skip, draw_noise, expand_rows
+from .flow import FlowSchedule, VelocityModel, code_schedule, flow_sample, scale_rows, velocity
 
 METHOD = "flowedit"
 DEFAULTS: dict = {"n_min": 0, "n_avg": 1}
@@ -105,8 +105,7 @@ def invert(
     n_avg draws of a step together. cfg_scale: the source guidance."""
     check_latents(x0)
     schedule = FlowSchedule.from_scheduler(scheduler, num_steps, tuple(x0.shape[-2:]))
-    if isinstance(skip, bool) or not isinstance(skip, int) or not 0 <= skip < num_steps:
-        raise ValueError(f"skip must be an integer in [0, num_steps), got skip={skip!r} with num_steps={num_steps}")
+    check_skip(skip, num_steps)
     check_params({"n_min": n_min, "n_avg": n_avg}, num_steps)
     if torch.is_tensor(cfg_scale):
         if not bool((cfg_scale == cfg_scale.flatten()[0]).all()):

@@ -37,7 +37,7 @@ from typing import Any, Sequence
 import torch
 
 from ..inversion.common import Conditioning
-from .loading import (ModelLimits, clip_tokenizer, config_file, default_device, folder_weights_missing,
+from .loading import (LatentCodec, ModelLimits, clip_tokenizer, config_file, default_device, folder_weights_missing,
                       hub_weights_missing, model_index, parse_dtype, vae_scale_factor)
 
 TINY_SD3 = "tiny-sd3"
@@ -150,7 +150,7 @@ class FlowNet(torch.nn.Module):
 
 
 @dataclass
-class FlowModels:
+class FlowModels(LatentCodec):
     """The components of one loaded flow pipeline, with the encoders the
     engine needs; the same surface as the SD family's `Models` (the engine
     calls `unet`, the velocity net here). Holds weights only."""
@@ -189,18 +189,6 @@ class FlowModels:
         (guidance through an embedding), False for a FLUX model without one
         (no guidance at all), None for SD3 (classifier-free guidance)."""
         return self.unet.guidance_embeds if self.kind == FLUX else None
-
-    @property
-    def vae_scale_factor(self) -> int:
-        return vae_scale_factor(self.vae)
-
-    @property
-    def scaling_factor(self) -> float:
-        return float(self.vae.config.scaling_factor)
-
-    @property
-    def shift_factor(self) -> float:
-        return float(getattr(self.vae.config, "shift_factor", None) or 0.0)
 
     def _ids(self, tokenizer, prompts: list[str], length: int) -> torch.Tensor:
         with self.tokenizer_lock:
@@ -255,19 +243,6 @@ class FlowModels:
         tok = tok or self.tokenizer
         with self.tokenizer_lock:
             return len(tok(prompt, truncation=False).input_ids)
-
-    @torch.no_grad()
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Images [B, 3, H, W] in [-1, 1] -> latents (z - shift) x scale, the posterior mean, float32."""
-        x = images.to(self.device, self.vae_dtype or self.dtype).contiguous()
-        mean = self.vae.encode(x).latent_dist.mean.float()
-        return ((mean - self.shift_factor) * self.scaling_factor).contiguous()
-
-    @torch.no_grad()
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents -> images [B, 3, H, W] in [-1, 1], float32, clamped."""
-        z = latents.float() / self.scaling_factor + self.shift_factor
-        return self.vae.decode(z.to(self.device, self.vae_dtype or self.dtype)).sample.float().clamp(-1, 1)
 
 
 def _finish(models: FlowModels) -> FlowModels:

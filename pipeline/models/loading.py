@@ -120,6 +120,39 @@ def index_has(index: dict, part: str) -> bool:
     return isinstance(entry, list) and bool(entry) and entry[0] is not None
 
 
+class LatentCodec:
+    """Images <-> latents through a model's VAE, the same for every family:
+    latents are (z - shift_factor) x scaling_factor of the posterior MEAN, in
+    float32 (SD's VAEs have no shift; SD3's and FLUX's do). Needs `vae`,
+    `device`, `dtype` and `vae_dtype` (the VAE's own dtype when it differs:
+    SDXL's upcast VAE) on the class that uses it."""
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return vae_scale_factor(self.vae)
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+    @property
+    def shift_factor(self) -> float:
+        return float(getattr(self.vae.config, "shift_factor", None) or 0.0)
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images [B, 3, H, W] in [-1, 1] -> latents, float32."""
+        x = images.to(self.device, self.vae_dtype or self.dtype).contiguous()
+        mean = self.vae.encode(x).latent_dist.mean.float()
+        return ((mean - self.shift_factor) * self.scaling_factor).contiguous()
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> images [B, 3, H, W] in [-1, 1], float32, clamped."""
+        z = latents.float() / self.scaling_factor + self.shift_factor
+        return self.vae.decode(z.to(self.device, self.vae_dtype or self.dtype)).sample.float().clamp(-1, 1)
+
+
 @dataclass(frozen=True)
 class ModelLimits:
     """What a job spec must respect for a model, known without its weights."""

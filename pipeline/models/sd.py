@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import torch
 
 from ..inversion.common import Conditioning
-from .loading import (ModelLimits, clip_tokenizer, config_file, default_device, folder_weights_missing,
+from .loading import (LatentCodec, ModelLimits, clip_tokenizer, config_file, default_device, folder_weights_missing,
                       hub_weights_missing, parse_dtype,
                       index_has, model_index, vae_scale_factor)
 from .sdxl import AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE, ImageGeometry, time_ids_count
@@ -39,7 +39,7 @@ TINY_RESOLUTION = 128  # pixels; 16x16 latents with the SD-like factor-8 VAE
 
 
 @dataclass
-class Models:
+class Models(LatentCodec):
     """The components of one loaded pipeline, with the encoders the batch
     engine needs. Holds weights only; no per-request state.
 
@@ -74,14 +74,6 @@ class Models:
     @property
     def family(self) -> str:
         return "sdxl" if self.text_encoder_2 is not None else "sd"
-
-    @property
-    def vae_scale_factor(self) -> int:
-        return vae_scale_factor(self.vae)
-
-    @property
-    def scaling_factor(self) -> float:
-        return float(self.vae.config.scaling_factor)
 
     @property
     def prediction_type(self) -> str:
@@ -160,21 +152,6 @@ class Models:
         the most any of the model's tokenizers gives."""
         with self.tokenizer_lock:
             return max(len(t(prompt, truncation=False).input_ids) for t in self._tokenizers())
-
-    @torch.no_grad()
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Images [B, 3, H, W] in [-1, 1] -> latents: the VAE posterior MEAN
-        times the scaling factor, in float32."""
-        x = images.to(self.device, self.vae_dtype or self.dtype).contiguous()
-        dist = self.vae.encode(x).latent_dist
-        return (dist.mean.float() * self.scaling_factor).contiguous()
-
-    @torch.no_grad()
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents -> images [B, 3, H, W] in [-1, 1], float32, clamped."""
-        x = (latents.float() / self.scaling_factor).to(self.device, self.vae_dtype or self.dtype)
-        img = self.vae.decode(x).sample
-        return img.float().clamp(-1, 1)
 
 
 
