@@ -252,6 +252,28 @@ def local_path(url: str) -> str:
     return url[len("file://") :] if url.startswith("file://") else url
 
 
+def count_samples(url: str) -> int | None:
+    """Samples in a local tar shard, from its member headers alone (no data
+    read): WebDataset's grouping, members that share a key (the path up to
+    the first dot of the file name) in a row are one sample. None for a
+    remote or unreadable shard (its size is then estimated)."""
+    if not is_local(url):
+        return None
+    n, last = 0, None
+    try:
+        with tarfile.open(local_path(url), mode="r:") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                folder, _, name = member.name.rpartition("/")
+                key = (folder, name.split(".", 1)[0])
+                if key != last:
+                    n, last = n + 1, key
+    except (OSError, tarfile.TarError):
+        return None
+    return n
+
+
 def missing_shards(shards: list[str]) -> list[str]:
     """Local shards that do not exist (remote ones are checked when opened)."""
     return [s for s in shards if is_local(s) and not os.path.isfile(local_path(s))]

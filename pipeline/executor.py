@@ -61,12 +61,17 @@ class Progress:
     edits per second and an ETA, through tqdm: a bar redrawn in place on a
     terminal, a plain line every `every` seconds (and per finished shard) in
     a log. The ETA counts down within a shard because running shards report
-    their samples; the total is estimated from the shards finished so far."""
+    their samples. The total is exact for shards whose size is known before
+    they run (`sizes`: local tars, counted from their headers) and estimated,
+    for the others, from those of them finished so far; it no longer jumps
+    with the first shards' sizes (24 -> 16 -> 13 on the demo)."""
 
-    def __init__(self, total: int, skipped: int, enabled: bool):
+    def __init__(self, total: int, skipped: int, enabled: bool, sizes: dict[str, int] | None = None):
         from tqdm import tqdm
 
         self.total, self.skipped, self.enabled = total, skipped, enabled
+        self.sizes = dict(sizes or {})  # pending shard -> its samples, where known up front
+        self.unknown_done = self.unknown_samples = 0  # finished shards of unknown size, and their samples
         self.done = self.failed = self.samples = self.edits = 0
         self.live: dict[str, dict] = {}  # running shard -> its worker's live counters
         self.finished: set[str] = set()  # a late counter read of these must not count them twice
@@ -85,6 +90,9 @@ class Progress:
             self.done += 1
             self.samples += summary["images"] + summary["errors"]
             self.edits += summary["edits"]
+            if summary["shard"] not in self.sizes:
+                self.unknown_done += 1
+                self.unknown_samples += summary["images"] + summary["errors"]
             self.live.pop(summary["shard"], None)
             self.finished.add(summary["shard"])
         self.refresh(line=True)
@@ -112,9 +120,11 @@ class Progress:
         with self._lock:
             samples = self.samples + sum(v["samples"] for v in self.live.values())
             edits = self.edits + sum(v["edits"] for v in self.live.values())
-            todo = self.total - self.skipped
-            # Estimated images in the whole run, once a shard has shown its size.
-            est = round(self.samples / self.done * todo) if self.done else None
+            # images in the whole run: the known sizes, plus the unknown shards at the mean of those finished
+            unknown = self.total - self.skipped - len(self.sizes)
+            est = sum(self.sizes.values())
+            if unknown:
+                est = (est + round(self.unknown_samples / self.unknown_done * unknown)) if self.unknown_done else None
             elapsed = time.monotonic() - self.t0
             post = (f"shards {self.done + self.skipped}/{self.total} done, {self.failed} failed, "
                     f"{len(self.live)} running | {edits / max(elapsed, 1e-9):.2f} edits/s")
@@ -139,6 +149,22 @@ class Progress:
     def close(self) -> None:
         self.refresh(line=True)
         self.bar.close()
+
+
+def _known_sizes(pending: list[str], budget_s: float = 2.0) -> dict[str, int]:
+    """Samples per pending local shard, counted from tar headers for at most
+    `budget_s` seconds (a run of many large shards starts without waiting:
+    the rest are estimated as they finish)."""
+    from .data import count_samples
+
+    sizes, t0 = {}, time.monotonic()
+    for url in pending:
+        if time.monotonic() - t0 > budget_s:
+            break
+        n = count_samples(url)
+        if n is not None:
+            sizes[url] = n
+    return sizes
 
 
 # -- planning --------------------------------------------------------------------
@@ -212,7 +238,7 @@ def run_job(spec: JobSpec, *, executor: str | None = None, force: bool = False, 
     todo = plan(spec, force)
     store, shards, pending = todo.store, todo.shards, todo.pending
     report = JobReport(output=spec.output.path, total=len(shards), skipped=len(shards) - len(pending))
-    bar = Progress(len(shards), report.skipped, progress)
+    bar = Progress(len(shards), report.skipped, progress, _known_sizes(pending) if progress else None)
     t0 = time.perf_counter()
     try:
         with _StopSignals(raise_at_once=mode == "inline") as stop:

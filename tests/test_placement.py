@@ -127,3 +127,25 @@ def test_progress_counts_samples_inside_running_shards(capsys, monkeypatch):
     third = capsys.readouterr().err.strip()
     eta = lambda line: line.split("<")[1].split(",")[0]  # noqa: E731
     assert " 8/12 " in third and eta(third) < eta(second)  # the ETA counts down within shard b
+
+
+def test_progress_total_is_exact_for_local_shards_from_the_start(capsys, tmp_path):
+    """Shards of 3, 2 and 1 samples: the total is 6 from the first line (it
+    used to be estimated from the first shard: 9, then 7.5, then 6); a shard
+    of unknown size is estimated from the unknown ones finished."""
+    from helpers_data import good_samples, write
+
+    from pipeline.data import count_samples
+    from pipeline.executor import Progress, _known_sizes
+
+    urls = [write(tmp_path / f"s{n}.tar", good_samples(prefix=f"p{n}", n=n)) for n in (3, 2, 1)]
+    assert [count_samples(u) for u in urls] == [3, 2, 1]
+    assert count_samples("s3://bucket/x.tar") is None and count_samples(str(tmp_path / "nope.tar")) is None
+    bar = Progress(total=3, skipped=0, enabled=True, sizes=_known_sizes(urls))
+    for u, n in zip(urls, (3, 2, 1)):
+        bar.shard_done({"shard": u, "images": n, "errors": 0, "edits": n})
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert [line.split("%")[1].split()[0] for line in lines] == ["3/6", "5/6", "6/6"], lines
+    mixed = Progress(total=3, skipped=0, enabled=True, sizes={urls[0]: 3})
+    mixed.shard_done({"shard": "s3://b/u1.tar", "images": 4, "errors": 0, "edits": 4})
+    assert " 4/11 " in capsys.readouterr().err  # 3 known + 2 unknown shards x 4
