@@ -756,16 +756,47 @@ def load_spec(path: str | Path | None = None, overrides: list[str] | None = None
     """Load, override, build and validate a job spec."""
     data = load_raw(path) if path is not None else (raw or {})
     data = apply_overrides(data, overrides or [])
-    return validate(_build(data))
+    spec = _build(data)
+    _check_default_skip(spec, data)
+    return validate(spec)
+
+
+def _check_default_skip(spec: JobSpec, data: dict) -> None:
+    """A job that lowers inversion.steps without setting inversion.skip would
+    fail on a skip it never set: say which default it is and what keeps the
+    paper's ratio (skip 36 of 100 steps)."""
+    inv, given = spec.inversion, data.get("inversion") or {}
+    if "skip" in given or inv.skip < inv.steps:
+        return
+    default = InversionSpec().skip
+    ratio = round(default / InversionSpec().steps * inv.steps)
+    raise SpecError(f"inversion.skip: the default {default} (the paper's, for {InversionSpec().steps} steps) does not fit "
+                    f"inversion.steps = {inv.steps}; set inversion.skip (e.g. {ratio} keeps the paper's ratio)")
+
+
+# What an edit-codes job takes from each stored code, not from its spec.
+CODE_OWN_FIELDS = ("method", "steps", "skip", "cfg_source", "params", "per_method")
 
 
 def to_toml(spec: JobSpec) -> str:
+    """The resolved spec as TOML. An edit-codes job's inversion settings are
+    each stored code's own (its rows carry them): they are left out, with a
+    comment saying so, instead of the job's unused defaults."""
     import tomli_w
 
     def strip_none(d):
         return {k: strip_none(v) if isinstance(v, dict) else v for k, v in d.items() if v is not None}
 
-    return tomli_w.dumps(strip_none(spec.to_dict()))
+    data = strip_none(spec.to_dict())
+    if not spec.input.codes:
+        return tomli_w.dumps(data)
+    inv = data.get("inversion", {})
+    for k in CODE_OWN_FIELDS:
+        inv.pop(k, None)
+    if not inv:
+        data.pop("inversion", None)
+    return ("# edit-codes: inversion.method, steps, skip, cfg_source and params are each stored code's own\n"
+            "# (the result rows carry them), not set by this spec\n" + tomli_w.dumps(data))
 
 
 def job_json_schema() -> dict:

@@ -150,3 +150,18 @@ def test_tokenizer_is_safe_across_threads(tiny):
             errors.append(repr(exc))
     t.join()
     assert not errors and not wrong, (len(wrong), errors[:2])
+
+
+def test_lowering_steps_names_the_default_skip_it_would_fail_on(tmp_path, shard):
+    """`--set inversion.steps=20` alone: the error says the skip is the default
+    (36, for 100 steps) and which skip keeps the paper's ratio; a job that
+    sets its own skip gets the plain range check."""
+    from pipeline.spec import SpecError, load_spec
+
+    raw = base_job(tmp_path, shard)
+    raw["inversion"] = {}
+    with pytest.raises(SpecError, match=r"^inversion.skip: the default 36 .*inversion.steps = 20.*e\.g\. 7 keeps"):
+        load_spec(raw=raw, overrides=["inversion.steps=20"])
+    with pytest.raises(SpecError, match=r"^inversion.skip: must be in \[0, inversion.steps\)"):
+        load_spec(raw=raw, overrides=["inversion.steps=20", "inversion.skip=30"])
+    assert load_spec(raw=raw, overrides=["inversion.steps=20", "inversion.skip=7"]).inversion.skip == 7

@@ -207,3 +207,21 @@ def test_job_level_stroke_files_serve_samples_without_their_own(tmp_path):
     assert stroke_inputs(own, spec) == (b"M", b"S")  # the sample's own entries win
     with pytest.raises(SpecError, match="^manipulate.strokes_mask: file not found"):
         spec_for(tmp_path, ["x.tar"], manipulate={"strokes": True, "strokes_mask": "nope.png", "strokes_image": str(tmp_path / "c.png")})
+
+
+def test_edit_codes_resolved_spec_does_not_claim_the_jobs_steps_and_skip(tmp_path):
+    """job.resolved.toml of an edit-codes job leaves out the inversion
+    settings the stored codes bring (the rows carry the codes' own), and says
+    so; a normal job writes them."""
+    import tomllib
+
+    from pipeline.spec import load_spec, to_toml
+
+    raw = {"input": {"codes": str(tmp_path)}, "inversion": {"steps": 50, "skip": 12}, "output": {"path": str(tmp_path / "o")}}
+    text = to_toml(load_spec(raw=raw))
+    assert text.startswith("# edit-codes:") and "each stored code's own" in text
+    parsed = tomllib.loads(text)
+    assert not {"method", "steps", "skip", "cfg_source"} & set(parsed.get("inversion", {}))
+    plain = tomllib.loads(to_toml(load_spec(raw={"input": {"shards": ["demo"]}, "inversion": {"steps": 50, "skip": 12},
+                                                 "output": {"path": str(tmp_path / "o")}})))
+    assert plain["inversion"]["steps"] == 50 and plain["inversion"]["skip"] == 12
