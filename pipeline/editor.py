@@ -75,16 +75,22 @@ class Code:
 class Editor:
     """Inversion and editing of PIL images with one loaded model."""
 
-    def __init__(self, models: Models):
+    def __init__(self, models: Models, *, truncate_prompts: bool = True):
+        """truncate_prompts: as a job's `input.truncate_prompts` (default, as
+        diffusers): a prompt longer than the text encoder's context is cut by
+        the encoder; False refuses it with a ValueError instead."""
         self.models = models
+        self.truncate_prompts = truncate_prompts
         self._p2p = _SharedExclusive()
 
     @classmethod
-    def from_pretrained(cls, model_id: str, device=None, dtype=None, revision: str | None = None) -> "Editor":
+    def from_pretrained(cls, model_id: str, device=None, dtype=None, revision: str | None = None, *,
+                        truncate_prompts: bool = True) -> "Editor":
         """Load a model ("toy", "tiny", a hub id or a diffusers folder; see
         `pipeline.models.load_models`). device/dtype: None = CUDA in bf16/fp16
         when there is one, else CPU in float32."""
-        return cls(load_models(model_id, device=device, dtype=dtype, revision=revision))
+        return cls(load_models(model_id, device=device, dtype=dtype, revision=revision),
+                   truncate_prompts=truncate_prompts)
 
     # -- invert ----------------------------------------------------------------
 
@@ -231,9 +237,9 @@ class Editor:
             if not isinstance(p, str):
                 raise TypeError(f"prompts must be strings, got {p!r}")
             n = self.models.count_tokens(p)
-            if n > spec.input.max_prompt_tokens:
+            if n > spec.input.max_prompt_tokens and not self.truncate_prompts:
                 raise ValueError(f"prompt too long: {n} tokens > {spec.input.max_prompt_tokens} "
-                                 f"(the text encoder's context): {p[:60]!r}...")
+                                 f"(the text encoder's context; truncate_prompts=False): {p[:60]!r}...")
 
     @staticmethod
     def _targets(target_prompts, n_images: int) -> list[list[str]]:
