@@ -334,6 +334,10 @@ def shards(
                                                          "prompt (default: target_prompts if present)."),
     key_col: Optional[str] = typer.Option(None, help="Column with the table's own id: each sample's key (kept in its "
                                                      "json too; default: the row number)."),
+    mask_col: Optional[str] = typer.Option(None, help="Column with each image's edit mask: a PNG of the image's size "
+                                                      "(path read as image paths are, or bytes; white = the region to "
+                                                      "edit), written as edit_mask.png. A folder's masks: cat.mask.png "
+                                                      "beside cat.jpg."),
     targets: list[str] = typer.Option([], "--targets", help="A target prompt for every sample (repeatable)."),
     target_template: list[str] = typer.Option([], "--target-template",
                                               help="A target prompt for every sample, filled from its json fields: "
@@ -363,7 +367,7 @@ def shards(
 
             source = format_source(format_, src)
         summary = make_shards(src, dest, image_col=image_col, caption_col=caption_col, targets_col=targets_col,
-                              key_col=key_col, targets=targets, target_templates=target_template,
+                              key_col=key_col, mask_col=mask_col, targets=targets, target_templates=target_template,
                               samples_per_shard=samples_per_shard, prefix=prefix, overwrite=overwrite,
                               timeout=timeout, workers=workers, progress=progress, allow_outside=allow_outside,
                               allow_private=allow_private, max_image_bytes=max_image_mb * 2**20, source=source)

@@ -47,6 +47,7 @@ REMOTE_SCHEMES = ("http", "https", *OBJECT_STORE_SCHEMES)
 # error row (no legitimate image, caption or mask of this contract is that big).
 MAX_MEMBER_BYTES = 256 * 1024 * 1024
 TOY_DEMO = "toy-demo"
+TOY_PIE = "toy-pie"  # toy scenes with edit masks and edit types: PIE-Bench's protocol offline (pipeline.toy.demo)
 OBJECT_READ_BUFFER = 8 * 2**20  # bytes per request when reading a shard from an object store  # the toy model's scenes (pipeline.toy.demo)
 
 
@@ -126,7 +127,7 @@ def brace_urls(patterns: Iterable[str], *, allow_pipe: bool) -> Iterator[str]:
     from braceexpand import braceexpand
 
     for pat in patterns:
-        if pat in (DEMO, TOY_DEMO):
+        if pat in (DEMO, TOY_DEMO, TOY_PIE):
             yield pat
             continue
         # a pipe command is a shell line: its braces belong to the shell
@@ -164,6 +165,10 @@ def _resolve(url: str) -> list[str]:
         from .toy.demo import TOY_DEMO_SCENES, toy_demo_samples
 
         return builtin_shards(TOY_DEMO, 2, toy_demo_samples, [TOY_DEMO_SCENES])
+    if url == TOY_PIE:
+        from .toy.demo import TOY_PIE_SCENES, toy_pie_samples
+
+        return builtin_shards(TOY_PIE, 1, toy_pie_samples, [TOY_PIE_SCENES])
     scheme = url_scheme(url)
     if scheme in ("pipe", "http", "https"):
         return [url]

@@ -34,6 +34,14 @@ paths must resolve inside its own folder and name regular files; URLs are
 fetched under a byte cap and one deadline per download, and only from public
 addresses (checked on every connection, redirects included, after DNS); only
 the image formats named here are decoded, each by its own PIL plugin.
+
+Edit masks (the region an edit should change, measured by the PIE-Bench
+metrics): a folder's `photos/cat.mask.png` beside `photos/cat.jpg`, or a
+table's `--mask-col` naming a mask file (read under the same rules as an image
+path) or holding its bytes. A mask must be a PNG of the image's size, else the
+sample is skipped (`bad_mask`, `mask_size`); it is written as the sample's
+`edit_mask.png` entry (white = the region to edit). `*.mask.png` files are
+never images of a folder.
 """
 
 from __future__ import annotations
@@ -61,7 +69,8 @@ from typing import Any, Callable, Iterable, Iterator
 
 from PIL import Image
 
-from .data import IMAGE_FILE_EXTS, IMAGE_FORMATS, MAX_MEMBER_BYTES, is_local, local_path, object_store, sniff_format, write_shards
+from .data import (EDIT_MASK_KEY, IMAGE_FILE_EXTS, IMAGE_FORMATS, MAX_MEMBER_BYTES, is_local, local_path, object_store,
+                   sniff_format, write_shards)
 from .objects import stage
 
 TABLE_EXTS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
@@ -78,6 +87,8 @@ MAX_INFLIGHT_BYTES = 1 << 30  # image bytes read but not yet written to a shard,
 CONVERTED_FORMATS = ("BMP", "GIF", "TIFF")
 READ_CHUNK = 1 << 16
 MAX_SIDECAR_BYTES = 16 * 2**20  # a .txt caption or .json sidecar
+EXIF_ORIENTATION = 0x0112
+MASK_SUFFIX = ".mask.png"  # a folder's edit mask beside its image: photos/cat.jpg + photos/cat.mask.png
 STAGING_PREFIX = ".imprint-staging-"  # DEST/<this><id>/: a run's shards until the run succeeds (no job lists it)
 
 
@@ -109,6 +120,8 @@ class Record:
     targets_from: str = ""
     where: str = ""  # for messages: file and row
     entries: dict = field(default_factory=dict)  # further sample entries as bytes, e.g. {"edit_mask.png": ...}
+    mask: Any = None  # the edit mask still to read and check: a local path (str), bytes or an HF Image dict
+    mask_from: str = ""  # the mask's column (for messages)
 
 
 @dataclass
@@ -145,7 +158,7 @@ def _reason_kind(reason: str) -> str:
 
 
 def find_source(src: str, *, image_col: str | None = None, caption_col: str | None = None,
-                targets_col: str | None = None, key_col: str | None = None) -> Source:
+                targets_col: str | None = None, key_col: str | None = None, mask_col: str | None = None) -> Source:
     if not is_local(src):
         raise IngestError(f"{src}: SRC must be a local file or folder (DEST may be an object store)")
     # resolved once: records carry absolute paths and absolute folders, so a relative
@@ -153,7 +166,8 @@ def find_source(src: str, *, image_col: str | None = None, caption_col: str | No
     p = Path(local_path(src)).resolve()
     if not p.exists():
         raise IngestError(f"{src}: no such file or folder")
-    cols = dict(image_col=image_col, caption_col=caption_col, targets_col=targets_col, key_col=key_col)
+    cols = dict(image_col=image_col, caption_col=caption_col, targets_col=targets_col, key_col=key_col,
+                mask_col=mask_col)
     if p.is_file():
         kind = TABLE_EXTS.get(p.suffix.lower())
         if kind is None:
@@ -166,14 +180,25 @@ def find_source(src: str, *, image_col: str | None = None, caption_col: str | No
     if metadata:
         return _table_source(metadata, "imagefolder", **cols)
     files = sorted(f for f in p.rglob("*") if f.is_file() and not _hidden(f, p))
-    images = [f for f in files if f.suffix.lower().lstrip(".") in IMAGE_FILE_EXTS]
+    images = [f for f in files if f.suffix.lower().lstrip(".") in IMAGE_FILE_EXTS and not is_mask_file(f)]
     parquet = [f for f in files if f.suffix.lower() == ".parquet"]
     if parquet and not images:
         return _table_source(parquet, "parquet", **cols)
     if any(cols.values()):
-        raise IngestError("--image-col, --caption-col, --targets-col and --key-col are for tables and datasets; a folder of images "
-                          "takes captions from .txt and fields from .json files next to each image")
+        raise IngestError("--image-col, --caption-col, --targets-col, --key-col and --mask-col are for tables and datasets; a "
+                          "folder of images takes captions from .txt, fields from .json and edit masks from .mask.png "
+                          "files next to each image")
     return _folder_source(p, images)
+
+
+def is_mask_file(f: Path) -> bool:
+    """A folder's edit mask (`cat.mask.png`), never an image of its own."""
+    return f.name.lower().endswith(MASK_SUFFIX)
+
+
+def mask_beside(img: Path) -> Path:
+    """photos/cat.jpg -> photos/cat.mask.png"""
+    return img.with_name(img.stem + MASK_SUFFIX)
 
 
 def _hidden(f: Path, root: Path) -> bool:
@@ -208,12 +233,14 @@ def _folder_source(root: Path, images: list[Path]) -> Source:
                     yield Skip(f"{exc} ({img.relative_to(root).as_posix()})")
                     continue
                 caption_from = "source_prompt"
+            mask = mask_beside(img)
             yield Record(key=rel, image=str(img), base=str(root), fields=fields, caption_from=caption_from,
                          targets_from="target_prompts" if "target_prompts" in fields else "",
-                         where=img.relative_to(root).as_posix())
+                         where=img.relative_to(root).as_posix(),
+                         mask=str(mask) if os.path.lexists(mask) else None, mask_from=mask.name)
 
     return Source("folder", records, len(images), {"image": "files", "caption": ".txt / .json source_prompt",
-                                                    "targets": ".json target_prompts"})
+                                                    "targets": ".json target_prompts", "mask": MASK_SUFFIX + " files"})
 
 
 def _pick(columns: list[str], given: str | None, candidates: tuple[str, ...], what: str, flag: str,
@@ -228,7 +255,7 @@ def _pick(columns: list[str], given: str | None, candidates: tuple[str, ...], wh
     return found
 
 
-def _table_source(files: list[Path], kind: str, *, image_col, caption_col, targets_col, key_col) -> Source:
+def _table_source(files: list[Path], kind: str, *, image_col, caption_col, targets_col, key_col, mask_col) -> Source:
     readers = {"csv": _read_csv, "tsv": _read_csv, "imagefolder": None, "jsonl": _read_jsonl, "parquet": _read_parquet}
     columns: list[str] = []
     hf_images: list[str] = []
@@ -243,6 +270,7 @@ def _table_source(files: list[Path], kind: str, *, image_col, caption_col, targe
                   "image", "--image-col", True)
     caption = _pick(columns, caption_col, CAPTION_COLS, "caption", "--caption-col", False)
     targets = _pick(columns, targets_col, TARGETS_COLS, "target prompts", "--targets-col", False)
+    mask = _pick(columns, mask_col, (), "mask", "--mask-col", False)
     key_of = _key_column(columns, key_col)
 
     def records():
@@ -260,16 +288,18 @@ def _table_source(files: list[Path], kind: str, *, image_col, caption_col, targe
                 except Skip as exc:
                     yield Skip(f"{exc} ({where})")
                     continue
-                yield _record(values, image, caption, targets, base=str(f.parent), where=where, key=key)
+                yield _record(values, image, caption, targets, base=str(f.parent), where=where, key=key, mask_col=mask)
                 index += 1
 
-    return Source(kind, records, total, _columns_used(image, caption, targets, key_col))
+    return Source(kind, records, total, _columns_used(image, caption, targets, key_col, mask))
 
 
-def _columns_used(image: str, caption: str, targets: str, key_col: str | None) -> dict:
+def _columns_used(image: str, caption: str, targets: str, key_col: str | None, mask_col: str = "") -> dict:
     used = {"image": image, "caption": caption or "(none)", "targets": targets or "(none)"}
     if key_col:
         used["key"] = key_col
+    if mask_col:
+        used["mask"] = mask_col
     return used
 
 
@@ -302,15 +332,16 @@ def _table_key(kind: str, image: Any, index: int) -> str:
 
 
 def _record(values: dict, image_col: str, caption_col: str, targets_col: str, *, base: str, where: str,
-            key: str) -> Record:
-    fields = {k: v for k, v in values.items() if k not in (image_col, caption_col, targets_col)}
+            key: str, mask_col: str = "") -> Record:
+    fields = {k: v for k, v in values.items() if k not in (image_col, caption_col, targets_col, mask_col)}
     fields.update(_lineage(values, image_col))
     if caption_col and values.get(caption_col) is not None:
         fields["source_prompt"] = values[caption_col]
     if targets_col and values.get(targets_col) is not None:
         fields["target_prompts"] = values[targets_col]
     return Record(key=key, image=values.get(image_col), base=base, fields=fields,
-                  caption_from=caption_col, targets_from=targets_col, where=where)
+                  caption_from=caption_col, targets_from=targets_col, where=where,
+                  mask=values.get(mask_col) if mask_col else None, mask_from=mask_col)
 
 
 def _lineage(values: dict, image_col: str) -> dict:
@@ -470,7 +501,7 @@ def _is_image_struct(t) -> bool:
     return pa.types.is_struct(t) and {t.field(i).name for i in range(t.num_fields)} >= {"bytes", "path"}
 
 
-def _hf_disk_source(p: Path, *, image_col, caption_col, targets_col, key_col) -> Source:
+def _hf_disk_source(p: Path, *, image_col, caption_col, targets_col, key_col, mask_col) -> Source:
     try:
         import datasets
     except ImportError:
@@ -487,13 +518,15 @@ def _hf_disk_source(p: Path, *, image_col, caption_col, targets_col, key_col) ->
     image = _pick(columns, image_col or (hf_images[0] if hf_images else ""), IMAGE_COLS, "image", "--image-col", True)
     caption = _pick(columns, caption_col, CAPTION_COLS, "caption", "--caption-col", False)
     targets = _pick(columns, targets_col, TARGETS_COLS, "target prompts", "--targets-col", False)
+    mask = _pick(columns, mask_col, (), "mask", "--mask-col", False)
     key_of = _key_column(columns, key_col)
 
     def records():
         for split, ds in splits.items():
             labels = {c: t.names for c, t in ds.features.items() if isinstance(t, datasets.ClassLabel)}
-            if isinstance(ds.features.get(image), datasets.Image):
-                ds = ds.cast_column(image, datasets.Image(decode=False))  # the stored bytes, not a decoded PIL image
+            for col in (image, mask):
+                if col and isinstance(ds.features.get(col), datasets.Image):
+                    ds = ds.cast_column(col, datasets.Image(decode=False))  # the stored bytes, not a decoded PIL image
             for i, row in enumerate(ds):
                 row = _name_labels(row, labels)
                 if split:
@@ -504,10 +537,10 @@ def _hf_disk_source(p: Path, *, image_col, caption_col, targets_col, key_col) ->
                 except Skip as exc:
                     yield Skip(f"{exc} ({where})")
                     continue
-                yield _record(row, image, caption, targets, base=str(p), where=where, key=key)
+                yield _record(row, image, caption, targets, base=str(p), where=where, key=key, mask_col=mask)
 
     total = sum(len(ds) for ds in splits.values())
-    return Source("hf-dataset", records, total, _columns_used(image, caption, targets, key_col))
+    return Source("hf-dataset", records, total, _columns_used(image, caption, targets, key_col, mask))
 
 
 # ---------------------------------------------------------------------------
@@ -520,9 +553,12 @@ def load_sample(rec: Record, fetch: Callable[[str], bytes], max_pixels: int = 64
     """A WebDataset sample (`__key__`, image bytes under its extension,
     `json`) from a record; raises Skip with the reason when it is unusable."""
     data = _image_bytes(rec, fetch, trust, budget)
-    ext, data, converted = _checked_image(data, max_pixels)
+    ext, data, converted, size = _checked_image(data, max_pixels)
     obj = _json_fields(rec)
     sample = {"__key__": rec.key, ext: data, "json": obj, **rec.entries}
+    mask = _mask_bytes(rec, trust, budget)
+    if mask is not None:
+        sample[EDIT_MASK_KEY] = _checked_mask(mask, size, rec.mask_from)
     if converted:
         sample["__converted__"] = True
     return sample
@@ -594,8 +630,50 @@ def _file_kind_name(mode: int) -> str:
     return "not a regular file"
 
 
-def _checked_image(data: bytes, max_pixels: int) -> tuple[str, bytes, bool]:
-    """(extension, bytes, converted): JPEG/PNG/WebP bytes kept as they are
+def _mask_bytes(rec: Record, trust: Trust, budget: ByteBudget | None) -> bytes | None:
+    """The record's edit-mask bytes (None: it has no mask), read as an image
+    path is read: inside the record's folder unless trusted, a regular file."""
+    v = rec.mask
+    if isinstance(v, dict):  # Hugging Face Image: {"bytes": ..., "path": ...}
+        v = v.get("bytes") or v.get("path")
+    if v is None or (isinstance(v, float) and math.isnan(v)) or (isinstance(v, str) and not v.strip()):
+        return None  # an empty cell: this sample has no mask
+    if isinstance(v, (bytes, bytearray, memoryview)):
+        return bytes(v)
+    if not isinstance(v, str):
+        raise Skip(f"bad_mask: {rec.mask_from or 'the mask column'} holds {type(v).__name__}, not a path or bytes")
+    if "://" in v and v.split("://", 1)[0].lower() != "file":
+        raise Skip(f"bad_mask: {v[:80]!r}: a mask is a local file (a path relative to the table), not a URL")
+    path = Path(local_path(v))
+    if not path.is_absolute():
+        path = Path(rec.base) / path
+    return read_regular_file(path, None if trust.allow_outside else Path(rec.base), trust.max_image_bytes, budget)
+
+
+def _checked_mask(data: bytes, image_size: tuple[int, int], where: str) -> bytes:
+    """A mask's bytes as the sample's `edit_mask.png`: a PNG (lossless, so the
+    region is exact) that decodes, of the image's size; else Skip."""
+    fmt = sniff_format(data)
+    if fmt != "PNG":
+        raise Skip(f"bad_mask: {where or 'the mask'} must be a PNG (lossless), got {fmt or 'unrecognised bytes'}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            mask = Image.open(io.BytesIO(data), formats=["PNG"])
+            size = mask.size
+            if size != image_size:
+                raise Skip(f"mask_size: {where or 'the mask'} is {size[0]}x{size[1]}, the image "
+                           f"{image_size[0]}x{image_size[1]} (a mask has its image's size)")
+            mask.load()
+    except Skip:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever PIL raises on bad bytes
+        raise Skip(f"bad_mask: {where or 'the mask'} is not a readable PNG ({type(exc).__name__}: {_one_line(exc)})") from None
+    return data
+
+
+def _checked_image(data: bytes, max_pixels: int) -> tuple[str, bytes, bool, tuple[int, int]]:
+    """(extension, bytes, converted, (width, height)): JPEG/PNG/WebP bytes kept as they are
     once they decode; BMP, GIF and TIFF re-encoded to PNG; any other format
     refused before a decoder sees it (whatever the file's name says)."""
     if not data:
@@ -614,6 +692,8 @@ def _checked_image(data: bytes, max_pixels: int) -> tuple[str, bytes, bool]:
             if w * h > max_pixels:
                 raise Skip(f"too_large: {w}x{h} pixels")
             img.load()
+            # the size the job sees (data.load_image turns the image upright): a mask is drawn on that
+            shown = (h, w) if img.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8) else (w, h)
     except Skip:
         raise
     except Image.UnidentifiedImageError:
@@ -621,11 +701,11 @@ def _checked_image(data: bytes, max_pixels: int) -> tuple[str, bytes, bool]:
     except Exception as exc:  # noqa: BLE001 - whatever PIL raises on bad bytes
         raise Skip(f"decode: not a readable image ({type(exc).__name__}: {_one_line(exc)})") from None
     if fmt in IMAGE_FORMATS:
-        return EXT_OF_FORMAT[fmt], data, False
+        return EXT_OF_FORMAT[fmt], data, False, shown
     buf = io.BytesIO()
     keep = img.mode if img.mode in ("RGB", "RGBA", "L", "LA", "I;16") else "RGBA" if "A" in img.getbands() else "RGB"
     (img if img.mode == keep else img.convert(keep)).save(buf, format="PNG")
-    return "png", buf.getvalue(), True
+    return "png", buf.getvalue(), True, (w, h)  # (PNG written without the EXIF: seen as stored)
 
 
 def _json_fields(rec: Record) -> dict:
@@ -1014,7 +1094,8 @@ class ShardSink:
 
 
 def make_shards(src: str, dest: str, *, image_col: str | None = None, caption_col: str | None = None,
-                targets_col: str | None = None, key_col: str | None = None, samples_per_shard: int = 1000, prefix: str = "shard",
+                targets_col: str | None = None, key_col: str | None = None, mask_col: str | None = None,
+                samples_per_shard: int = 1000, prefix: str = "shard",
                 overwrite: bool = False, timeout: float = 30.0, workers: int = 8, progress: bool = True,
                 fetch: Callable[[str], bytes] | None = None, allow_outside: bool = False,
                 allow_private: bool = False, max_image_bytes: int = MAX_MEMBER_BYTES,
@@ -1044,7 +1125,7 @@ def make_shards(src: str, dest: str, *, image_col: str | None = None, caption_co
                   timeout=timeout)
     if source is None:  # (a benchmark's reader, e.g. pipeline.pie_bench, builds its own)
         source = find_source(src, image_col=image_col, caption_col=caption_col, targets_col=targets_col,
-                             key_col=key_col)
+                             key_col=key_col, mask_col=mask_col)
     sink = ShardSink(dest, prefix, overwrite)
     summary = IngestSummary(source=src, kind=source.kind, columns=source.columns)
     budget = ByteBudget(max_inflight_bytes)
