@@ -30,10 +30,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from .tables import EDIT_MASK_KEY  # noqa: F401 (the sample's edit-mask entry: the contracts' module is its home)
+
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-# The entry holding a sample's edit-region mask (lossless PNG, white = the region to edit), measured by the
-# PIE-Bench metrics (pipeline/pie_metrics.py). Not `mask.png`: that entry is a noise-space stroke's mask.
-EDIT_MASK_KEY = "edit_mask.png"
 # The only decoders PIL may use on sample bytes (the input contract,
 # schemas/sample.md). Whatever the member's name says, TIFF, EPS (Ghostscript),
 # PSD, ... bytes are refused before any other plugin sees them.

@@ -7,6 +7,11 @@ import json
 
 import pyarrow as pa
 
+# The sample entry holding an edit-region mask (lossless PNG, white = the region to edit), measured by the
+# PIE-Bench metrics (pipeline/pie_metrics.py); the input contract (schemas/sample.md). Not `mask.png`: that
+# entry is a noise-space stroke's mask.
+EDIT_MASK_KEY = "edit_mask.png"
+
 SCHEMA_VERSION = "2"  # 2: image columns are {bytes, path} structs; sources.image; meta columns
 STAGES = ("read", "vae_encode", "invert", "edit", "vae_decode", "score", "encode", "write")
 SCORES = ("clip_text", "clip_direction", "clip_image", "lpips", "diversity")

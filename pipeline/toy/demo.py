@@ -46,7 +46,7 @@ def toy_pie_samples(n: int = TOY_PIE_SCENES, seed: int = TOY_PIE_SEED) -> list[d
     new colour or shape cycles over the others, so every one is a target."""
     from dataclasses import replace
 
-    from ..data import EDIT_MASK_KEY
+    from ..tables import EDIT_MASK_KEY
 
     rng = np.random.default_rng(seed)
     samples = []
