@@ -166,8 +166,14 @@ def _check_device(spec: JobSpec) -> None:
 
 def joins_existing_cluster(spec: JobSpec) -> bool:
     """Whether a Ray job joins a running cluster rather than starting a local
-    one (the choice ray_adapter._connect makes)."""
-    return bool(spec.run.ray_address or os.environ.get("RAY_ADDRESS", ""))
+    one (the choice ray_adapter._run_ray and _connect make): this process is
+    already connected to one (a notebook, a test's cluster), or
+    run.ray_address / RAY_ADDRESS names one."""
+    import sys
+
+    ray = sys.modules.get("ray")  # (not imported here only to ask: an unconnected process has not imported it)
+    connected = ray is not None and ray.is_initialized()
+    return bool(connected or spec.run.ray_address or os.environ.get("RAY_ADDRESS", ""))
 
 
 def device_count(kind: str) -> int:
